@@ -1,0 +1,97 @@
+"""
+Test clips made by ffmpeg (Debian's ffmpeg with libx264 + aac), cached between runs.
+
+Clips are synthetic (lavfi sources) and made on first use; the cache directory is
+C{$H264EDGE_TEST_MEDIA} or C{~/.cache/h264edge-test-media}, keyed by a hash of the ffmpeg arguments,
+so a changed recipe makes a new file.  See MEDIA.md-style recipes below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+FFMPEG = shutil.which("ffmpeg")
+FFPROBE = shutil.which("ffprobe")
+
+AV_SOURCES = [
+    "-f", "lavfi", "-i", "testsrc2=size=320x180:rate=25",
+    "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100",
+]
+VIDEO_X264 = ["-c:v", "libx264", "-preset", "ultrafast", "-g", "50", "-pix_fmt", "yuv420p"]
+AUDIO_AAC = ["-c:a", "aac", "-b:a", "64k"]
+
+RECIPES: dict[str, list[str]] = {
+    # moov at end (ffmpeg's default), keyframe every 2 s
+    "av_moov_end.mp4": AV_SOURCES + ["-t", "20"] + VIDEO_X264 + AUDIO_AAC,
+    "av_faststart.mp4": AV_SOURCES + ["-t", "20"] + VIDEO_X264 + AUDIO_AAC + ["-movflags", "+faststart"],
+    "bframes.mp4": AV_SOURCES
+    + ["-t", "20", "-c:v", "libx264", "-preset", "veryfast", "-bf", "3", "-g", "48", "-pix_fmt", "yuv420p"]
+    + AUDIO_AAC,
+    "audio_only.mp4": ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100", "-t", "20"] + AUDIO_AAC,
+    "video_only.mp4": ["-f", "lavfi", "-i", "testsrc2=size=320x180:rate=25", "-t", "20"] + VIDEO_X264,
+    "long_big_moov.mp4": [
+        "-f", "lavfi", "-i", "testsrc2=size=64x36:rate=25",
+        "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100",
+        "-t", "1200", "-c:v", "libx264", "-preset", "ultrafast", "-g", "50", "-b:v", "20k",
+        "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "16k",
+    ],
+    "fragmented.mp4": AV_SOURCES + ["-t", "6"] + VIDEO_X264 + AUDIO_AAC
+    + ["-movflags", "frag_keyframe+empty_moov"],
+    "av.flv": AV_SOURCES + ["-t", "20", "-c:v", "libx264", "-preset", "ultrafast", "-g", "50",
+                            "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "64k",
+                            "-f", "flv", "-flvflags", "add_keyframe_index"],
+}
+
+
+def media_dir() -> Path:
+    root = Path(os.environ.get("H264EDGE_TEST_MEDIA") or Path.home() / ".cache" / "h264edge-test-media")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def have_ffmpeg() -> bool:
+    return FFMPEG is not None and FFPROBE is not None
+
+
+def clip(name: str, recipe: list[str] | None = None) -> Path:
+    """The path of clip C{name}, made with C{recipe} (default: C{RECIPES[name]}) if not made yet."""
+    args = recipe if recipe is not None else RECIPES[name]
+    digest = hashlib.sha256(json.dumps(args).encode()).hexdigest()[:12]
+    stem, dot, ext = name.rpartition(".")
+    path = media_dir() / f"{stem}-{digest}.{ext}"
+    if not path.exists():
+        if FFMPEG is None:
+            raise RuntimeError("ffmpeg is not installed (apt-get install -y ffmpeg)")
+        tmp = path.with_name(path.name + ".part." + str(os.getpid()))
+        fmt = [] if "-f" in args[-4:] else ["-f", "mp4" if ext == "mp4" else ext]
+        subprocess.run(
+            [FFMPEG, "-nostdin", "-loglevel", "error", "-y", *args, *fmt, str(tmp)],
+            check=True,
+        )
+        os.replace(tmp, path)
+    return path
+
+
+def decode_errors(path: str | Path) -> str:
+    """What ffmpeg reports when decoding every stream of C{path}; empty when it decodes cleanly."""
+    result = subprocess.run(
+        [FFMPEG or "ffmpeg", "-nostdin", "-v", "error", "-xerror", "-i", str(path), "-f", "null", "-"],
+        capture_output=True,
+        text=True,
+    )
+    return (result.stderr.strip() + (f"\nexit {result.returncode}" if result.returncode else "")).strip()
+
+
+def ffprobe_json(path: str | Path, *args: str) -> dict:
+    result = subprocess.run(
+        [FFPROBE or "ffprobe", "-v", "error", "-of", "json", *args, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(result.stdout)
