@@ -1,0 +1,177 @@
+# -*- test-case-name: tests.test_store -*-
+"""
+Object metadata and its on-disk sidecar: encoding, and paranoid decoding.
+
+Pure code (no file access): the store hands in the sidecar's bytes and gets back a L{Sidecar} or a
+L{BadSidecar}.  Anything a hostile or half-written sidecar could contain must end in L{BadSidecar},
+never in another exception and never in an entry that could make the edge serve wrong bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from typing import Any
+
+from attrs import frozen
+
+SIDECAR_VERSION = 1
+
+# Limits that keep a hostile sidecar from costing memory or time; far above anything real
+# (a 256 TiB object in 1 MiB slices needs a 32 MiB bitmap, so sidecars stay well under the cap
+# for any object a video edge will ever hold).
+MAX_OBJECT_SIZE = 1 << 48
+MAX_SIDECAR_BYTES = 1 << 20
+
+_TOKEN = re.compile(r"\A[0-9a-f]{16}\Z")
+
+
+@frozen
+class ObjectMeta:
+    """What the origin told us about one object (validators, type, freshness), keyed by cache key."""
+
+    key: str
+    size: int
+    etag: str | None
+    last_modified: str | None
+    content_type: str
+    fetched_at: float
+    expires_at: float
+
+    def same_representation(self, other: ObjectMeta) -> bool:
+        """True if C{other} describes the same bytes: size, ETag and Last-Modified all equal."""
+        return (
+            self.size == other.size
+            and self.etag == other.etag
+            and self.last_modified == other.last_modified
+        )
+
+    def is_fresh(self, now: float) -> bool:
+        return now < self.expires_at
+
+
+class BadSidecar(Exception):
+    """A sidecar that cannot be trusted; the entry it describes must be discarded."""
+
+
+@frozen
+class Sidecar:
+    """A decoded, validated sidecar: the metadata plus which slices of data file C{token} are synced."""
+
+    meta: ObjectMeta
+    token: str
+    present: bytes
+    last_used: float
+
+
+def key_hash(key: str) -> str:
+    """The hex SHA-256 naming an object's files; keys may hold any code point, even lone surrogates."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def slice_count(size: int, slice_size: int) -> int:
+    return -(-size // slice_size)
+
+
+def bitmap_length(size: int, slice_size: int) -> int:
+    return (slice_count(size, slice_size) + 7) // 8
+
+
+def encode_sidecar(
+    meta: ObjectMeta, slice_size: int, token: str, present: bytes | bytearray, last_used: float
+) -> bytes:
+    record = {
+        "version": SIDECAR_VERSION,
+        "key": meta.key,
+        "size": meta.size,
+        "etag": meta.etag,
+        "last_modified": meta.last_modified,
+        "content_type": meta.content_type,
+        "fetched_at": meta.fetched_at,
+        "expires_at": meta.expires_at,
+        "slice_size": slice_size,
+        "data": token,
+        "present": present.hex(),
+        "last_used": last_used,
+    }
+    return json.dumps(record, separators=(",", ":")).encode("ascii")
+
+
+def _int(record: dict[str, Any], name: str) -> int:
+    value = record.get(name)
+    if type(value) is not int:
+        raise BadSidecar(f"{name} is not an integer")
+    return value
+
+
+def _number(record: dict[str, Any], name: str) -> float:
+    value = record.get(name)
+    if type(value) is int and abs(value) < 1 << 62:
+        return float(value)
+    if type(value) is float and math.isfinite(value):
+        return value
+    raise BadSidecar(f"{name} is not a finite number")
+
+
+def _optional_str(record: dict[str, Any], name: str) -> str | None:
+    value = record.get(name)
+    if value is not None and type(value) is not str:
+        raise BadSidecar(f"{name} is not a string")
+    return value
+
+
+def decode_sidecar(raw: bytes, expected_hash: str, slice_size: int) -> Sidecar:
+    """
+    Parse and check a sidecar read from the file named after C{expected_hash}.
+
+    @raise BadSidecar: on any inconsistency (syntax, types, key not hashing to the file name,
+        another slice size, bitmap not matching the size, absurd numbers).
+    """
+    if len(raw) > MAX_SIDECAR_BYTES:
+        raise BadSidecar("sidecar too large")
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise BadSidecar(f"unparseable: {e}") from None
+    if type(record) is not dict:
+        raise BadSidecar("not an object")
+    if record.get("version") != SIDECAR_VERSION or type(record.get("version")) is not int:
+        raise BadSidecar("unknown version")
+    key = record.get("key")
+    if type(key) is not str or key_hash(key) != expected_hash:
+        raise BadSidecar("key does not match the file name")
+    size = _int(record, "size")
+    if not 0 <= size <= MAX_OBJECT_SIZE:
+        raise BadSidecar("size out of range")
+    if _int(record, "slice_size") != slice_size:
+        raise BadSidecar("written with another slice size")
+    content_type = record.get("content_type")
+    if type(content_type) is not str:
+        raise BadSidecar("content_type is not a string")
+    token = record.get("data")
+    if type(token) is not str or not _TOKEN.match(token):
+        raise BadSidecar("bad data file token")
+    hex_bitmap = record.get("present")
+    if type(hex_bitmap) is not str:
+        raise BadSidecar("present is not a string")
+    try:
+        present = bytes.fromhex(hex_bitmap)
+    except ValueError:
+        raise BadSidecar("present is not hex") from None
+    count = slice_count(size, slice_size)
+    if len(present) != (count + 7) // 8:
+        raise BadSidecar("bitmap length does not match the size")
+    if count % 8 and present[-1] >> (count % 8):
+        raise BadSidecar("bitmap lists slices past the end")
+    meta = ObjectMeta(
+        key=key,
+        size=size,
+        etag=_optional_str(record, "etag"),
+        last_modified=_optional_str(record, "last_modified"),
+        content_type=content_type,
+        fetched_at=_number(record, "fetched_at"),
+        expires_at=_number(record, "expires_at"),
+    )
+    return Sidecar(meta, token, present, _number(record, "last_used"))
