@@ -448,7 +448,15 @@ class SliceStore:
                 log.info("discarding sidecar {path}: {error}", path=path, error=e)
                 _unlink(path)
                 continue
-            if f"{h}.{sidecar.token}.data" not in data_names:
+            data_name = f"{h}.{sidecar.token}.data"
+            try:
+                consistent = (
+                    data_name in data_names
+                    and os.stat(os.path.join(directory, data_name)).st_size == sidecar.meta.size
+                )
+            except OSError:
+                consistent = False
+            if not consistent:
                 _unlink(path)
                 continue
             obj = CachedObject(

@@ -1,0 +1,600 @@
+"""Tests for L{h264edge.store}: slices, persistence, restart, eviction, hostile sidecars, disk errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from h264edge.store import CachedObject, ObjectMeta, SliceStore, StoreError
+from h264edge.store._sidecar import key_hash
+
+SLICE = 16
+
+
+class FakeClock:
+    def __init__(self, start: float = 1000.0) -> None:
+        self.time = start
+
+    def __call__(self) -> float:
+        return self.time
+
+    def advance(self, seconds: float) -> None:
+        self.time += seconds
+
+
+def meta_for(key: str, size: int, etag: str | None = '"v1"', expires_at: float = 5000.0) -> ObjectMeta:
+    return ObjectMeta(
+        key=key,
+        size=size,
+        etag=etag,
+        last_modified="Mon, 01 Jan 2024 00:00:00 GMT",
+        content_type="video/mp4",
+        fetched_at=1000.0,
+        expires_at=expires_at,
+    )
+
+
+def body(size: int, seed: int = 0) -> bytes:
+    return bytes((i * 7 + seed) % 251 for i in range(size))
+
+
+def rebuild(store: SliceStore) -> None:
+    for _ in store.rebuild_steps(batch=1):
+        pass
+
+
+class StoreTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.root = self.mktemp()
+        self.clock = FakeClock()
+        self.stores: list[SliceStore] = []
+
+    def tearDown(self) -> None:
+        for store in self.stores:
+            store.close()
+
+    def open_store(self, max_size: int = 1 << 20, **kw: object) -> SliceStore:
+        store = SliceStore(self.root, max_size, slice_size=SLICE, now=self.clock, **kw)  # type: ignore[arg-type]
+        self.stores.append(store)
+        return store
+
+    def reopen(self, max_size: int = 1 << 20) -> SliceStore:
+        store = self.open_store(max_size)
+        rebuild(store)
+        return store
+
+    def fill(self, store: SliceStore, key: str, size: int, seed: int = 0) -> CachedObject:
+        obj = store.create(meta_for(key, size))
+        data = body(size, seed)
+        for index in range(obj.slice_count):
+            obj.write(index * SLICE, data[index * SLICE : (index + 1) * SLICE])
+            obj.commit_slice(index)
+        return obj
+
+    def sidecar_path(self, key: str) -> str:
+        h = key_hash(key)
+        return os.path.join(self.root, h[:2], h[2:4], h + ".meta")
+
+    def all_files(self) -> list[str]:
+        out = []
+        for directory, _, names in os.walk(self.root):
+            out.extend(os.path.join(directory, n) for n in names)
+        return sorted(out)
+
+
+class SliceTests(StoreTestCase):
+    def test_write_commit_read_back(self) -> None:
+        store = self.open_store()
+        obj = self.fill(store, "/a.mp4", 50)
+        self.assertTrue(obj.complete)
+        self.assertEqual(obj.read(0, 50), body(50))
+        self.assertEqual(obj.read(17, 20), body(50)[17:37])
+        self.assertEqual(store.used_bytes, 50)
+        self.assertEqual(os.pread(obj.fileno(), 5, 45), body(50)[45:])
+
+    def test_write_does_not_mark_present(self) -> None:
+        store = self.open_store()
+        obj = store.create(meta_for("/a", 40))
+        obj.write(0, body(16))
+        self.assertFalse(obj.has_slice(0))
+        self.assertEqual(obj.available_from(0), 0)
+        self.assertEqual(store.used_bytes, 0)
+
+    def test_available_from_across_present_and_missing_slices(self) -> None:
+        store = self.open_store()
+        obj = store.create(meta_for("/a", 70))  # slices 0..4, last one 6 bytes
+        for index in (0, 1, 3, 4):
+            obj.write(index * SLICE, body(70)[index * SLICE : (index + 1) * SLICE])
+            obj.commit_slice(index)
+        self.assertEqual(obj.available_from(0), 32)
+        self.assertEqual(obj.available_from(5), 27)
+        self.assertEqual(obj.available_from(32), 0)
+        self.assertEqual(obj.available_from(48), 22)
+        self.assertEqual(obj.available_from(69), 1)
+        self.assertEqual(obj.available_from(70), 0)
+        self.assertEqual(obj.missing_slices(0, 4), [2])
+        self.assertEqual(obj.missing_slices(3, 99), [])
+        self.assertFalse(obj.complete)
+        self.assertEqual(store.used_bytes, 16 * 3 + 6)
+
+    def test_commit_is_idempotent(self) -> None:
+        store = self.open_store()
+        obj = store.create(meta_for("/a", 40))
+        obj.write(0, body(16))
+        obj.commit_slice(0)
+        obj.commit_slice(0)
+        self.assertEqual(store.used_bytes, 16)
+
+    def test_empty_object_is_complete_and_survives_restart(self) -> None:
+        store = self.open_store()
+        obj = store.create(meta_for("/empty", 0))
+        self.assertTrue(obj.complete)
+        store.close()
+        again = self.reopen()
+        loaded = again.get("/empty")
+        assert loaded is not None
+        self.assertTrue(loaded.complete)
+        self.assertEqual(loaded.available_from(0), 0)
+
+
+class RestartTests(StoreTestCase):
+    def test_uncommitted_bytes_never_present_after_reopen(self) -> None:
+        store = self.open_store()
+        obj = store.create(meta_for("/a", 64))
+        obj.write(0, body(64))  # every byte written, only slice 1 committed
+        obj.commit_slice(1)
+        store.close()
+        again = self.reopen()
+        loaded = again.get("/a")
+        assert loaded is not None
+        self.assertEqual(loaded.missing_slices(0, 3), [0, 2, 3])
+        self.assertEqual(loaded.read(16, 16), body(64)[16:32])
+        self.assertEqual(again.used_bytes, 16)
+
+    def test_unpersisted_slices_lost_on_crash(self) -> None:
+        # No close(): a crash.  Slices committed since the last persist are refetched, never trusted.
+        store = self.open_store()
+        obj = store.create(meta_for("/a", 64))
+        obj.write(0, body(64))
+        obj.commit_slice(0)
+        obj2 = self.fill(store, "/b", 20)
+        self.assertTrue(obj2.complete)
+        other = self.open_store()
+        rebuild(other)
+        self.assertEqual(other.keys_lru(), ["/b"])
+
+    def test_persisted_after_batch_of_slices(self) -> None:
+        store = self.open_store()
+        size = SLICE * 40
+        obj = store.create(meta_for("/big", size))
+        for index in range(17):
+            obj.write(index * SLICE, body(size)[index * SLICE : (index + 1) * SLICE])
+            obj.commit_slice(index)
+        other = self.reopen()  # crash of the first: the first 16 were persisted
+        loaded = other.get("/big")
+        assert loaded is not None
+        self.assertEqual(loaded.available_from(0), 16 * SLICE)
+
+    def test_persisted_after_interval(self) -> None:
+        store = self.open_store()
+        obj = store.create(meta_for("/a", 64))
+        obj.write(0, body(32))
+        obj.commit_slice(0)
+        self.clock.advance(10)
+        obj.commit_slice(1)
+        loaded = self.reopen().get("/a")
+        assert loaded is not None
+        self.assertEqual(loaded.missing_slices(0, 3), [2, 3])
+
+    def test_rebuild_loads_entries_in_lru_order(self) -> None:
+        store = self.open_store()
+        for name in ("/1", "/2", "/3", "/4"):
+            self.fill(store, name, 20)
+            self.clock.advance(100)
+        store.get("/2")
+        self.clock.advance(100)
+        store.get("/1")
+        store.close()
+        self.assertEqual(store.keys_lru(), ["/3", "/4", "/2", "/1"])
+        again = self.reopen()
+        self.assertEqual(again.keys_lru(), ["/3", "/4", "/2", "/1"])
+        self.assertEqual(len(again), 4)
+        self.assertEqual(again.used_bytes, 80)
+        self.assertFalse(again.loading)
+        loaded = again.get("/3")
+        assert loaded is not None
+        self.assertEqual(loaded.meta, meta_for("/3", 20))
+        self.assertEqual(loaded.read(0, 20), body(20))
+
+    def test_get_during_loading_finds_key_on_disk(self) -> None:
+        store = self.open_store()
+        for n in range(30):
+            self.fill(store, f"/k{n}", 20, seed=n)
+        store.close()
+        again = self.open_store()
+        steps = again.rebuild_steps(batch=1)
+        next(steps)
+        self.assertTrue(again.loading)
+        self.assertLess(len(again), 30)
+        missing = next(k for k in (f"/k{n}" for n in range(30)) if k not in again.keys_lru())
+        obj = again.get(missing)
+        assert obj is not None
+        self.assertEqual(obj.read(0, 20), body(20, int(missing[2:])))
+        self.assertIsNone(again.get("/nothing"))
+        for _ in steps:
+            pass
+        self.assertEqual(len(again), 30)
+        self.assertIs(again.get(missing), obj)
+        self.assertEqual(again.keys_lru()[-1], missing)
+        self.assertEqual(again.used_bytes, 600)
+
+    def test_get_before_rebuild_runs_finds_key(self) -> None:
+        store = self.open_store()
+        self.fill(store, "/a", 20)
+        store.close()
+        again = self.open_store()
+        self.assertTrue(again.loading)
+        obj = again.get("/a")
+        assert obj is not None
+        self.assertTrue(obj.complete)
+
+    def test_create_during_loading_replaces_disk_entry(self) -> None:
+        store = self.open_store()
+        self.fill(store, "/a", 20)
+        store.close()
+        again = self.open_store()
+        fresh = again.create(meta_for("/a", 40, etag='"v2"'))
+        rebuild(again)
+        self.assertIs(again.get("/a"), fresh)
+        self.assertEqual(fresh.missing_slices(0, 2), [0, 1, 2])
+        self.assertEqual(again.used_bytes, 0)
+        self.assertEqual(len([f for f in self.all_files() if f.endswith(".data")]), 1)
+
+    def test_rebuild_removes_orphans_and_leftovers(self) -> None:
+        store = self.open_store()
+        self.fill(store, "/keep", 20)
+        self.fill(store, "/nodata", 20)
+        orphan = store.create(meta_for("/nosidecar", 40))  # never persisted: data without sidecar
+        store.close()
+        del orphan
+        for f in self.all_files():
+            if f.endswith(".data") and key_hash("/nodata") in f:
+                os.unlink(f)
+        leftover = self.sidecar_path("/keep")[:-5] + ".0123456789abcdef.tmp"
+        with open(leftover, "w") as f:
+            f.write("{")
+        again = self.reopen()
+        self.assertEqual(again.keys_lru(), ["/keep"])
+        self.assertEqual(len(self.all_files()), 2)
+
+    def test_rebuild_discards_other_slice_size(self) -> None:
+        store = self.open_store()
+        self.fill(store, "/a", 20)
+        store.close()
+        other = SliceStore(self.root, 1 << 20, slice_size=32, now=self.clock)
+        rebuild(other)
+        self.assertEqual(len(other), 0)
+        self.assertEqual(self.all_files(), [])
+
+    def test_rebuild_evicts_over_max_size(self) -> None:
+        store = self.open_store()
+        for name in ("/1", "/2", "/3"):
+            self.fill(store, name, 20)
+            self.clock.advance(100)
+        store.close()
+        again = self.reopen(max_size=45)
+        self.assertEqual(again.keys_lru(), ["/2", "/3"])
+        self.assertEqual(again.used_bytes, 40)
+
+    def test_last_use_persisted_lazily(self) -> None:
+        store = self.open_store()
+        self.fill(store, "/old", 20)
+        self.clock.advance(10)
+        self.fill(store, "/new", 20)
+        self.clock.advance(10)
+        store.get("/old")  # within 60 s of the sidecar write: not recorded on disk
+        self.assertEqual(self.reopen().keys_lru(), ["/old", "/new"])
+        self.clock.advance(100)
+        store.get("/old")  # now it is
+        self.assertEqual(self.reopen().keys_lru(), ["/new", "/old"])
+
+
+class ValidatorTests(StoreTestCase):
+    def test_create_with_new_validators_drops_old_slices(self) -> None:
+        store = self.open_store()
+        old = self.fill(store, "/a", 40)
+        new = store.create(meta_for("/a", 40, etag='"v2"'))
+        self.assertTrue(old.evicted)
+        self.assertEqual(new.missing_slices(0, 2), [0, 1, 2])
+        self.assertEqual(store.used_bytes, 0)
+        self.assertIs(store.get("/a"), new)
+        self.assertEqual(old.read(0, 40), body(40))  # in-flight readers of the old one finish
+        new.write(16, body(16, 9))
+        new.commit_slice(1)
+        store.close()
+        loaded = self.reopen().get("/a")
+        assert loaded is not None
+        self.assertEqual(loaded.meta.etag, '"v2"')
+        self.assertEqual(loaded.missing_slices(0, 2), [0, 2])
+        self.assertEqual(loaded.read(16, 16), body(16, 9))
+
+    def test_refresh_persists_new_times(self) -> None:
+        store = self.open_store()
+        obj = self.fill(store, "/a", 20)
+        newer = meta_for("/a", 20, expires_at=9000.0)
+        self.assertTrue(newer.same_representation(obj.meta))
+        store.refresh(obj, newer)
+        self.assertTrue(obj.meta.is_fresh(8000.0))
+        loaded = self.reopen().get("/a")
+        assert loaded is not None
+        self.assertEqual(loaded.meta.expires_at, 9000.0)
+
+    def test_refresh_rejects_other_representation(self) -> None:
+        store = self.open_store()
+        obj = self.fill(store, "/a", 20)
+        self.assertRaises(ValueError, store.refresh, obj, meta_for("/a", 20, etag='"v2"'))
+
+    def test_remove(self) -> None:
+        store = self.open_store()
+        obj = self.fill(store, "/a", 20)
+        self.assertTrue(store.remove("/a"))
+        self.assertFalse(store.remove("/a"))
+        self.assertTrue(obj.evicted)
+        self.assertIsNone(store.get("/a"))
+        self.assertEqual(self.all_files(), [])
+        self.assertEqual(store.used_bytes, 0)
+
+    def test_remove_during_loading_removes_disk_entry(self) -> None:
+        store = self.open_store()
+        self.fill(store, "/a", 20)
+        store.close()
+        again = self.open_store()
+        self.assertTrue(again.remove("/a"))
+        rebuild(again)
+        self.assertEqual(len(again), 0)
+        self.assertEqual(self.all_files(), [])
+
+    def test_unicode_and_hostile_keys(self) -> None:
+        store = self.open_store()
+        keys = ["/ü/é?x=1&y=2", "../../etc/passwd", "/a/../../b", "\x00\ud800/", "/" + "x" * 5000]
+        for n, key in enumerate(keys):
+            self.fill(store, key, 20, seed=n)
+        store.close()
+        again = self.reopen()
+        self.assertEqual(sorted(again.keys_lru()), sorted(keys))
+        for n, key in enumerate(keys):
+            obj = again.get(key)
+            assert obj is not None
+            self.assertEqual(obj.read(0, 20), body(20, n))
+        for f in self.all_files():
+            self.assertTrue(f.startswith(self.root + os.sep))
+
+
+class EvictionTests(StoreTestCase):
+    def test_eviction_by_last_use(self) -> None:
+        store = self.open_store(max_size=60)
+        for name in ("/1", "/2", "/3"):
+            self.fill(store, name, 20)
+        store.get("/1")
+        self.fill(store, "/4", 20)
+        self.assertEqual(store.keys_lru(), ["/3", "/1", "/4"])
+        self.assertEqual(store.used_bytes, 60)
+        self.assertIsNone(store.get("/2"))
+        self.fill(store, "/5", 40)
+        self.assertEqual(store.keys_lru(), ["/4", "/5"])
+        self.assertEqual(store.used_bytes, 60)
+        self.assertEqual(len([f for f in self.all_files() if f.endswith(".data")]), 2)
+
+    def test_object_being_written_is_spared(self) -> None:
+        store = self.open_store(max_size=40)
+        self.fill(store, "/old", 20)
+        obj = store.create(meta_for("/new", 40))
+        store.get("/old")  # /new is now the least recently used
+        obj.write(0, body(40))
+        obj.commit_slice(0)
+        obj.commit_slice(1)
+        self.assertEqual(store.keys_lru(), ["/new"])
+        self.assertFalse(obj.evicted)
+
+    def test_object_bigger_than_store_is_transient(self) -> None:
+        store = self.open_store(max_size=30)
+        self.fill(store, "/small", 20)
+        obj = self.fill(store, "/huge", 100)
+        self.assertTrue(obj.transient)
+        self.assertEqual(obj.read(0, 100), body(100))
+        self.assertEqual(store.keys_lru(), ["/small"])
+        self.assertEqual(store.used_bytes, 20)
+        self.assertEqual(len([f for f in self.all_files() if f.endswith(".data")]), 1)
+
+    def test_transient_object_not_indexed(self) -> None:
+        store = self.open_store()
+        self.fill(store, "/keep", 20)
+        obj = store.create(meta_for("/nostore", 20), transient=True)
+        obj.write(0, body(20))
+        obj.commit_slice(0)
+        obj.commit_slice(1)
+        self.assertTrue(obj.complete)
+        self.assertEqual(obj.read(0, 20), body(20))
+        self.assertEqual(store.keys_lru(), ["/keep"])
+        self.assertEqual(store.used_bytes, 20)
+        self.assertEqual(len(self.all_files()), 2)
+        obj.close()
+
+    def test_eviction_while_reader_holds_object(self) -> None:
+        store = self.open_store(max_size=40)
+        held = self.fill(store, "/held", 40, seed=3)
+        reader = store.get("/held")
+        assert reader is not None
+        fd = reader.fileno()
+        self.fill(store, "/other", 40)
+        self.assertTrue(held.evicted)
+        self.assertEqual(store.keys_lru(), ["/other"])
+        self.assertEqual(reader.read(0, 40), body(40, 3))
+        self.assertEqual(os.pread(fd, 40, 0), body(40, 3))
+        self.assertTrue(reader.has_slice(2))
+
+    def test_descriptors_are_bounded(self) -> None:
+        store = self.open_store(max_open_files=2)
+        objs = [self.fill(store, f"/{n}", 20, seed=n) for n in range(5)]
+        open_count = sum(1 for o in objs if o._fd >= 0)
+        self.assertEqual(open_count, 2)
+        self.assertEqual(objs[0].read(0, 20), body(20, 0))  # reopened on demand
+
+
+class DiskErrorTests(StoreTestCase):
+    def test_enospc_on_write_raises_and_drops(self) -> None:
+        store = self.open_store()
+        obj = store.create(meta_for("/a", 64))
+        obj.write(0, body(16))
+        obj.commit_slice(0)
+
+        def full(fd: int, data: object, offset: int) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        self.patch(os, "pwrite", full)
+        error = self.assertRaises(StoreError, obj.write, 16, body(16))
+        self.assertEqual(error.errno, errno.ENOSPC)
+        self.assertEqual(obj.missing_slices(0, 3), [0, 1, 2, 3])
+        self.assertTrue(obj.evicted)
+        self.assertIsNone(store.get("/a"))
+        self.assertEqual(store.used_bytes, 0)
+        self.assertEqual(self.all_files(), [])
+
+    def test_failed_sidecar_write_drops_object(self) -> None:
+        store = self.open_store()
+        obj = store.create(meta_for("/a", 16))
+        obj.write(0, body(16))
+        real_replace = os.replace
+
+        def failing(src: str, dst: str) -> None:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        self.patch(os, "replace", failing)
+        self.assertRaises(StoreError, obj.commit_slice, 0)
+        self.patch(os, "replace", real_replace)
+        self.assertFalse(obj.has_slice(0))
+        self.assertEqual(self.all_files(), [])
+        self.assertEqual(len(self.reopen()), 0)
+
+    def test_data_file_of_wrong_size_discarded(self) -> None:
+        store = self.open_store()
+        self.fill(store, "/a", 40)
+        store.close()
+        for f in self.all_files():
+            if f.endswith(".data"):
+                os.truncate(f, 20)
+        again = self.reopen()
+        self.assertIsNone(again.get("/a"))
+        self.assertEqual(again.used_bytes, 0)
+        self.assertEqual(self.all_files(), [])
+
+
+class HostileSidecarTests(StoreTestCase):
+    """A corrupt or forged sidecar is discarded (with its data), never trusted, never raises."""
+
+    def write_and_tamper(self, change: object) -> SliceStore:
+        store = self.open_store()
+        self.fill(store, "/a", 40)
+        self.fill(store, "/b", 40)
+        store.close()
+        path = self.sidecar_path("/a")
+        with open(path, "rb") as f:
+            record = json.loads(f.read())
+        if callable(change):
+            raw = change(record)
+        else:
+            raise TypeError(change)
+        with open(path, "wb") as f:
+            f.write(raw if isinstance(raw, bytes) else json.dumps(raw).encode())
+        return self.open_store()
+
+    def assert_discarded(self, change: object) -> None:
+        store = self.write_and_tamper(change)
+        self.assertIsNone(store.get("/a"))  # during loading: straight from disk
+        rebuild(store)
+        self.assertEqual(store.keys_lru(), ["/b"])
+        self.assertEqual(store.used_bytes, 40)
+        self.assertEqual(len(self.all_files()), 2)
+        # and through a rebuild alone
+        again = self.write_and_tamper(change)
+        rebuild(again)
+        self.assertEqual(again.keys_lru(), ["/b"])
+        self.assertIsNone(again.get("/a"))
+
+    def with_field(self, name: str, value: object) -> object:
+        def change(record: dict[str, object]) -> dict[str, object]:
+            record[name] = value
+            return record
+
+        return change
+
+    def test_bad_json(self) -> None:
+        self.assert_discarded(lambda r: b'{"version": 1, "key": ')
+
+    def test_not_utf8(self) -> None:
+        self.assert_discarded(lambda r: b"\xff\xfe{}")
+
+    def test_deep_nesting(self) -> None:
+        self.assert_discarded(lambda r: b"[" * 100000)
+
+    def test_not_an_object(self) -> None:
+        self.assert_discarded(lambda r: b"[1, 2]")
+
+    def test_wrong_key(self) -> None:
+        self.assert_discarded(self.with_field("key", "/b"))
+
+    def test_path_traversal_key(self) -> None:
+        self.assert_discarded(self.with_field("key", "../../../etc/passwd"))
+
+    def test_wrong_bitmap_length(self) -> None:
+        self.assert_discarded(self.with_field("present", "ffff"))
+
+    def test_bitmap_past_the_end(self) -> None:
+        self.assert_discarded(self.with_field("present", "ff"))  # 3 slices, 8 bits set
+
+    def test_bitmap_not_hex(self) -> None:
+        self.assert_discarded(self.with_field("present", "zz"))
+
+    def test_size_mismatch(self) -> None:
+        # Same bitmap length, but the data file is 40 bytes: caught when the data is opened.
+        self.assert_discarded(self.with_field("size", 45))
+
+    def test_huge_size(self) -> None:
+        self.assert_discarded(self.with_field("size", 10**30))
+
+    def test_negative_size(self) -> None:
+        self.assert_discarded(self.with_field("size", -1))
+
+    def test_huge_numbers(self) -> None:
+        self.assert_discarded(self.with_field("expires_at", 10**400))
+
+    def test_huge_digit_string(self) -> None:
+        self.assert_discarded(lambda r: json.dumps(r).replace('"size": 40', '"size": ' + "9" * 5000).encode())
+
+    def test_nan(self) -> None:
+        self.assert_discarded(lambda r: json.dumps(r).replace('"fetched_at": 1000.0', '"fetched_at": NaN').encode())
+
+    def test_bool_size(self) -> None:
+        self.assert_discarded(self.with_field("size", True))
+
+    def test_wrong_types(self) -> None:
+        self.assert_discarded(self.with_field("etag", 5))
+
+    def test_data_token_traversal(self) -> None:
+        self.assert_discarded(self.with_field("data", "../../../x"))
+
+    def test_missing_field(self) -> None:
+        def change(record: dict[str, object]) -> dict[str, object]:
+            del record["content_type"]
+            return record
+
+        self.assert_discarded(change)
+
+    def test_unknown_version(self) -> None:
+        self.assert_discarded(self.with_field("version", 2))
+
+    def test_huge_sidecar(self) -> None:
+        self.assert_discarded(lambda r: b" " * (2 << 20))
