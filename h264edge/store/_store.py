@@ -147,6 +147,8 @@ class CachedObject:
         end = index
         while end < count and present[end >> 3] >> (end & 7) & 1:
             end += 1
+        if end == index:
+            return 0
         return min(end * self.slice_size, size) - offset
 
     def slice_length(self, index: int) -> int:

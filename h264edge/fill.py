@@ -1,0 +1,464 @@
+# -*- test-case-name: tests.test_edge -*-
+"""
+Single-flight fills: origin bodies written through into the store, readers woken as bytes land.
+
+Every slice of an object is, at any moment, present (on disk, committed), in flight (owned by exactly
+one L{_Fetch}, with a count of bytes written from the slice start) or missing.  A reader asks
+L{Filler.readable} how many bytes it may read at an offset, and L{Filler.wait}s when the answer is 0;
+L{Filler.ensure} starts fetches only for slices that are missing and not in flight, so N viewers of
+one cold object cause one origin request per slice.  A body that ends early resumes with a Range
+request from the first byte not written; bytes are never marked present before they are written, and
+an object whose validators change under a fill is dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from attrs import define, field
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from h264edge.errors import EdgeError, ObjectChanged, OriginUnavailable
+from h264edge.freshness import freshness
+from h264edge.origin import OriginReply
+from h264edge.store import CachedObject, ObjectMeta, SliceStore, StoreError
+
+log = Logger()
+
+
+class FillFailed(EdgeError):
+    """The bytes a reader waits for will not arrive (origin gone, object changed, disk full)."""
+
+
+class _Shared:
+    """One outcome handed to any number of waiters, each with its own Deferred."""
+
+    def __init__(self, d: "Deferred[Any]") -> None:
+        self._waiting: list[Deferred[Any]] = []
+        self._result: Any = None
+        self._done = False
+        d.addBoth(self._fire)
+
+    def _fire(self, result: Any) -> None:
+        self._done, self._result = True, result
+        waiting, self._waiting = self._waiting, []
+        for w in waiting:
+            self._deliver(w)
+        if isinstance(result, Failure):
+            return None
+
+    def _deliver(self, w: "Deferred[Any]") -> None:
+        if isinstance(self._result, Failure):
+            w.errback(self._result)
+        else:
+            w.callback(self._result)
+
+    def result(self) -> "Deferred[Any]":
+        w: Deferred[Any] = Deferred()
+        if self._done:
+            self._deliver(w)
+        else:
+            self._waiting.append(w)
+        return w
+
+
+@define(eq=False)
+class _ObjectState:
+    obj: CachedObject
+    path: str
+    inflight: dict[int, "_Fetch"] = field(factory=dict)
+    progress: dict[int, int] = field(factory=dict)  # slice -> bytes written from the slice start
+    waiters: list[tuple[int, "Deferred[None]"]] = field(factory=list)
+    failure: Optional[Failure] = None
+
+
+def meta_from_reply(key: str, reply: OriginReply, now: float, default_ttl: float) -> tuple[ObjectMeta, bool]:
+    """The object's metadata from an origin answer, and whether it may be stored."""
+    if reply.total is None:
+        raise OriginUnavailable(f"{reply.url}: the origin did not tell the object's size")
+    fresh = freshness(
+        reply.header("Cache-Control"), reply.header("Expires"), reply.header("Date"), now, default_ttl
+    )
+    meta = ObjectMeta(
+        key=key,
+        size=reply.total,
+        etag=reply.header("ETag"),
+        last_modified=reply.header("Last-Modified"),
+        content_type=reply.header("Content-Type") or "application/octet-stream",
+        fetched_at=now,
+        expires_at=now + fresh.lifetime,
+    )
+    return meta, fresh.storable
+
+
+class Filler:
+    """Fetches what readers need from the origin, once, into the store."""
+
+    def __init__(
+        self,
+        store: SliceStore,
+        origin: Any,
+        reactor: Optional[IReactorTime] = None,
+        default_ttl: float = 3600.0,
+        idle_timeout: float = 30.0,
+        max_resumes: int = 5,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor  # type: ignore[assignment]
+        self.store = store
+        self.origin = origin
+        self.reactor: IReactorTime = reactor  # type: ignore[assignment]
+        self.default_ttl = default_ttl
+        self.idle_timeout = idle_timeout
+        self.max_resumes = max_resumes
+        self._states: dict[int, _ObjectState] = {}
+        self._contacts: dict[str, _Shared] = {}
+        self.origin_bytes = 0  # statistics: body bytes received from origins
+
+    # -- finding the object -------------------------------------------------------------------
+
+    def object_for(self, key: str, path: str, first: int = 0, last: Optional[int] = None) -> "Deferred[CachedObject]":
+        """
+        The fresh object for C{key}: from the store, revalidated, or from a new origin contact whose body
+        starts filling bytes C{first}..C{last} (the part the viewer wants first).  Concurrent callers for
+        one key share one origin contact.  A stale object is served when every origin is down.
+        """
+        obj = self.store.get(key)
+        if obj is not None and obj.meta.is_fresh(self.reactor.seconds()):
+            return succeed(obj)
+        shared = self._contacts.get(key)
+        if shared is None:
+            d = Deferred.fromCoroutine(self._contact(key, path, first, last, obj))
+            shared = self._contacts[key] = _Shared(d)
+            d.addBoth(self._contact_done, key)
+        return shared.result()
+
+    def _contact_done(self, result: Any, key: str) -> None:
+        self._contacts.pop(key, None)
+
+    async def _contact(
+        self, key: str, path: str, first: int, last: Optional[int], stale: Optional[CachedObject]
+    ) -> CachedObject:
+        ss = self.store.slice_size
+        rfirst = (first // ss) * ss
+        rlast = None if last is None else (last // ss + 1) * ss - 1
+        conditional: dict[str, str] = {}
+        if stale is not None:
+            if stale.meta.etag:
+                conditional["If-None-Match"] = stale.meta.etag
+            if stale.meta.last_modified:
+                conditional["If-Modified-Since"] = stale.meta.last_modified
+        try:
+            reply = await self.origin.fetch(path, rfirst, rlast, conditional or None)
+            if reply.code == 416 and rfirst > 0:
+                # the wanted range starts past the end: learn the object from its first slice instead
+                reply = await self.origin.fetch(path, 0, ss - 1, conditional or None)
+        except OriginUnavailable:
+            if stale is not None:
+                log.warn("serving stale {key}: no origin answered", key=key)
+                return stale
+            raise
+        now = self.reactor.seconds()
+        if reply.code == 304 and stale is not None:
+            fresh = freshness(reply.header("Cache-Control"), reply.header("Expires"), reply.header("Date"),
+                              now, self.default_ttl)
+            self.store.refresh(stale, _refreshed(stale.meta, now, fresh.lifetime))
+            return stale
+        if reply.code not in (200, 206):
+            reply.discard()
+            raise OriginUnavailable(f"{reply.url}: unexpected status {reply.code}")
+        meta, storable = meta_from_reply(key, reply, now, self.default_ttl)
+        if stale is not None and stale.meta.same_representation(meta) and storable and not stale.evicted:
+            self.store.refresh(stale, meta)
+            obj = stale
+        else:
+            obj = self.store.create(meta, transient=not storable)
+        if meta.size == 0:
+            reply.discard()
+            return obj
+        self._start(self._state(obj, path), reply)
+        return obj
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def readable(self, obj: CachedObject, offset: int) -> int:
+        """Bytes that may be read at C{offset} right now (committed, or written by a fill in flight)."""
+        n = obj.available_from(offset)
+        if n:
+            return n
+        state = self._states.get(id(obj))
+        if state is not None:
+            ss = obj.slice_size
+            index = offset // ss
+            written = state.progress.get(index)
+            if written:
+                return max(0, index * ss + written - offset)
+        return 0
+
+    def ensure(self, obj: CachedObject, path: str, first: int, last: int) -> None:
+        """Start fetches for the slices of bytes C{first}..C{last} that are missing and not in flight."""
+        if obj.meta.size == 0:
+            return
+        last = min(last, obj.meta.size - 1)
+        ss = obj.slice_size
+        state = self._state(obj, path)
+        run: list[int] = []
+        for index in range(first // ss, last // ss + 1):
+            if obj.has_slice(index) or index in state.inflight:
+                if run:
+                    self._fetch_run(state, run)
+                    run = []
+            else:
+                run.append(index)
+        if run:
+            self._fetch_run(state, run)
+
+    def wait(self, obj: CachedObject, path: str, offset: int) -> "Deferred[None]":
+        """Fires once bytes are readable at C{offset}; fails with L{FillFailed} if they never will be."""
+        if self.readable(obj, offset):
+            return succeed(None)
+        self.ensure(obj, path, offset, offset)
+        state = self._state(obj, path)
+        d: Deferred[None] = Deferred()
+        state.waiters.append((offset, d))
+        self._wake(state)
+        return d
+
+    async def read(self, obj: CachedObject, path: str, offset: int, length: int) -> bytes:
+        """C{length} bytes at C{offset} (fewer only at the end of the object), fetching what is missing."""
+        length = max(0, min(length, obj.meta.size - offset))
+        if length == 0:
+            return b""
+        self.ensure(obj, path, offset, offset + length - 1)
+        chunks = []
+        position, end = offset, offset + length
+        while position < end:
+            n = self.readable(obj, position)
+            if n == 0:
+                await self.wait(obj, path, position)
+                continue
+            data = obj.read(position, min(n, end - position))
+            chunks.append(data)
+            position += len(data)
+        return b"".join(chunks)
+
+    # -- fetch machinery ----------------------------------------------------------------------
+
+    def _state(self, obj: CachedObject, path: str) -> _ObjectState:
+        state = self._states.get(id(obj))
+        if state is None:
+            state = self._states[id(obj)] = _ObjectState(obj, path)
+        return state
+
+    def _forget_if_idle(self, state: _ObjectState) -> None:
+        if not state.inflight and not state.waiters and not state.progress:
+            if self._states.get(id(state.obj)) is state:
+                del self._states[id(state.obj)]
+
+    def _fetch_run(self, state: _ObjectState, run: list[int]) -> None:
+        fetch = _Fetch(self, state, set(run))
+        for index in run:
+            state.inflight[index] = fetch
+            state.progress.setdefault(index, 0)
+        ss = state.obj.slice_size
+        d = Deferred.fromCoroutine(fetch.request(run[0] * ss, min((run[-1] + 1) * ss, state.obj.meta.size) - 1))
+        d.addErrback(fetch.fail)
+
+    def _start(self, state: _ObjectState, reply: OriginReply) -> None:
+        """Write C{reply}'s body into the object: it owns every missing, unowned slice it covers."""
+        obj = state.obj
+        ss = obj.slice_size
+        end = reply.first + (reply.length if reply.length is not None else obj.meta.size - reply.first)
+        owned = {
+            index
+            for index in range(reply.first // ss, (min(end, obj.meta.size) - 1) // ss + 1)
+            if index * ss >= reply.first and not obj.has_slice(index) and index not in state.inflight
+        }
+        fetch = _Fetch(self, state, owned)
+        for index in owned:
+            state.inflight[index] = fetch
+            state.progress.setdefault(index, 0)
+        if not owned:
+            reply.discard()
+            return
+        fetch.receive(reply)
+
+    def _wake(self, state: _ObjectState) -> None:
+        if not state.waiters:
+            return
+        ss = state.obj.slice_size
+        keep: list[tuple[int, Deferred[None]]] = []
+        ready: list[tuple[Deferred[None], bool]] = []
+        for offset, d in state.waiters:
+            if self.readable(state.obj, offset):
+                ready.append((d, True))
+            elif offset // ss not in state.inflight and not state.obj.has_slice(offset // ss):
+                ready.append((d, False))  # nothing will fill it: fail the reader
+            else:
+                keep.append((offset, d))
+        state.waiters = keep
+        failure = state.failure or Failure(FillFailed("the origin fetch for these bytes failed"))
+        for d, ok in ready:
+            if ok:
+                d.callback(None)
+            else:
+                d.errback(failure)
+        self._forget_if_idle(state)
+
+
+class _Fetch:
+    """One origin body (and its resumptions) writing the slices it owns into one object."""
+
+    def __init__(self, filler: Filler, state: _ObjectState, owned: set[int]) -> None:
+        self.filler = filler
+        self.state = state
+        self.owned = owned
+        self.position = 0
+        self.resumes = 0
+        self.transport: Any = None
+        self.idle: Optional[IDelayedCall] = None
+        self.reply: Optional[OriginReply] = None
+        self.finished = False
+
+    # the IProtocol that receives the origin body
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        if self.idle is not None and self.idle.active():
+            self.idle.reset(self.filler.idle_timeout)
+        else:
+            self.idle = self.filler.reactor.callLater(self.filler.idle_timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        log.warn("origin body idle for {s}s at byte {pos}; dropping it", s=self.filler.idle_timeout, pos=self.position)
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    async def request(self, first: int, last: int) -> None:
+        obj = self.state.obj
+        conditional = {"If-Range": obj.meta.etag} if obj.meta.etag and not obj.meta.etag.startswith("W/") else None
+        reply = await self.filler.origin.fetch(self.state.path, first, last, conditional)
+        self.check(reply)
+        self.receive(reply)
+
+    def check(self, reply: OriginReply) -> None:
+        meta = self.state.obj.meta
+        if reply.code not in (200, 206):
+            reply.discard()
+            raise OriginUnavailable(f"{reply.url}: unexpected status {reply.code} while filling")
+        changed = (
+            reply.total != meta.size
+            or (meta.etag is not None and reply.header("ETag") not in (None, meta.etag))
+            or (meta.last_modified is not None and reply.header("Last-Modified") not in (None, meta.last_modified))
+        )
+        if changed:
+            reply.discard()
+            if self.filler.store.get(meta.key) is self.state.obj:
+                self.filler.store.remove(meta.key)
+            raise ObjectChanged(f"{meta.key} changed at the origin during the fill")
+
+    def receive(self, reply: OriginReply) -> None:
+        self.reply = reply
+        self.position = reply.first
+        reply.deliver(self)  # type: ignore[arg-type]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.finished:
+            return
+        self._arm_idle()
+        self.filler.origin_bytes += len(data)
+        state, obj = self.state, self.state.obj
+        ss, size = obj.slice_size, obj.meta.size
+        view = memoryview(data)
+        i, position = 0, self.position
+        try:
+            while i < len(view) and position < size:
+                index = position // ss
+                slice_start = index * ss
+                slice_end = min(slice_start + ss, size)
+                n = min(len(view) - i, slice_end - position)
+                if state.inflight.get(index) is self and state.progress.get(index) == position - slice_start:
+                    obj.write(position, view[i : i + n])
+                    written = state.progress[index] = state.progress[index] + n
+                    if slice_start + written == slice_end:
+                        obj.commit_slice(index)
+                        del state.inflight[index]
+                        del state.progress[index]
+                        self.owned.discard(index)
+                i += n
+                position += n
+        except (StoreError, OSError) as e:
+            self.position = position
+            self.fail(Failure(e))
+            return
+        finally:
+            self.filler._wake(state)
+        self.position = position
+        if not self.owned:
+            # everything we own is in; an origin that ignored Range may still be sending: stop it
+            self.finished = True
+            self._cancel_idle()
+            reply = self.reply
+            more = reply is None or reply.length is None or position < reply.first + reply.length
+            if self.transport is not None and more:
+                self.transport.stopProducing()
+
+    def _cancel_idle(self) -> None:
+        if self.idle is not None and self.idle.active():
+            self.idle.cancel()
+        self.idle = None
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._cancel_idle()
+        self.transport = None
+        if self.finished or not self.owned:
+            self.finished = True
+            self.filler._forget_if_idle(self.state)
+            return
+        if self.resumes >= self.filler.max_resumes:
+            self.fail(Failure(FillFailed(f"origin body ended early {self.resumes + 1} times; giving up")))
+            return
+        self.resumes += 1
+        state, obj = self.state, self.state.obj
+        ss = obj.slice_size
+        first_index = min(self.owned)
+        first = first_index * ss + state.progress.get(first_index, 0)
+        last = min((max(self.owned) + 1) * ss, obj.meta.size) - 1
+        log.info("origin body for {key} ended at byte {pos}; resuming from {first}", key=obj.meta.key,
+                 pos=self.position, first=first)
+        d = Deferred.fromCoroutine(self.request(first, last))
+        d.addErrback(self.fail)
+
+    def fail(self, failure: Failure) -> None:
+        """Give up: release owned slices (their partial bytes are never trusted) and fail their readers."""
+        if self.finished:
+            return
+        self.finished = True
+        self._cancel_idle()
+        if self.transport is not None:
+            self.transport.stopProducing()
+        state = self.state
+        log.warn("fill of {key} failed: {why}", key=state.obj.meta.key, why=failure.getErrorMessage())
+        if failure.check(StoreError) and self.filler.store.get(state.obj.meta.key) is state.obj:
+            self.filler.store.remove(state.obj.meta.key)
+        for index in list(self.owned):
+            if state.inflight.get(index) is self:
+                del state.inflight[index]
+                state.progress.pop(index, None)
+        self.owned.clear()
+        state.failure = failure if failure.check(EdgeError) else Failure(FillFailed(failure.getErrorMessage()))
+        self.filler._wake(state)
+        state.failure = None
+
+
+def _refreshed(meta: ObjectMeta, now: float, lifetime: float) -> ObjectMeta:
+    import attrs
+
+    return attrs.evolve(meta, fetched_at=now, expires_at=now + lifetime)

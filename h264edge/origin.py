@@ -1,0 +1,257 @@
+# -*- test-case-name: tests.test_edge -*-
+"""
+The origin client: ranged GETs over treq with timeouts and failover across several origins in order.
+
+An origin is any HTTP server that honours (or ignores) C{Range}: a plain web server, an S3-compatible
+store behind a URL, or a parent h264edge.  Bodies are never buffered: the caller gets an L{OriginReply}
+whose body it streams with L{OriginReply.deliver}, pausing the socket when it must.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping, Optional
+
+import treq
+from attrs import frozen
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as TxTimeoutError
+from twisted.internet.interfaces import IProtocol
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+from zope.interface import implementer
+
+from h264edge.errors import OriginStatus, OriginUnavailable
+from h264edge.interfaces import IOrigin
+
+log = Logger()
+
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*$", re.IGNORECASE)
+
+
+def parse_content_range(value: str) -> tuple[Optional[int], Optional[int], Optional[int]]:
+    """C{(first, last, total)} of a Content-Range value; parts are None where the header has C{*}."""
+    match = _CONTENT_RANGE.match(value)
+    if match is None:
+        raise ValueError(f"bad Content-Range {value!r}")
+    first, last, total = match.groups()
+    return (
+        int(first) if first is not None else None,
+        int(last) if last is not None else None,
+        int(total) if total != "*" else None,
+    )
+
+
+def header(headers: Headers, name: str) -> Optional[str]:
+    values = headers.getRawHeaders(name)
+    if not values:
+        return None
+    return values[-1].decode("latin-1") if isinstance(values[-1], bytes) else values[-1]
+
+
+@frozen
+class OriginReply:
+    """
+    One origin answer: status, headers, where its body lies in the object, and the body still unread.
+
+    C{first} is the object offset of the body's first byte (0 for a 200), C{total} the object's size
+    when the origin told it (Content-Length of a 200, Content-Range of a 206).
+    """
+
+    code: int
+    headers: Headers
+    first: int
+    length: Optional[int]
+    total: Optional[int]
+    url: str
+    response: IResponse
+
+    def header(self, name: str) -> Optional[str]:
+        return header(self.headers, name)
+
+    def deliver(self, protocol: IProtocol) -> None:
+        """Stream the body into C{protocol} (its transport can pause and stop the origin socket)."""
+        self.response.deliverBody(protocol)
+
+    def discard(self) -> None:
+        """We do not want this body: drop the connection rather than read it."""
+        self.response.deliverBody(_Discard())
+
+
+class _Discard:
+    transport = None
+
+    def makeConnection(self, transport: object) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        stop = getattr(transport, "stopProducing", None)
+        if stop is not None:
+            stop()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: object) -> None:
+        pass
+
+
+_TRANSIENT = (
+    ConnectError,
+    DNSLookupError,
+    TxTimeoutError,
+    CancelledError,
+    ResponseNeverReceived,
+    OSError,
+)
+
+
+@implementer(IOrigin)
+class OriginClient:
+    """
+    Ranged GETs against one or more origin base URLs, tried in order.
+
+    A connect failure, a timeout before the headers, or a 5xx moves on to the next origin; a 4xx is the
+    object's answer and is raised as L{OriginStatus}; when every origin failed, L{OriginUnavailable}.
+    """
+
+    def __init__(
+        self,
+        bases: Iterable[str],
+        reactor: object = None,
+        timeout: float = 10.0,
+        pool_size: int = 16,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.bases = [b if b.endswith("/") else b + "/" for b in bases]
+        if not self.bases:
+            raise ValueError("at least one origin URL is needed")
+        for base in self.bases:
+            if not base.startswith(("http://", "https://")):
+                raise ValueError(f"origin {base!r} is not an http(s) URL")
+        self.reactor = reactor
+        self.timeout = timeout
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = pool_size
+        pool.retryAutomatically = False
+        self.pool = pool
+        self._client = treq.client.HTTPClient(Agent(reactor, connectTimeout=timeout, pool=pool))
+        self.requests = 0  # statistics: origin requests sent
+
+    def url_for(self, base: str, path: str) -> str:
+        """C{path} is already normalised and percent-encoded, starting with C{/}."""
+        return base + path.lstrip("/")
+
+    async def fetch(
+        self,
+        path: str,
+        first: int = 0,
+        last: Optional[int] = None,
+        conditional: Optional[Mapping[str, str]] = None,
+        method: str = "GET",
+    ) -> OriginReply:
+        """
+        GET C{path} asking for bytes C{first}..C{last} (inclusive; None = to the end).
+
+        With C{first == 0 and last is None} we still send C{Range: bytes=0-} so that the answer carries
+        the total size in Content-Range even from an origin that streams without Content-Length.
+        """
+        headers = {"Range": f"bytes={first}-{'' if last is None else last}", "Accept-Encoding": "identity"}
+        if conditional:
+            headers.update(conditional)
+        failures: list[str] = []
+        timed_out = False
+        for base in self.bases:
+            url = self.url_for(base, path)
+            self.requests += 1
+            try:
+                response = await self._client.request(
+                    method,
+                    url,
+                    headers=headers,
+                    unbuffered=True,
+                    allow_redirects=False,
+                    timeout=self.timeout,
+                    reactor=self.reactor,
+                )
+            except _TRANSIENT as e:
+                timed_out = timed_out or isinstance(e, (CancelledError, TxTimeoutError))
+                failures.append(f"{base}: {e.__class__.__name__}")
+                log.warn("origin {url} failed: {error}", url=url, error=e)
+                continue
+            code = response.code
+            if code >= 500:
+                _Discard_body(response)
+                failures.append(f"{base}: {code}")
+                log.warn("origin {url} answered {code}", url=url, code=code)
+                continue
+            return self._reply(response, url)
+        raise OriginUnavailable("no origin answered: " + "; ".join(failures), timeout=timed_out)
+
+    def _reply(self, response: "treq.response._Response", url: str) -> OriginReply:
+        code = response.code
+        raw = response.original if hasattr(response, "original") else response
+        hdrs: Headers = response.headers
+        length = response.length if isinstance(response.length, int) else None
+        first, total = 0, None
+        if code == 206:
+            value = header(hdrs, "Content-Range")
+            if value is None:
+                _Discard_body(response)
+                raise OriginUnavailable(f"{url}: 206 without Content-Range")
+            try:
+                cr_first, cr_last, total = parse_content_range(value)
+            except ValueError as e:
+                _Discard_body(response)
+                raise OriginUnavailable(f"{url}: {e}") from None
+            if cr_first is None or cr_last is None:
+                _Discard_body(response)
+                raise OriginUnavailable(f"{url}: 206 with unsatisfied Content-Range")
+            first = cr_first
+            length = cr_last - cr_first + 1
+        elif code == 200:
+            total = length
+        elif code in (304,):
+            _Discard_body(response)
+        elif code == 416:
+            value = header(hdrs, "Content-Range")
+            if value:
+                try:
+                    total = parse_content_range(value)[2]
+                except ValueError:
+                    pass
+            _Discard_body(response)
+        else:
+            _Discard_body(response)
+            raise OriginStatus(code)
+        return OriginReply(code, hdrs, first, length, total, url, raw)
+
+    async def forward(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes
+    ) -> "treq.response._Response":
+        """Pass an unsafe method through to the first origin that answers (uncached)."""
+        failures = []
+        for base in self.bases:
+            url = self.url_for(base, path)
+            self.requests += 1
+            try:
+                response = await self._client.request(
+                    method, url, headers=dict(headers), data=body or None,
+                    allow_redirects=False, timeout=self.timeout, reactor=self.reactor,
+                )
+            except _TRANSIENT as e:
+                failures.append(f"{base}: {e.__class__.__name__}")
+                continue
+            if response.code >= 500 and base is not self.bases[-1]:
+                failures.append(f"{base}: {response.code}")
+                continue
+            return response
+        raise OriginUnavailable("no origin answered: " + "; ".join(failures))
+
+
+def _Discard_body(response: IResponse) -> None:
+    raw = getattr(response, "original", response)
+    raw.deliverBody(_Discard())
