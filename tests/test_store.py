@@ -79,7 +79,7 @@ class StoreTestCase(SynchronousTestCase):
         return os.path.join(self.root, h[:2], h[2:4], h + ".meta")
 
     def all_files(self) -> list[str]:
-        out = []
+        out: list[str] = []
         for directory, _, names in os.walk(self.root):
             out.extend(os.path.join(directory, n) for n in names)
         return sorted(out)
@@ -264,8 +264,8 @@ class RestartTests(StoreTestCase):
             if f.endswith(".data") and key_hash("/nodata") in f:
                 os.unlink(f)
         leftover = self.sidecar_path("/keep")[:-5] + ".0123456789abcdef.tmp"
-        with open(leftover, "w") as f:
-            f.write("{")
+        with open(leftover, "w") as tmp:
+            tmp.write("{")
         again = self.reopen()
         self.assertEqual(again.keys_lru(), ["/keep"])
         self.assertEqual(len(self.all_files()), 2)
