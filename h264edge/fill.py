@@ -169,7 +169,7 @@ class Filler:
                               now, self.default_ttl)
             self.store.refresh(stale, _refreshed(stale.meta, now, fresh.lifetime))
             return stale
-        if reply.code not in (200, 206):
+        if reply.code not in (200, 206) and not (reply.code == 416 and reply.total == 0):
             reply.discard()
             raise OriginUnavailable(f"{reply.url}: unexpected status {reply.code}")
         meta, storable = meta_from_reply(key, reply, now, self.default_ttl)
@@ -183,6 +183,11 @@ class Filler:
             return obj
         self._start(self._state(obj, path), reply)
         return obj
+
+    @property
+    def busy(self) -> bool:
+        """Whether any origin contact or fetch is in flight (tests and shutdown wait on this)."""
+        return bool(self._contacts) or any(state.inflight for state in self._states.values())
 
     # -- reading --------------------------------------------------------------------------------
 

@@ -77,7 +77,7 @@ class OriginReply:
 
     def discard(self) -> None:
         """We do not want this body: drop the connection rather than read it."""
-        self.response.deliverBody(_Discard())
+        _Discard_body(self.response)
 
 
 class _Discard:
@@ -254,4 +254,7 @@ class OriginClient:
 
 def _Discard_body(response: IResponse) -> None:
     raw = getattr(response, "original", response)
-    raw.deliverBody(_Discard())
+    try:
+        raw.deliverBody(_Discard())
+    except RuntimeError:
+        pass  # already delivered or finished: nothing left to drop

@@ -50,7 +50,7 @@ class MemoryOrigin(Resource):
 
     @ivar ignore_range: answer 200 with the whole body even when asked for a Range.
     @ivar fail_code: answer every request with this status (e.g. 503) while set.
-    @ivar abort_after: drop the connection after sending this many body bytes (once per request).
+    @ivar abort_after: drop the connection when the body reaches this byte of the object.
     @ivar aborts_left: how many requests are aborted that way before the origin behaves again.
     @ivar dribble: (bytes, seconds): send the body in pieces of that many bytes, one per interval.
     """
@@ -133,15 +133,15 @@ class MemoryOrigin(Resource):
         request.setHeader(b"Content-Length", str(len(body)).encode())
         if request.method == b"HEAD":
             return b""
-        self._send(request, entry, body)
+        self._send(request, entry, body, body_first)
         return NOT_DONE_YET
 
-    def _send(self, request: Request, entry: OriginLog, body: bytes) -> None:
+    def _send(self, request: Request, entry: OriginLog, body: bytes, body_first: int) -> None:
         limit = len(body)
         abort = False
         if self.abort_after is not None and self.aborts_left > 0:
             self.aborts_left -= 1
-            limit = min(limit, self.abort_after)
+            limit = max(0, min(limit, self.abort_after - body_first))
             abort = True
         piece, interval = self.dribble if self.dribble else (64 * 1024, 0.0)
         position = 0
@@ -151,7 +151,8 @@ class MemoryOrigin(Resource):
             if request._disconnected:  # type: ignore[attr-defined]
                 return
             chunk = body[position : min(position + piece, limit)]
-            request.write(chunk)
+            if chunk:
+                request.write(chunk)
             entry.sent += len(chunk)
             position += len(chunk)
             if position >= limit:

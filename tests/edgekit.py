@@ -48,7 +48,13 @@ class EdgeTestCase(TestCase):
         self.edge_url = f"http://127.0.0.1:{self.edge_port.getHost().port}"
         port, pool, store = self.edge_port, self.origin_client.pool, self.store
 
+        filler = self.edge.filler
+
         async def stop() -> None:
+            for _ in range(200):  # let fills in flight land (bounded: 10 s)
+                if not filler.busy:
+                    break
+                await deferLater(reactor, 0.05, lambda: None)
             await port.stopListening()
             await pool.closeCachedConnections()
             store.close()

@@ -160,11 +160,13 @@ def parse_range(value: Optional[str], length: int) -> Optional[tuple[int, int]]:
             raise Unsatisfiable("the representation is empty")
         return max(0, length - suffix), length - 1
     first = int(first_s)
-    last = int(last_s) if last_s else length - 1
-    if last < first:
+    last = int(last_s) if last_s else None
+    if last is not None and last < first:
         return None
     if first >= length:
         raise Unsatisfiable(f"byte {first} is past the end ({length} bytes)")
+    if last is None:
+        last = length - 1
     return first, min(last, length - 1)
 
 

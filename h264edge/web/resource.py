@@ -135,7 +135,8 @@ class EdgeResource(Resource):
         request.setResponseCode(code)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         request.setHeader(b"Content-Length", str(len(body)).encode())
-        request.setHeader(b"X-Cache", b"MISS")
+        if not request.responseHeaders.hasHeader(b"X-Cache"):
+            request.setHeader(b"X-Cache", b"MISS")
         return body
 
     def _failed(self, failure: Failure, request: Request) -> None:
@@ -170,7 +171,7 @@ class EdgeResource(Resource):
             flv_offset = parse_byte_offset(target.start)
 
         first, last = 0, None
-        if seek is not None or flv_offset:
+        if seek is not None or flv_offset or request.method == b"HEAD":
             last = self.store.slice_size - 1  # the container head first; the rest follows the plan
         else:
             hint = _range_hint(request.getHeader(b"Range"))
