@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 
@@ -436,12 +437,52 @@ class EvictionTests(StoreTestCase):
         self.assertEqual(os.pread(fd, 40, 0), body(40, 3))
         self.assertTrue(reader.has_slice(2))
 
-    def test_descriptors_are_bounded(self) -> None:
-        store = self.open_store(max_open_files=2)
-        objs = [self.fill(store, f"/{n}", 20, seed=n) for n in range(5)]
-        open_count = sum(1 for o in objs if o._fd >= 0)
-        self.assertEqual(open_count, 2)
-        self.assertEqual(objs[0].read(0, 20), body(20, 0))  # reopened on demand
+    def test_descriptor_lives_as_long_as_the_handle(self) -> None:
+        store = self.open_store()
+        obj = self.fill(store, "/a", 20)
+        self.assertIs(store.get("/a"), obj)
+        fd = obj.fileno()
+        obj.close()  # persists, but others may still hold the descriptor
+        self.assertEqual(os.pread(fd, 20, 0), body(20))
+        del obj
+        gc.collect()
+        self.assertRaises(OSError, os.fstat, fd)
+        again = store.get("/a")
+        assert again is not None
+        self.assertEqual(again.read(0, 20), body(20))
+
+    def test_unreferenced_objects_hold_no_descriptor(self) -> None:
+        store = self.open_store()
+        before = len(os.listdir("/proc/self/fd"))
+        for n in range(50):
+            self.fill(store, f"/{n}", 20, seed=n)
+        gc.collect()
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+        self.assertEqual(len(store), 50)
+
+    def test_pending_slices_persisted_by_get_after_interval(self) -> None:
+        store = self.open_store()
+        obj = store.create(meta_for("/a", 64))
+        obj.write(0, body(16))
+        obj.commit_slice(0)
+        del obj
+        self.clock.advance(10)
+        store.get("/a")
+        loaded = self.reopen().get("/a")
+        assert loaded is not None
+        self.assertTrue(loaded.has_slice(0))
+
+    def test_store_close_persists_unreferenced_objects(self) -> None:
+        store = self.open_store()
+        obj = store.create(meta_for("/a", 64))
+        obj.write(0, body(16))
+        obj.commit_slice(0)
+        del obj
+        gc.collect()
+        store.close()
+        loaded = self.reopen().get("/a")
+        assert loaded is not None
+        self.assertEqual(loaded.read(0, 16), body(16))
 
 
 class DiskErrorTests(StoreTestCase):

@@ -25,10 +25,12 @@ process's in-progress fill, which then keeps streaming from its unlinked file an
 names a missing file and is discarded), and indexes and byte budgets are per process (a purge or an
 eviction in one worker does not reach another's memory).  Never wrong bytes.
 
-The index holds every object, but file descriptors are opened lazily (get/create/I/O) and at most
-C{max_open_files} are kept for indexed objects, least recently used closed first; an evicted or
-transient object keeps its descriptor until L{CachedObject.close} or garbage collection, so
-in-flight readers of an unlinked file finish.
+The index holds one small L{_Entry} per object (metadata, bitmap) and no descriptor.  get() and
+create() hand out a L{CachedObject} handle owning one descriptor of the data file; while any code
+references that handle, get() returns the same instance, and the descriptor is closed only when
+the handle is garbage collected.  So descriptors scale with objects in use, not objects cached, and
+an evicted (unlinked) object stays readable for whoever still holds it: a descriptor number taken
+from fileno() can never be closed and reused for another file under its holder.
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ from h264edge.store._sidecar import (
     MAX_SIDECAR_BYTES,
     BadSidecar,
     ObjectMeta,
-    Sidecar,
     decode_sidecar,
     encode_sidecar,
     key_hash,
@@ -90,114 +91,144 @@ def _unlink(path: str) -> None:
 
 
 @define(eq=False)
-class CachedObject:
-    """
-    One object's data file and slice bitmap.  Created only by L{SliceStore}.
-
-    Readers and the fill share one instance; the fill calls L{write} then L{commit_slice}, readers
-    check L{has_slice}/L{available_from} before L{read} or L{fileno}.
-    """
+class _Entry:
+    """The state of one object, shared by its handles: metadata, slice bitmap, persistence bookkeeping."""
 
     meta: ObjectMeta
     slice_size: int
-    _store: SliceStore = attrs.field(repr=False)
-    _hash: str = attrs.field(repr=False)
-    _token: str = attrs.field(repr=False)
-    _present: bytearray = attrs.field(repr=False)
-    _transient: bool = False
-    _present_count: int = attrs.field(init=False, default=0)
-    _fd: int = attrs.field(init=False, default=-1, repr=False)
-    _finalizer: weakref.finalize | None = attrs.field(init=False, default=None, repr=False)
-    _evicted: bool = attrs.field(init=False, default=False)
-    _on_disk: bool = attrs.field(init=False, default=False, repr=False)  # we or a past run wrote its sidecar
-    _pending: int = attrs.field(init=False, default=0, repr=False)
-    _pending_since: float = attrs.field(init=False, default=0.0, repr=False)
+    hash: str
+    token: str
+    present: bytearray
+    transient: bool = False
+    present_count: int = attrs.field(init=False, default=0)
+    evicted: bool = attrs.field(init=False, default=False)
+    on_disk: bool = attrs.field(init=False, default=False)  # we or a past run wrote its sidecar
+    pending: int = attrs.field(init=False, default=0)  # slices committed since the last persist
+    pending_since: float = attrs.field(init=False, default=0.0)
     last_used: float = attrs.field(init=False, default=0.0)
-    _use_persisted: float = attrs.field(init=False, default=0.0, repr=False)
+    use_persisted: float = attrs.field(init=False, default=0.0)
+    handle: weakref.ref[CachedObject] | None = attrs.field(init=False, default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        self._present_count = int.from_bytes(self._present, "little").bit_count()
+        self.present_count = int.from_bytes(self.present, "little").bit_count()
 
-    # -- slices ---------------------------------------------------------------------------------
+    @property
+    def indexed(self) -> bool:
+        return not (self.transient or self.evicted)
 
     @property
     def slice_count(self) -> int:
         return slice_count(self.meta.size, self.slice_size)
 
-    def has_slice(self, index: int) -> bool:
-        if not 0 <= index < self.slice_count:
-            return False
-        return bool(self._present[index >> 3] >> (index & 7) & 1)
-
-    def missing_slices(self, first: int, last: int) -> list[int]:
-        """Indexes in C{first}..C{last} (inclusive, clamped to the object) not present."""
-        first = max(first, 0)
-        last = min(last, self.slice_count - 1)
-        present = self._present
-        return [i for i in range(first, last + 1) if not present[i >> 3] >> (i & 7) & 1]
-
-    def available_from(self, offset: int) -> int:
-        """Contiguous bytes readable at C{offset} from present slices, capped at the object's end."""
-        size = self.meta.size
-        if not 0 <= offset < size:
-            return 0
-        index = offset // self.slice_size
-        count = self.slice_count
-        present = self._present
-        end = index
-        while end < count and present[end >> 3] >> (end & 7) & 1:
-            end += 1
-        if end == index:
-            return 0
-        return min(end * self.slice_size, size) - offset
+    def has(self, index: int) -> bool:
+        return bool(self.present[index >> 3] >> (index & 7) & 1)
 
     def slice_length(self, index: int) -> int:
         return min(self.slice_size, self.meta.size - index * self.slice_size)
 
     @property
     def present_bytes(self) -> int:
-        total = self._present_count * self.slice_size
+        total = self.present_count * self.slice_size
         count = self.slice_count
-        if count and self.has_slice(count - 1):
+        if count and self.has(count - 1):
             total -= count * self.slice_size - self.meta.size
         return total
 
+    def forget_slices(self) -> None:
+        self.present[:] = bytes(len(self.present))
+        self.present_count = 0
+        self.pending = 0
+
+
+@define(eq=False)
+class CachedObject:
+    """
+    One object's data file and slice bitmap, as handed out by L{SliceStore.get} and
+    L{SliceStore.create}.  While anyone references it, C{get()} returns this same instance, so the
+    fill and its readers share it: the fill calls L{write} then L{commit_slice}; readers check
+    L{has_slice}/L{available_from} before L{read} or L{fileno}.
+
+    The data file's descriptor stays open for the life of this instance and is closed only when the
+    instance is garbage collected, so a descriptor number obtained from L{fileno} can never come to
+    name another file while its holder still has the object.
+    """
+
+    _store: SliceStore = attrs.field(repr=False)
+    _entry: _Entry
+    _fd: int = attrs.field(repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        weakref.finalize(self, os.close, self._fd)
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def meta(self) -> ObjectMeta:
+        return self._entry.meta
+
+    @property
+    def slice_size(self) -> int:
+        return self._entry.slice_size
+
+    @property
+    def slice_count(self) -> int:
+        return self._entry.slice_count
+
+    def has_slice(self, index: int) -> bool:
+        return 0 <= index < self._entry.slice_count and self._entry.has(index)
+
+    def missing_slices(self, first: int, last: int) -> list[int]:
+        """Indexes in C{first}..C{last} (inclusive, clamped to the object) not present."""
+        first = max(first, 0)
+        last = min(last, self._entry.slice_count - 1)
+        present = self._entry.present
+        return [i for i in range(first, last + 1) if not present[i >> 3] >> (i & 7) & 1]
+
+    def available_from(self, offset: int) -> int:
+        """Contiguous bytes readable at C{offset} from present slices, capped at the object's end."""
+        entry = self._entry
+        size = entry.meta.size
+        if not 0 <= offset < size:
+            return 0
+        count = entry.slice_count
+        present = entry.present
+        end = offset // entry.slice_size
+        while end < count and present[end >> 3] >> (end & 7) & 1:
+            end += 1
+        return min(end * entry.slice_size, size) - offset
+
     @property
     def complete(self) -> bool:
-        return self._present_count == self.slice_count
+        return self._entry.present_count == self._entry.slice_count
 
     @property
     def evicted(self) -> bool:
-        return self._evicted
+        return self._entry.evicted
 
     @property
     def transient(self) -> bool:
-        return self._transient
-
-    @property
-    def indexed(self) -> bool:
-        return not (self._transient or self._evicted)
+        return self._entry.transient
 
     # -- I/O ------------------------------------------------------------------------------------
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """
-        Write C{data} at C{offset} of the data file.  Marks nothing present (see L{commit_slice}).
+        Write C{data} at C{offset} of the data file.  Marks nothing present (see L{commit_slice});
+        rewriting bytes of a present slice is allowed only with the same bytes.
 
-        @raise StoreError: the disk refused; the object is dropped from the store.
+        @raise StoreError: the disk refused; the object is dropped and nothing of it is present.
         @raise ValueError: the bytes fall outside the object.
         """
-        if offset < 0 or offset + len(data) > self.meta.size:
-            raise ValueError(f"write of {len(data)} bytes at {offset} outside {self.meta.size}")
-        fd = self.fileno()
         view = memoryview(data).cast("B")
+        if offset < 0 or offset + len(view) > self._entry.meta.size:
+            raise ValueError(f"write of {len(view)} bytes at {offset} outside {self._entry.meta.size}")
         try:
             while view:
-                written = os.pwrite(fd, view, offset)
+                written = os.pwrite(self._fd, view, offset)
                 view = view[written:]
                 offset += written
         except OSError as e:
-            self._store._fail(self, e)
+            self._store._fail(self._entry, e)
             raise StoreError(f"writing {self.meta.key!r}: {e.strerror}", e.errno) from e
 
     def commit_slice(self, index: int) -> None:
@@ -207,53 +238,44 @@ class CachedObject:
 
         @raise StoreError: persisting failed; the object is dropped and nothing of it is present.
         """
-        if not 0 <= index < self.slice_count:
-            raise ValueError(f"slice {index} outside 0..{self.slice_count - 1}")
-        if self.has_slice(index):
+        entry = self._entry
+        if not 0 <= index < entry.slice_count:
+            raise ValueError(f"slice {index} outside 0..{entry.slice_count - 1}")
+        if entry.has(index):
             return
-        self._present[index >> 3] |= 1 << (index & 7)
-        self._present_count += 1
-        if self.indexed:
-            self._store._committed(self, index)
+        entry.present[index >> 3] |= 1 << (index & 7)
+        entry.present_count += 1
+        if entry.indexed:
+            self._store._committed(entry, index, self._fd)
 
     def read(self, offset: int, length: int) -> bytes:
         """Read C{length} bytes at C{offset}; the caller only reads bytes it knows are present."""
-        fd = self.fileno()
         chunks = []
         try:
             while length > 0:
-                chunk = os.pread(fd, length, offset)
+                chunk = os.pread(self._fd, length, offset)
                 if not chunk:
                     raise StoreError(f"short read of {self.meta.key!r} at {offset}")
                 chunks.append(chunk)
                 offset += len(chunk)
                 length -= len(chunk)
         except OSError as e:
-            self._store._fail(self, e)
+            self._store._fail(self._entry, e)
             raise StoreError(f"reading {self.meta.key!r}: {e.strerror}", e.errno) from e
         return b"".join(chunks)
 
     def fileno(self) -> int:
-        """The open descriptor of the data file (for os.sendfile), reopened if it was closed."""
-        if self._fd < 0:
-            self._store._open(self)
+        """The descriptor of the data file (for os.sendfile); valid while you hold this object."""
         return self._fd
 
     def close(self) -> None:
-        """Persist unpersisted slices and release the descriptor (I/O later reopens it if indexed)."""
-        self._store._release(self)
-
-    # -- store plumbing -------------------------------------------------------------------------
-
-    def _set_fd(self, fd: int) -> None:
-        self._fd = fd
-        self._finalizer = weakref.finalize(self, os.close, fd)
-
-    def _close_fd(self) -> None:
-        if self._finalizer is not None:
-            self._finalizer()
-            self._finalizer = None
-        self._fd = -1
+        """
+        Persist slices not yet recorded on disk.  The descriptor itself is closed when the object
+        is no longer referenced (others may be reading it), which also frees a transient or evicted
+        object's unlinked file.
+        """
+        if self._entry.indexed and self._entry.pending:
+            self._store._persist_or_log(self._entry, self._fd)
 
 
 class SliceStore:
@@ -271,7 +293,6 @@ class SliceStore:
         slice_size: int = 1 << 20,
         now: Callable[[], float] = time.time,
         sync: bool = True,
-        max_open_files: int = 256,
     ) -> None:
         if slice_size <= 0 or max_size < 0:
             raise ValueError("slice_size must be positive and max_size not negative")
@@ -281,10 +302,9 @@ class SliceStore:
         self.used_bytes = 0
         self._now = now
         self._sync = sync
-        self._max_open = max(1, max_open_files)
-        self._index: OrderedDict[str, CachedObject] = OrderedDict()
-        self._by_hash: dict[str, CachedObject] = {}
-        self._open_fds: OrderedDict[str, CachedObject] = OrderedDict()
+        self._index: OrderedDict[str, _Entry] = OrderedDict()
+        self._by_hash: dict[str, _Entry] = {}
+        self._dirty: set[_Entry] = set()  # indexed entries with slices not yet persisted
         self._rebuilt: set[str] = set()  # loaded by the rebuild and not used since
         self._loading = True
         os.makedirs(root, exist_ok=True)
@@ -304,29 +324,32 @@ class SliceStore:
 
     def get(self, key: str) -> CachedObject | None:
         """The indexed object for C{key} (now most recently used), or None."""
-        obj = self._index.get(key)
-        if obj is None:
+        entry = self._index.get(key)
+        if entry is None:
             if not self._loading:
                 return None
-            obj = self._load_one(key)
-            if obj is None:
+            entry = self._load_one(key)
+            if entry is None:
                 return None
-        if obj._fd < 0:
-            try:
-                self._open(obj)
-            except StoreError:
-                return None
+        try:
+            obj = self._handle(entry)
+        except StoreError as e:
+            log.info("dropping {key!r}: {error}", key=key, error=e)
+            self._drop(entry)
+            return None
         self._index.move_to_end(key)
         self._rebuilt.discard(key)
         now = self._now()
-        obj.last_used = now
-        if obj._on_disk and now - obj._use_persisted >= LAST_USE_PERSIST_INTERVAL:
-            obj._use_persisted = now
+        entry.last_used = now
+        if entry.pending and now - entry.pending_since >= PERSIST_INTERVAL:
+            self._persist_or_log(entry, obj.fileno())
+        elif entry.on_disk and now - entry.use_persisted >= LAST_USE_PERSIST_INTERVAL:
+            entry.use_persisted = now
             try:
-                os.utime(self._meta_path(obj._hash), (now, now))
+                os.utime(self._meta_path(entry.hash), (now, now))
             except OSError:
                 pass  # only the LRU order after a restart suffers
-        return obj
+        return obj if entry.indexed else None
 
     def create(self, meta: ObjectMeta, transient: bool = False) -> CachedObject:
         """
@@ -340,12 +363,12 @@ class SliceStore:
         self._discard_key(meta.key)
         transient = transient or meta.size > self.max_size
         h = key_hash(meta.key)
-        token = secrets.token_hex(8)
-        directory = self._dir(h)
-        path = os.path.join(directory, f"{h}.{token}.data")
+        present = bytearray((slice_count(meta.size, self.slice_size) + 7) // 8)
+        entry = _Entry(meta, self.slice_size, h, secrets.token_hex(8), present, transient)
+        path = self._data_path(entry)
         fd = -1
         try:
-            os.makedirs(directory, exist_ok=True)
+            os.makedirs(self._dir(h), exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             if transient:
                 os.unlink(path)
@@ -355,18 +378,14 @@ class SliceStore:
                 os.close(fd)
                 _unlink(path)
             raise StoreError(f"creating {meta.key!r}: {e.strerror}", e.errno) from e
-        present = bytearray((slice_count(meta.size, self.slice_size) + 7) // 8)
-        obj = CachedObject(meta, self.slice_size, self, h, token, present, transient)
-        obj._set_fd(fd)
-        obj.last_used = obj._use_persisted = self._now()
-        if transient:
-            return obj
-        self._index[meta.key] = obj
-        self._by_hash[h] = obj
-        self._open_fds[meta.key] = obj
-        self._trim_fds()
-        if obj.complete:  # empty object: nothing will ever commit, record it now
-            self._persist_or_drop(obj)
+        obj = CachedObject(self, entry, fd)
+        entry.handle = weakref.ref(obj)
+        entry.last_used = entry.use_persisted = self._now()
+        if not transient:
+            self._index[meta.key] = entry
+            self._by_hash[h] = entry
+            if obj.complete:  # empty object: nothing will ever commit, record it now
+                self._persist_or_drop(entry, fd)
         return obj
 
     def refresh(self, obj: CachedObject, meta: ObjectMeta) -> None:
@@ -375,20 +394,21 @@ class SliceStore:
 
         @raise StoreError: persisting failed; the object was dropped.
         """
-        if meta.key != obj.meta.key or not meta.same_representation(obj.meta):
+        entry = obj._entry
+        if meta.key != entry.meta.key or not meta.same_representation(entry.meta):
             raise ValueError("refresh() needs the same key and representation")
-        obj.meta = meta
-        if obj.indexed:
-            self._persist_or_drop(obj)
+        entry.meta = meta
+        if entry.indexed:
+            self._persist_or_drop(entry, obj.fileno())
 
     def remove(self, key: str) -> bool:
         """Drop C{key} (PURGE); True if there was something to drop."""
         return self._discard_key(key)
 
     def close(self) -> None:
-        """Persist every unpersisted slice and close all descriptors (shutdown)."""
-        for obj in list(self._open_fds.values()):
-            self._release(obj)
+        """Persist every slice not yet recorded on disk (shutdown)."""
+        for entry in list(self._dirty):
+            self._persist_or_log(entry, None)
 
     def rebuild_steps(self, batch: int = 1000) -> Iterator[None]:
         """
@@ -445,47 +465,41 @@ class SliceStore:
                 _unlink(path)
                 continue
             try:
-                sidecar, mtime = self._read_sidecar(path, h)
+                entry = self._read_entry(path, h)
             except (OSError, BadSidecar) as e:
                 log.info("discarding sidecar {path}: {error}", path=path, error=e)
                 _unlink(path)
                 continue
-            data_name = f"{h}.{sidecar.token}.data"
+            data_name = f"{h}.{entry.token}.data"
             try:
                 consistent = (
                     data_name in data_names
-                    and os.stat(os.path.join(directory, data_name)).st_size == sidecar.meta.size
+                    and os.stat(os.path.join(directory, data_name)).st_size == entry.meta.size
                 )
             except OSError:
                 consistent = False
             if not consistent:
                 _unlink(path)
                 continue
-            obj = CachedObject(
-                sidecar.meta, self.slice_size, self, h, sidecar.token, bytearray(sidecar.present)
-            )
-            obj._on_disk = True
-            obj.last_used = obj._use_persisted = max(sidecar.last_used, mtime)
-            self._index[obj.meta.key] = obj
-            self._index.move_to_end(obj.meta.key, last=False)
-            self._by_hash[h] = obj
-            self._rebuilt.add(obj.meta.key)
-            self.used_bytes += obj.present_bytes
+            self._add_entry(entry)
+            self._index.move_to_end(entry.meta.key, last=False)
+            self._rebuilt.add(entry.meta.key)
         for h, token, name in data_files:
             live = self._by_hash.get(h)
-            if live is None or live._token != token:
+            if live is None or live.token != token:
                 _unlink(os.path.join(directory, name))
         return len(sidecars)
 
     def _order_rebuilt(self) -> None:
         rebuilt = sorted(
             (self._index[key] for key in self._rebuilt if key in self._index),
-            key=lambda obj: obj.last_used,
+            key=lambda entry: entry.last_used,
         )
-        used = [obj for key, obj in self._index.items() if key not in self._rebuilt]
-        self._index = OrderedDict((obj.meta.key, obj) for obj in rebuilt + used)
+        used = [entry for key, entry in self._index.items() if key not in self._rebuilt]
+        self._index = OrderedDict((entry.meta.key, entry) for entry in rebuilt + used)
 
-    def _read_sidecar(self, path: str, h: str) -> tuple[Sidecar, float]:
+    def _read_entry(self, path: str, h: str) -> _Entry:
+        """An entry from the sidecar at C{path}, last used at its recorded use or its mtime."""
         fd = os.open(path, os.O_RDONLY)
         try:
             st = os.fstat(fd)
@@ -494,42 +508,36 @@ class SliceStore:
             raw = os.read(fd, st.st_size + 1)
         finally:
             os.close(fd)
-        return decode_sidecar(raw, h, self.slice_size), st.st_mtime
+        sidecar = decode_sidecar(raw, h, self.slice_size)
+        entry = _Entry(sidecar.meta, self.slice_size, h, sidecar.token, bytearray(sidecar.present))
+        entry.on_disk = True
+        entry.last_used = entry.use_persisted = max(sidecar.last_used, st.st_mtime)
+        return entry
 
-    def _load_one(self, key: str) -> CachedObject | None:
+    def _add_entry(self, entry: _Entry) -> None:
+        self._index[entry.meta.key] = entry
+        self._by_hash[entry.hash] = entry
+        self.used_bytes += entry.present_bytes
+
+    def _load_one(self, key: str) -> _Entry | None:
         """While loading: index C{key} straight from its sidecar, if it has a good one."""
         h = key_hash(key)
         if h in self._by_hash:
             return None  # another key with this hash is live
         path = self._meta_path(h)
         try:
-            sidecar, mtime = self._read_sidecar(path, h)
+            entry = self._read_entry(path, h)
         except FileNotFoundError:
             return None
         except (OSError, BadSidecar) as e:
             log.info("discarding sidecar {path}: {error}", path=path, error=e)
             self._remove_hash_files(h)
             return None
-        if sidecar.meta.key != key:
+        if entry.meta.key != key:
             self._remove_hash_files(h)
             return None
-        obj = CachedObject(
-            sidecar.meta, self.slice_size, self, h, sidecar.token, bytearray(sidecar.present)
-        )
-        obj._on_disk = True
-        obj.last_used = obj._use_persisted = max(sidecar.last_used, mtime)
-        try:
-            fd = self._open_data(obj)
-        except StoreError:
-            self._remove_hash_files(h)
-            return None
-        obj._set_fd(fd)
-        self._index[key] = obj
-        self._by_hash[h] = obj
-        self._open_fds[key] = obj
-        self.used_bytes += obj.present_bytes
-        self._trim_fds()
-        return obj
+        self._add_entry(entry)
+        return entry
 
     def _remove_hash_files(self, h: str) -> None:
         directory = self._dir(h)
@@ -542,12 +550,12 @@ class SliceStore:
                 _unlink(os.path.join(directory, name))
 
     def _discard_key(self, key: str) -> bool:
-        obj = self._index.get(key)
-        if obj is None and self._loading:
-            obj = self._load_one(key)
-        if obj is None:
+        entry = self._index.get(key)
+        if entry is None and self._loading:
+            entry = self._load_one(key)
+        if entry is None:
             return False
-        self._drop(obj)
+        self._drop(entry)
         return True
 
     # -- files ----------------------------------------------------------------------------------
@@ -558,152 +566,144 @@ class SliceStore:
     def _meta_path(self, h: str) -> str:
         return os.path.join(self.root, h[0:2], h[2:4], f"{h}.meta")
 
-    def _data_path(self, obj: CachedObject) -> str:
-        return os.path.join(self._dir(obj._hash), f"{obj._hash}.{obj._token}.data")
+    def _data_path(self, entry: _Entry) -> str:
+        return os.path.join(self._dir(entry.hash), f"{entry.hash}.{entry.token}.data")
 
-    def _open_data(self, obj: CachedObject) -> int:
-        """Open an on-disk object's data file, checking it still has the recorded size."""
+    def _handle(self, entry: _Entry) -> CachedObject:
+        """The live handle of C{entry}, or a new one on a freshly opened, size-checked descriptor."""
+        obj = entry.handle() if entry.handle is not None else None
+        if obj is not None:
+            return obj
         try:
-            fd = os.open(self._data_path(obj), os.O_RDWR)
+            fd = os.open(self._data_path(entry), os.O_RDWR)
         except OSError as e:
-            raise StoreError(f"opening {obj.meta.key!r}: {e.strerror}", e.errno) from e
+            raise StoreError(f"opening {entry.meta.key!r}: {e.strerror}", e.errno) from e
+        obj = CachedObject(self, entry, fd)  # owns fd from here on
         try:
             size = os.fstat(fd).st_size
         except OSError as e:
-            os.close(fd)
-            raise StoreError(f"opening {obj.meta.key!r}: {e.strerror}", e.errno) from e
-        if size != obj.meta.size:
-            os.close(fd)
-            raise StoreError(f"data file of {obj.meta.key!r} has {size} bytes, not {obj.meta.size}")
-        return fd
-
-    def _open(self, obj: CachedObject) -> None:
-        if not obj.indexed:
-            raise StoreError(f"{obj.meta.key!r} was closed after it left the store")
-        try:
-            fd = self._open_data(obj)
-        except StoreError:
-            self._drop(obj)
-            raise
-        obj._set_fd(fd)
-        self._open_fds[obj.meta.key] = obj
-        self._trim_fds()
-
-    def _trim_fds(self) -> None:
-        while len(self._open_fds) > self._max_open:
-            _, victim = self._open_fds.popitem(last=False)
-            self._release(victim)
-
-    def _release(self, obj: CachedObject) -> None:
-        if obj.indexed and obj._pending:
-            self._persist_or_log(obj)
-        if obj.indexed:
-            self._open_fds.pop(obj.meta.key, None)
-        obj._close_fd()
+            raise StoreError(f"opening {entry.meta.key!r}: {e.strerror}", e.errno) from e
+        if size != entry.meta.size:
+            raise StoreError(f"data file of {entry.meta.key!r} has {size} bytes, not {entry.meta.size}")
+        entry.handle = weakref.ref(obj)
+        return obj
 
     # -- persisting -----------------------------------------------------------------------------
 
-    def _committed(self, obj: CachedObject, index: int) -> None:
-        self.used_bytes += obj.slice_length(index)
+    def _committed(self, entry: _Entry, index: int, fd: int) -> None:
+        self.used_bytes += entry.slice_length(index)
         now = self._now()
-        if not obj._pending:
-            obj._pending_since = now
-        obj._pending += 1
+        if not entry.pending:
+            entry.pending_since = now
+            self._dirty.add(entry)
+        entry.pending += 1
         if (
-            obj.complete
-            or obj._pending >= PERSIST_EVERY_SLICES
-            or now - obj._pending_since >= PERSIST_INTERVAL
+            entry.present_count == entry.slice_count
+            or entry.pending >= PERSIST_EVERY_SLICES
+            or now - entry.pending_since >= PERSIST_INTERVAL
         ):
-            self._persist_or_drop(obj)
-        self._evict(obj)
+            self._persist_or_drop(entry, fd)
+        self._evict(entry)
 
-    def _persist(self, obj: CachedObject) -> None:
-        """fdatasync the data (if slices are pending), then atomically replace the sidecar."""
-        if obj._pending and self._sync:
-            os.fdatasync(obj.fileno())
-        last_used = obj.last_used
-        raw = encode_sidecar(obj.meta, self.slice_size, obj._token, obj._present, last_used)
-        tmp = os.path.join(self._dir(obj._hash), f"{obj._hash}.{obj._token}.tmp")
+    def _sync_data(self, entry: _Entry, fd: int | None) -> None:
+        if fd is None:
+            obj = entry.handle() if entry.handle is not None else None
+            fd = obj.fileno() if obj is not None else None
+        if fd is not None:
+            os.fdatasync(fd)
+            return
+        # fdatasync flushes the file, whichever descriptor asks.
+        own = os.open(self._data_path(entry), os.O_RDONLY)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.fdatasync(own)
+        finally:
+            os.close(own)
+
+    def _persist(self, entry: _Entry, fd: int | None) -> None:
+        """fdatasync the data (if slices are pending), then atomically replace the sidecar."""
+        if entry.pending and self._sync:
+            self._sync_data(entry, fd)
+        last_used = entry.last_used
+        raw = encode_sidecar(entry.meta, self.slice_size, entry.token, entry.present, last_used)
+        tmp = os.path.join(self._dir(entry.hash), f"{entry.hash}.{entry.token}.tmp")
+        try:
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 view = memoryview(raw)
                 while view:
-                    view = view[os.write(fd, view) :]
+                    view = view[os.write(out, view) :]
                 if self._sync:
-                    os.fsync(fd)
+                    os.fsync(out)
             finally:
-                os.close(fd)
+                os.close(out)
+            # The mtime is the recorded last use: a lazy touch (os.utime) later moves it forward.
             os.utime(tmp, (last_used, last_used))
-            os.replace(tmp, self._meta_path(obj._hash))
+            os.replace(tmp, self._meta_path(entry.hash))
         except OSError:
             _unlink(tmp)
             raise
-        obj._pending = 0
-        obj._on_disk = True
-        obj._use_persisted = last_used
+        entry.pending = 0
+        self._dirty.discard(entry)
+        entry.on_disk = True
+        entry.use_persisted = last_used
 
-    def _persist_or_drop(self, obj: CachedObject) -> None:
+    def _persist_or_drop(self, entry: _Entry, fd: int | None) -> None:
         try:
-            self._persist(obj)
-        except (OSError, StoreError) as e:
-            self._fail(obj, e)
-            raise StoreError(f"persisting {obj.meta.key!r}: {e}", getattr(e, "errno", None)) from e
+            self._persist(entry, fd)
+        except OSError as e:
+            self._fail(entry, e)
+            raise StoreError(f"persisting {entry.meta.key!r}: {e.strerror}", e.errno) from e
 
-    def _persist_or_log(self, obj: CachedObject) -> None:
+    def _persist_or_log(self, entry: _Entry, fd: int | None) -> None:
         try:
-            self._persist_or_drop(obj)
+            self._persist_or_drop(entry, fd)
         except StoreError as e:
-            log.error("dropped {key!r}: {error}", key=obj.meta.key, error=e)
+            log.error("dropped {key!r}: {error}", key=entry.meta.key, error=e)
 
     # -- dropping and eviction ------------------------------------------------------------------
 
-    def _fail(self, obj: CachedObject, error: Exception) -> None:
-        """A disk error on C{obj}: drop it and forget every slice, so none is ever served."""
-        log.error("dropping {key!r} after a disk error: {error}", key=obj.meta.key, error=error)
-        self._drop(obj)
-        obj._present[:] = bytes(len(obj._present))
-        obj._present_count = 0
-        obj._pending = 0
+    def _fail(self, entry: _Entry, error: Exception) -> None:
+        """A disk error on C{entry}: drop it and forget every slice, so none is ever served."""
+        log.error("dropping {key!r} after a disk error: {error}", key=entry.meta.key, error=error)
+        self._drop(entry)
+        entry.forget_slices()
 
-    def _drop(self, obj: CachedObject) -> None:
-        """Remove C{obj} from the index and its files from disk; its descriptor stays valid."""
-        if obj.transient:
-            obj._evicted = True
+    def _drop(self, entry: _Entry) -> None:
+        """Remove C{entry} from the index and its files from disk; open descriptors stay valid."""
+        if not entry.indexed:
+            entry.evicted = True
             return
-        if obj._evicted:
-            return
-        key = obj.meta.key
-        if self._index.get(key) is obj:
+        key = entry.meta.key
+        if self._index.get(key) is entry:
             del self._index[key]
-        if self._by_hash.get(obj._hash) is obj:
-            del self._by_hash[obj._hash]
-        self._open_fds.pop(key, None)
+        if self._by_hash.get(entry.hash) is entry:
+            del self._by_hash[entry.hash]
+        self._dirty.discard(entry)
         self._rebuilt.discard(key)
-        self.used_bytes -= obj.present_bytes
-        obj._evicted = True
-        obj._pending = 0
-        if obj._on_disk:
-            self._unlink_sidecar_if_ours(obj)
-        _unlink(self._data_path(obj))
+        self.used_bytes -= entry.present_bytes
+        entry.evicted = True
+        entry.pending = 0
+        if entry.on_disk:
+            self._unlink_sidecar_if_ours(entry)
+        _unlink(self._data_path(entry))
 
-    def _unlink_sidecar_if_ours(self, obj: CachedObject) -> None:
+    def _unlink_sidecar_if_ours(self, entry: _Entry) -> None:
         # Another process may have replaced the sidecar with its own object: leave that one alone.
-        path = self._meta_path(obj._hash)
+        path = self._meta_path(entry.hash)
         try:
             with open(path, "rb") as f:
                 raw = f.read(MAX_SIDECAR_BYTES + 1)
         except OSError:
             return
-        if obj._token.encode("ascii") in raw:
+        if entry.token.encode("ascii") in raw:
             _unlink(path)
 
-    def _evict(self, keep: CachedObject | None) -> None:
+    def _evict(self, keep: _Entry | None) -> None:
         """Evict least recently used objects (sparing C{keep}) until within C{max_size}."""
         if self.used_bytes <= self.max_size:
             return
-        for obj in list(self._index.values()):
+        for entry in list(self._index.values()):
             if self.used_bytes <= self.max_size:
                 break
-            if obj is not keep:
-                self._drop(obj)
+            if entry is not keep:
+                self._drop(entry)
