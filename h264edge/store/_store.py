@@ -192,9 +192,11 @@ class CachedObject:
             return 0
         count = entry.slice_count
         present = entry.present
-        end = offset // entry.slice_size
+        first = end = offset // entry.slice_size
         while end < count and present[end >> 3] >> (end & 7) & 1:
             end += 1
+        if end == first:
+            return 0
         return min(end * entry.slice_size, size) - offset
 
     @property
