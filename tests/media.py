@@ -95,3 +95,44 @@ def ffprobe_json(path: str | Path, *args: str) -> dict:
         check=True,
     )
     return json.loads(result.stdout)
+
+
+def edit_list_clip() -> Path:
+    """A stream copy of bframes.mp4 from 0.5 s: ffmpeg keeps the lead-in from the keyframe and hides it
+    with edit lists (video elst media_time beyond its B-frame shift, audio likewise)."""
+    return clip("edit_list.mp4", ["-ss", "0.5", "-i", str(clip("bframes.mp4")), "-c", "copy"])
+
+
+def top_level_boxes(path: str | Path) -> list[tuple[bytes, int, int]]:
+    """(type, offset, size) of each top-level box of C{path}, read with plain struct (no h264edge code)."""
+    import struct
+
+    boxes = []
+    with open(path, "rb") as f:
+        size_total = os.fstat(f.fileno()).st_size
+        offset = 0
+        while offset + 8 <= size_total:
+            f.seek(offset)
+            header = f.read(16)
+            size, box_type = struct.unpack(">I4s", header[:8])
+            if size == 1:
+                (size,) = struct.unpack(">Q", header[8:16])
+            elif size == 0:
+                size = size_total - offset
+            boxes.append((box_type, offset, size))
+            if size < 8:
+                break
+            offset += size
+    return boxes
+
+
+def frame_hashes(path: str | Path, stream: str = "v:0") -> list[str]:
+    """The MD5 of every decoded frame of one stream, in presentation order (ffmpeg's framemd5)."""
+    result = subprocess.run(
+        [FFMPEG or "ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", f"0:{stream}",
+         "-f", "framemd5", "-"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [line.rsplit(",", 1)[1].strip() for line in result.stdout.splitlines() if line and line[0] != "#"]

@@ -1,0 +1,509 @@
+"""
+Tests for L{h264edge.mp4}: cuts checked with real decoders (ffmpeg/ffprobe), malformed input, the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+import time
+from array import array
+from operator import sub
+from pathlib import Path
+from typing import Callable
+
+from hachoir.core import config as hachoir_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from h264edge.mp4 import (
+    BOX_HEADER_READ,
+    BoxHeader,
+    MalformedMP4,
+    MP4Error,
+    SeekIndex,
+    SeekIndexCache,
+    SeekOutOfRange,
+    UnsupportedMP4,
+    parse_box_header,
+    plan_for_seek,
+)
+from h264edge.plan import Literal, Plan, Span
+from tests.media import (
+    clip,
+    decode_errors,
+    edit_list_clip,
+    ffprobe_json,
+    frame_hashes,
+    have_ffmpeg,
+    top_level_boxes,
+)
+
+NO_FFMPEG = None if have_ffmpeg() else "ffmpeg/ffprobe are not installed"
+FRAME = 1 / 25  # every test clip is 25 fps
+
+
+class Clip:
+    """A test file read whole, with its top-level boxes located the way the web layer does."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data = path.read_bytes()
+        self.ftyp: bytes | None = None
+        offset = 0
+        while offset < len(self.data):
+            header = parse_box_header(self.data[offset : offset + BOX_HEADER_READ], offset, len(self.data))
+            if header.type == b"ftyp":
+                self.ftyp = self.data[offset : header.end]
+            elif header.type == b"moov":
+                self.moov = self.data[offset : header.end]
+                self.moov_offset = offset
+            offset = header.end
+
+    def index(self) -> SeekIndex:
+        return SeekIndex.from_moov(self.moov, self.moov_offset, len(self.data), self.ftyp)
+
+    def read(self, key: str, offset: int, length: int) -> bytes:
+        assert key == "clip"
+        return self.data[offset : offset + length]
+
+
+_clips: dict[str, Clip] = {}
+
+
+def load(name: str) -> Clip:
+    if name not in _clips:
+        _clips[name] = Clip(edit_list_clip() if name == "edit_list.mp4" else clip(name))
+    return _clips[name]
+
+
+def streams(path: Path) -> dict[str, dict]:
+    info = ffprobe_json(path, "-show_entries", "stream=codec_type,start_time,duration")
+    return {stream["codec_type"]: stream for stream in info["streams"]}
+
+
+def assert_close(test: SynchronousTestCase, actual: float, expected: float, tolerance: float, what: str = "") -> None:
+    """Twisted's assertAlmostEqual ignores C{delta}; this does not."""
+    if abs(actual - expected) > tolerance:
+        test.fail(f"{what} {actual} is not within {tolerance} of {expected}".strip())
+
+
+def pcm(path: Path) -> array:
+    """The first audio stream of C{path} decoded to mono 16-bit samples at the stream's rate."""
+    result = subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-ac", "1", "-f", "s16le", "-"],
+        capture_output=True,
+        check=True,
+    )
+    samples = array("h")
+    samples.frombytes(result.stdout)
+    return samples
+
+
+def first_video_packet_flags(path: Path) -> str:
+    info = ffprobe_json(
+        path, "-select_streams", "v:0", "-show_packets", "-read_intervals", "%+#1", "-show_entries", "packet=flags"
+    )
+    return str(info["packets"][0]["flags"])
+
+
+class ServedClipMixin:
+    """Renders a plan against the original file into a temporary file for the decoders."""
+
+    addCleanup: Callable[..., None]
+
+    def serve(self, name: str, start: float, end: float | None = None, exact: bool = False) -> tuple[Path, Plan]:
+        source = load(name)
+        plan = plan_for_seek(source.index(), "clip", start, end, exact)
+        body = plan.render(source.read)
+        assert len(body) == plan.length
+        directory = tempfile.mkdtemp(prefix="h264edge-mp4-")
+        self.addCleanup(shutil.rmtree, directory)
+        out = Path(directory) / "out.mp4"
+        out.write_bytes(body)
+        return out, plan
+
+
+class BoxHeaderTests(SynchronousTestCase):
+    def test_plain_size(self) -> None:
+        self.assertEqual(
+            parse_box_header(struct.pack(">I4s", 24, b"ftyp") + b"isom", 0, 100), BoxHeader(b"ftyp", 0, 24, 8)
+        )
+
+    def test_largesize(self) -> None:
+        data = struct.pack(">I4sQ", 1, b"mdat", 5 << 32)
+        self.assertEqual(parse_box_header(data, 10, 10 + (6 << 32)), BoxHeader(b"mdat", 10, 5 << 32, 16))
+
+    def test_size_zero_runs_to_end_of_file(self) -> None:
+        self.assertEqual(parse_box_header(struct.pack(">I4s", 0, b"mdat"), 40, 1000), BoxHeader(b"mdat", 40, 960, 8))
+
+    def test_size_smaller_than_header_is_malformed(self) -> None:
+        self.assertRaises(MalformedMP4, parse_box_header, struct.pack(">I4s", 7, b"free"), 0, 100)
+        self.assertRaises(MalformedMP4, parse_box_header, struct.pack(">I4sQ", 1, b"mdat", 12), 0, 100)
+
+    def test_size_past_end_of_file_is_malformed(self) -> None:
+        self.assertRaises(MalformedMP4, parse_box_header, struct.pack(">I4s", 200, b"moov"), 0, 100)
+
+    def test_truncated_header_is_malformed(self) -> None:
+        self.assertRaises(MalformedMP4, parse_box_header, b"\0\0\0", 0, 100)
+        self.assertRaises(MalformedMP4, parse_box_header, struct.pack(">I4s", 1, b"mdat"), 92, 100)
+
+
+class SeekDecodeTests(ServedClipMixin, SynchronousTestCase):
+    """Cuts decoded by ffmpeg: clean decode, keyframe first, durations and A/V alignment right."""
+
+    skip = NO_FFMPEG
+
+    def check_cut(
+        self, name: str, start: float, end: float | None, expected_cut: float, exact: bool = False
+    ) -> Path:
+        out, plan = self.serve(name, start, end, exact)
+        self.assertEqual(decode_errors(out), "")
+        boxes = [box[0] for box in top_level_boxes(out)]
+        self.assertLess(boxes.index(b"moov"), boxes.index(b"mdat"))
+        self.assertEqual([type(part) for part in plan.parts], [Literal, Span])
+        info = streams(out)
+        duration = load(name).index().duration
+        expected = (min(end, duration) if end is not None else duration) - expected_cut
+        for kind, stream in info.items():
+            assert_close(self, float(stream["duration"]), expected, FRAME + 0.001, f"{kind} duration")
+            assert_close(self, float(stream["start_time"]), 0.0, FRAME, f"{kind} start")
+        if "video" in info:
+            self.assertTrue(first_video_packet_flags(out).startswith("K"))
+        return out
+
+    def test_moov_at_end_seek_snaps_to_keyframe(self) -> None:
+        self.check_cut("av_moov_end.mp4", 5.3, None, 4.0)
+
+    def test_faststart_seek_with_end(self) -> None:
+        self.check_cut("av_faststart.mp4", 7.0, 12.5, 6.0)
+
+    def test_start_zero_decodes_whole_clip(self) -> None:
+        self.check_cut("av_moov_end.mp4", 0.0, None, 0.0)
+
+    def test_bframes_seek(self) -> None:
+        self.check_cut("bframes.mp4", 5.3, None, 3.84)
+
+    def test_bframes_exact_seek_hides_lead_in(self) -> None:
+        self.check_cut("bframes.mp4", 5.3, 15.0, 5.3, exact=True)
+
+    def test_audio_only_cuts_at_start(self) -> None:
+        self.check_cut("audio_only.mp4", 3.3, None, 3.3)
+
+    def test_video_only(self) -> None:
+        self.check_cut("video_only.mp4", 19.9, None, 18.0)
+
+    def test_input_edit_list_start_zero_keeps_lead_in_hidden(self) -> None:
+        source = edit_list_clip()
+        out = self.check_cut("edit_list.mp4", 0.0, None, 0.0)
+        self.assertEqual(frame_hashes(out), frame_hashes(source))
+
+    def test_input_edit_list_seek(self) -> None:
+        # the copy starts 0.5 s into bframes.mp4 (keyframes every 1.92 s): keyframes show at 1.42 + 1.92 k
+        self.check_cut("edit_list.mp4", 6.0, None, 5.26)
+
+    def test_long_clip_seek(self) -> None:
+        self.check_cut("long_big_moov.mp4", 1100.3, None, 1100.0)
+
+
+class FrameAccuracyTests(ServedClipMixin, SynchronousTestCase):
+    """The decoded frames of a cut are exactly the original's frames from the cut on."""
+
+    skip = NO_FFMPEG
+
+    def test_keyframe_cut_frames_match_original(self) -> None:
+        original = frame_hashes(load("bframes.mp4").path)
+        out, _ = self.serve("bframes.mp4", 8.0, 12.0)  # keyframes every 48 frames: 7.68 s
+        first = round(7.68 * 25)
+        self.assertEqual(frame_hashes(out), original[first : 12 * 25])
+
+    def test_exact_cut_frames_match_original(self) -> None:
+        original = frame_hashes(load("bframes.mp4").path)
+        out, _ = self.serve("bframes.mp4", 8.0, 12.0, exact=True)
+        self.assertEqual(frame_hashes(out), original[8 * 25 : 12 * 25])
+
+    def test_audio_follows_video_cut(self) -> None:
+        original = pcm(load("av_faststart.mp4").path)
+        out, _ = self.serve("av_faststart.mp4", 10.0, None)
+        cut = pcm(out)
+        # sample-exact from the cut on (one AAC pre-roll frame, hidden by the edit list, primes the
+        # decoder); the last frames differ as the decoder flushes, so compare all but the tail
+        rate = 44100
+        self.assertEqual(len(cut), len(original) - 10 * rate)
+        worst = max(map(abs, map(sub, cut[:-4096], original[10 * rate : -4096])))
+        self.assertLessEqual(worst, 2)  # the float decoder rounds +-1 differently with other frame grouping
+
+
+class TableFormatTests(ServedClipMixin, SynchronousTestCase):
+    """co64 and stz2 inputs, made by rewriting a moov-at-end clip's tables (data does not move)."""
+
+    skip = NO_FFMPEG
+
+    def rewritten(self, name: str, rewrite: Callable[[bytes, bytes], bytes | None]) -> str:
+        source = load("av_moov_end.mp4")
+        moov = _rebuild(source.moov, rewrite)
+        data = source.data[: source.moov_offset] + moov
+        directory = tempfile.mkdtemp(prefix="h264edge-mp4-")
+        self.addCleanup(shutil.rmtree, directory)
+        path = Path(directory) / name
+        path.write_bytes(data)
+        _clips[name] = Clip(path)
+        self.addCleanup(_clips.pop, name)
+        return name
+
+    def test_co64_input(self) -> None:
+        def co64(box_type: bytes, payload: bytes) -> bytes | None:
+            if box_type != b"stco":
+                return None
+            (count,) = struct.unpack_from(">I", payload, 4)
+            offsets = struct.unpack_from(f">{count}I", payload, 8)
+            return _box(b"co64", payload[:8] + struct.pack(f">{count}Q", *offsets))
+
+        name = self.rewritten("co64.mp4", co64)
+        self.assertIn(b"co64", load(name).moov)
+        out, _ = self.serve(name, 9.0)
+        self.assertEqual(decode_errors(out), "")
+        self.assertEqual(frame_hashes(out), frame_hashes(load("av_moov_end.mp4").path)[8 * 25 :])
+
+    def test_stz2_input(self) -> None:
+        def stz2(box_type: bytes, payload: bytes) -> bytes | None:
+            if box_type != b"stsz":
+                return None
+            uniform, count = struct.unpack_from(">II", payload, 4)
+            sizes = struct.unpack_from(f">{count}I", payload, 12) if uniform == 0 else (uniform,) * count
+            if max(sizes) >= 1 << 16:
+                raise AssertionError("fixture needs sizes below 64 KiB")
+            return _box(b"stz2", b"\0\0\0\0" + struct.pack(">BBBBI", 0, 0, 0, 16, count)
+                        + struct.pack(f">{count}H", *sizes))
+
+        name = self.rewritten("stz2.mp4", stz2)
+        out, _ = self.serve(name, 9.0)
+        self.assertEqual(decode_errors(out), "")
+        self.assertEqual(frame_hashes(out), frame_hashes(load("av_moov_end.mp4").path)[8 * 25 :])
+
+
+def _box(box_type: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I4s", len(payload) + 8, box_type) + payload
+
+
+def _rebuild(box: bytes, rewrite: Callable[[bytes, bytes], bytes | None]) -> bytes:
+    """Rebuild a box tree (32-bit sizes), letting C{rewrite} replace leaf boxes."""
+    size, box_type = struct.unpack_from(">I4s", box)
+    payload = box[8:size]
+    if box_type in (b"moov", b"trak", b"mdia", b"minf", b"stbl"):
+        children = []
+        at = 0
+        while at < len(payload):
+            (child_size,) = struct.unpack_from(">I", payload, at)
+            children.append(_rebuild(payload[at : at + child_size], rewrite))
+            at += child_size
+        return _box(box_type, b"".join(children))
+    replaced = rewrite(box_type, payload)
+    return replaced if replaced is not None else box[:size]
+
+
+class PlanTests(SynchronousTestCase):
+    """Plan shape and seek arguments, without decoding."""
+
+    skip = NO_FFMPEG
+
+    def test_plan_is_header_then_one_span_of_the_original(self) -> None:
+        source = load("av_moov_end.mp4")
+        plan = plan_for_seek(source.index(), "clip", 5.0, None)
+        header, span = plan.parts
+        assert isinstance(header, Literal) and isinstance(span, Span)
+        self.assertEqual(span.key, "clip")
+        self.assertEqual(header.data[:8], source.ftyp[:8] if source.ftyp else b"")
+        self.assertEqual(header.data[-4:], b"mdat")
+        self.assertLessEqual(span.offset + span.length, source.moov_offset)
+
+    def test_start_at_or_past_duration_is_out_of_range(self) -> None:
+        index = load("av_moov_end.mp4").index()
+        self.assertRaises(SeekOutOfRange, plan_for_seek, index, "clip", index.duration, None)
+        self.assertRaises(SeekOutOfRange, plan_for_seek, index, "clip", 1e9, None)
+
+    def test_end_not_after_start_is_a_value_error(self) -> None:
+        index = load("av_moov_end.mp4").index()
+        self.assertRaises(ValueError, plan_for_seek, index, "clip", 5.0, 5.0)
+        self.assertRaises(ValueError, plan_for_seek, index, "clip", 5.0, 4.0)
+        self.assertRaises(ValueError, plan_for_seek, index, "clip", -1.0, None)
+
+    def test_missing_ftyp_gets_a_minimal_one(self) -> None:
+        source = load("av_faststart.mp4")
+        index = SeekIndex.from_moov(source.moov, source.moov_offset, len(source.data), None)
+        header = plan_for_seek(index, "clip", 3.0, None).parts[0]
+        assert isinstance(header, Literal)
+        self.assertEqual(header.data[4:12], b"ftypisom")
+
+    def test_output_indexes_again_with_the_expected_duration(self) -> None:
+        source = load("bframes.mp4")
+        plan = plan_for_seek(source.index(), "clip", 5.0, 11.0)
+        body = plan.render(source.read)
+        again = Clip.__new__(Clip)
+        again.data = body
+        again.ftyp = None
+        for box_type, offset, size in _boxes_of(body):
+            if box_type == b"moov":
+                again.moov, again.moov_offset = body[offset : offset + size], offset
+        assert_close(self, again.index().duration, 11.0 - 3.84, 0.002)
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        start=st.floats(min_value=0, max_value=19.99),
+        length=st.one_of(st.none(), st.floats(min_value=0.01, max_value=30)),
+        exact=st.booleans(),
+    )
+    def test_any_start_and_end_gives_a_consistent_plan(self, start: float, length: float | None, exact: bool) -> None:
+        source = load("bframes.mp4")
+        index = source.index()
+        end = None if length is None else start + length
+        try:
+            plan = plan_for_seek(index, "clip", start, end, exact)
+        except SeekOutOfRange:
+            # only when nothing is left to show between the keyframe and the end
+            self.assertIsNotNone(end)
+            return
+        body = plan.render(source.read)
+        self.assertEqual(len(body), plan.length)
+        boxes = _boxes_of(body)
+        self.assertEqual([b[0] for b in boxes], [b"ftyp", b"moov", b"mdat"])
+        moov = next(body[o : o + s] for t, o, s in boxes if t == b"moov")
+        again = SeekIndex.from_moov(moov, boxes[1][1], len(body), None)
+        keyframe_time = (int(start / 1.92 + 1e-9)) * 1.92
+        shown_from = start if exact else keyframe_time
+        expected = min(end if end is not None else index.duration, index.duration) - shown_from
+        assert_close(self, again.duration, expected, 0.002, "duration")
+
+
+def _boxes_of(body: bytes) -> list[tuple[bytes, int, int]]:
+    out = []
+    offset = 0
+    while offset < len(body):
+        header = parse_box_header(body[offset : offset + 16], offset, len(body))
+        out.append((header.type, offset, header.size))
+        offset = header.end
+    return out
+
+
+class RefusalTests(SynchronousTestCase):
+    """Inputs we refuse, always with an L{MP4Error} subclass."""
+
+    skip = NO_FFMPEG
+
+    def test_fragmented_is_unsupported(self) -> None:
+        source = load("fragmented.mp4")
+        error = self.assertRaises(UnsupportedMP4, source.index)
+        self.assertIn("fragmented", str(error))
+
+    def test_encrypted_sample_entry_is_unsupported(self) -> None:
+        source = load("av_faststart.mp4")
+        moov = source.moov.replace(b"avc1", b"encv", 1)
+        error = self.assertRaises(
+            UnsupportedMP4, SeekIndex.from_moov, moov, source.moov_offset, len(source.data), source.ftyp
+        )
+        self.assertIn("encrypted", str(error))
+
+    def test_truncated_moov_is_malformed(self) -> None:
+        source = load("av_moov_end.mp4")
+        for cut in (9, 100, len(source.moov) // 2, len(source.moov) - 1):
+            moov = struct.pack(">I", cut) + source.moov[4:cut]
+            self.assertRaises(MalformedMP4, SeekIndex.from_moov, moov, source.moov_offset, len(source.data), None)
+
+    def test_lying_table_size_is_malformed(self) -> None:
+        source = load("av_moov_end.mp4")
+        at = source.moov.index(b"stsz") - 4
+        (size,) = struct.unpack_from(">I", source.moov, at)
+        for lie in (size + 4, size - 4, 3, 0xFFFFFFF0):
+            moov = bytearray(source.moov)
+            struct.pack_into(">I", moov, at, lie)
+            self.assertRaises(
+                MalformedMP4, SeekIndex.from_moov, bytes(moov), source.moov_offset, len(source.data), None
+            )
+
+    def test_sample_count_mismatch_is_malformed(self) -> None:
+        source = load("av_moov_end.mp4")
+        at = source.moov.index(b"stsz") + 12  # sample_count
+        moov = bytearray(source.moov)
+        (count,) = struct.unpack_from(">I", moov, at)
+        struct.pack_into(">I", moov, at, count - 1)
+        error = self.assertRaises(
+            MalformedMP4, SeekIndex.from_moov, bytes(moov), source.moov_offset, len(source.data), None
+        )
+        self.assertIn("samples", str(error))
+
+    def test_sample_data_past_end_of_file_is_malformed(self) -> None:
+        source = load("av_faststart.mp4")
+        self.assertRaises(MalformedMP4, SeekIndex.from_moov, source.moov, source.moov_offset,
+                          len(source.data) - 1000, None)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.data())
+    def test_byte_flips_in_tables_raise_only_mp4_errors(self, data: st.DataObject) -> None:
+        self.patch(hachoir_config, "quiet", True)  # hachoir warns on stderr about the odd bytes it sees
+        source = load("bframes.mp4")
+        moov = bytearray(source.moov)
+        table = data.draw(st.sampled_from([b"stts", b"ctts", b"stss", b"stsz", b"stsc", b"stco", b"elst",
+                                           b"mdhd", b"tkhd", b"trak", b"stsd", b"hdlr"]))
+        begin = moov.index(table) - 4
+        flips = data.draw(st.lists(st.tuples(st.integers(0, 63), st.integers(0, 255)), min_size=1, max_size=4))
+        for position, value in flips:
+            moov[min(begin + position, len(moov) - 1)] = value
+        started = time.perf_counter()
+        try:
+            index = SeekIndex.from_moov(bytes(moov), source.moov_offset, len(source.data), source.ftyp)
+            for start in (0.0, 7.0, 13.3):
+                try:
+                    plan_for_seek(index, "clip", start, None, exact=start > 10).render(source.read)
+                except SeekOutOfRange:
+                    pass
+        except MP4Error:
+            pass
+        self.assertLess(time.perf_counter() - started, 2.0)
+
+
+class SeekIndexCacheTests(SynchronousTestCase):
+    skip = NO_FFMPEG
+
+    def test_lru_within_byte_budget(self) -> None:
+        index = load("audio_only.mp4").index()
+        cache = SeekIndexCache(max_bytes=index.memory_size * 2)
+        cache.put("a", index)
+        cache.put("b", index)
+        self.assertIs(cache.get("a"), index)  # a is now the most recent
+        cache.put("c", index)
+        self.assertEqual(len(cache), 2)
+        self.assertIsNone(cache.get("b"))
+        self.assertIs(cache.get("a"), index)
+        self.assertIs(cache.get("c"), index)
+
+    def test_index_larger_than_budget_is_not_kept(self) -> None:
+        index = load("audio_only.mp4").index()
+        cache = SeekIndexCache(max_bytes=index.memory_size - 1)
+        cache.put("a", index)
+        self.assertEqual(len(cache), 0)
+        self.assertIsNone(cache.get("a"))
+
+
+class PerformanceTests(SynchronousTestCase):
+    """Generous bounds: the point is to catch per-sample Python loops, not to benchmark."""
+
+    skip = NO_FFMPEG
+
+    def test_long_clip_index_and_seek_are_fast(self) -> None:
+        source = load("long_big_moov.mp4")
+        started = time.perf_counter()
+        index = source.index()
+        built = time.perf_counter() - started
+        started = time.perf_counter()
+        for start in (0.0, 300.0, 600.0, 900.0, 1199.0):
+            plan_for_seek(index, "clip", start, None)
+        per_seek = (time.perf_counter() - started) / 5
+        self.assertLess(built, 0.2)
+        self.assertLess(per_seek, 0.02)
+        if os.environ.get("H264EDGE_PRINT_TIMES"):
+            print(f"\nlong clip: index {built * 1e3:.1f} ms, seek {per_seek * 1e3:.2f} ms, "
+                  f"moov {len(source.moov)} bytes, index memory {index.memory_size}")
