@@ -269,6 +269,40 @@ class TableFormatTests(ServedClipMixin, SynchronousTestCase):
         self.assertEqual(decode_errors(out), "")
         self.assertEqual(frame_hashes(out), frame_hashes(load("av_moov_end.mp4").path)[8 * 25 :])
 
+    def test_output_over_4_gib_uses_co64_and_a_64_bit_mdat(self) -> None:
+        gap = 5 << 30
+
+        def far_audio(box_type: bytes, payload: bytes) -> bytes | None:
+            # pretend the audio chunks sit 5 GiB after the video ones (only offsets change)
+            if box_type != b"stco" or far_audio.done:  # type: ignore[attr-defined]
+                return None
+            far_audio.seen += 1  # type: ignore[attr-defined]
+            if far_audio.seen < 2:  # type: ignore[attr-defined]
+                return None
+            far_audio.done = True  # type: ignore[attr-defined]
+            (count,) = struct.unpack_from(">I", payload, 4)
+            offsets = struct.unpack_from(f">{count}I", payload, 8)
+            return _box(b"co64", payload[:8] + struct.pack(f">{count}Q", *(o + gap for o in offsets)))
+
+        far_audio.seen = 0  # type: ignore[attr-defined]
+        far_audio.done = False  # type: ignore[attr-defined]
+        source = load("av_moov_end.mp4")
+        moov = _rebuild(source.moov, far_audio)
+        index = SeekIndex.from_moov(moov, len(source.data) + gap, len(source.data) + gap + len(moov), source.ftyp)
+        plan = plan_for_seek(index, "clip", 4.0, None)
+        header, span = plan.parts
+        assert isinstance(header, Literal) and isinstance(span, Span)
+        self.assertGreater(span.length, 1 << 32)
+        self.assertEqual(header.data[-16:-8], struct.pack(">I4s", 1, b"mdat"))
+        self.assertEqual(struct.unpack(">Q", header.data[-8:])[0], span.length + 16)
+        boxes = _boxes_of(header.data[:-16])
+        (moov_type, moov_at, moov_size), = [b for b in boxes if b[0] == b"moov"]
+        out_moov = header.data[moov_at : moov_at + moov_size]
+        self.assertNotIn(b"stco", out_moov)
+        # the cut indexes again, with its data where the plan puts it
+        again = SeekIndex.from_moov(out_moov, moov_at, plan.length, None)
+        assert_close(self, again.duration, 16.0, 0.002)
+
     def test_stz2_input(self) -> None:
         def stz2(box_type: bytes, payload: bytes) -> bytes | None:
             if box_type != b"stsz":
@@ -463,6 +497,21 @@ class RefusalTests(SynchronousTestCase):
         except MP4Error:
             pass
         self.assertLess(time.perf_counter() - started, 2.0)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.data())
+    def test_byte_flips_anywhere_in_moov_raise_only_mp4_errors(self, data: st.DataObject) -> None:
+        self.patch(hachoir_config, "quiet", True)
+        source = load("av_moov_end.mp4")
+        moov = bytearray(source.moov)
+        positions = st.integers(0, len(moov) - 1)
+        for position, value in data.draw(st.lists(st.tuples(positions, st.integers(0, 255)), min_size=1, max_size=8)):
+            moov[position] = value
+        try:
+            index = SeekIndex.from_moov(bytes(moov), source.moov_offset, len(source.data), source.ftyp)
+            plan_for_seek(index, "clip", data.draw(st.floats(0, 25)), None).render(source.read)
+        except MP4Error:
+            pass
 
 
 class SeekIndexCacheTests(SynchronousTestCase):
