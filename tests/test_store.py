@@ -642,3 +642,33 @@ class HostileSidecarTests(StoreTestCase):
 
     def test_huge_sidecar(self) -> None:
         self.assert_discarded(lambda r: b" " * (2 << 20))
+
+
+class SharedRootTests(StoreTestCase):
+    def test_two_stores_on_one_root_never_mix_bytes(self) -> None:
+        one, two = self.open_store(), self.open_store()
+        a = one.create(meta_for("/a", 48, etag='"one"'))
+        b = two.create(meta_for("/a", 48, etag='"two"'))
+        a.write(0, body(48, 1))
+        b.write(0, body(48, 2))
+        for index in range(3):
+            a.commit_slice(index)
+        b.commit_slice(0)
+        b.close()  # /a's sidecar now names two's file, with only slice 0
+        self.assertEqual(a.read(0, 48), body(48, 1))
+        loaded = self.reopen().get("/a")
+        assert loaded is not None
+        self.assertEqual(loaded.meta.etag, '"two"')
+        self.assertEqual(loaded.missing_slices(0, 2), [1, 2])
+        self.assertEqual(loaded.read(0, 16), body(16, 2))
+
+    def test_create_failure_is_store_error(self) -> None:
+        store = self.open_store()
+
+        def full(fd: int, length: int) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        self.patch(os, "ftruncate", full)
+        self.assertRaises(StoreError, store.create, meta_for("/a", 48))
+        self.assertEqual(len(store), 0)
+        self.assertEqual(self.all_files(), [])

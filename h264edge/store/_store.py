@@ -462,7 +462,7 @@ class SliceStore:
         for h in sidecars:
             if h in self._by_hash:
                 continue  # loaded meanwhile by get() or replaced by create()
-            path = os.path.join(directory, f"{h}.meta")
+            path = f"{directory}/{h}.meta"
             if not h.startswith(prefix):
                 _unlink(path)
                 continue
@@ -476,7 +476,7 @@ class SliceStore:
             try:
                 consistent = (
                     data_name in data_names
-                    and os.stat(os.path.join(directory, data_name)).st_size == entry.meta.size
+                    and os.stat(f"{directory}/{data_name}").st_size == entry.meta.size
                 )
             except OSError:
                 consistent = False
@@ -489,7 +489,7 @@ class SliceStore:
         for h, token, name in data_files:
             live = self._by_hash.get(h)
             if live is None or live.token != token:
-                _unlink(os.path.join(directory, name))
+                _unlink(f"{directory}/{name}")
         return len(sidecars)
 
     def _order_rebuilt(self) -> None:
