@@ -618,6 +618,9 @@ class HostileSidecarTests(StoreTestCase):
     def test_huge_digit_string(self) -> None:
         self.assert_discarded(lambda r: json.dumps(r).replace('"size": 40', '"size": ' + "9" * 5000).encode())
 
+    def test_last_used_far_future(self) -> None:
+        self.assert_discarded(self.with_field("last_used", 1e300))
+
     def test_nan(self) -> None:
         self.assert_discarded(lambda r: json.dumps(r).replace('"fetched_at": 1000.0', '"fetched_at": NaN').encode())
 

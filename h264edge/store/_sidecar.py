@@ -24,6 +24,7 @@ SIDECAR_VERSION = 1
 # for any object a video edge will ever hold).
 MAX_OBJECT_SIZE = 1 << 48
 MAX_SIDECAR_BYTES = 1 << 20
+MAX_TIMESTAMP = 1e11  # year 5138: file times beyond this overflow some platforms
 
 _TOKEN = re.compile(r"\A[0-9a-f]{16}\Z")
 
@@ -174,4 +175,7 @@ def decode_sidecar(raw: bytes, expected_hash: str, slice_size: int) -> Sidecar:
         fetched_at=_number(record, "fetched_at"),
         expires_at=_number(record, "expires_at"),
     )
-    return Sidecar(meta, token, present, _number(record, "last_used"))
+    last_used = _number(record, "last_used")
+    if not 0 <= last_used <= MAX_TIMESTAMP:
+        raise BadSidecar("last_used out of range")
+    return Sidecar(meta, token, present, last_used)

@@ -438,7 +438,7 @@ class SliceStore:
     def _subdirs(path: str) -> list[str]:
         try:
             with os.scandir(path) as entries:
-                return sorted(e.name for e in entries if _is_hex_dir(e.name) and e.is_dir())
+                return sorted(e.name for e in entries if _is_hex_dir(e.name) and e.is_dir(follow_symlinks=False))
         except OSError:
             return []
 
@@ -702,10 +702,8 @@ class SliceStore:
 
     def _evict(self, keep: _Entry | None) -> None:
         """Evict least recently used objects (sparing C{keep}) until within C{max_size}."""
-        if self.used_bytes <= self.max_size:
-            return
-        for entry in list(self._index.values()):
-            if self.used_bytes <= self.max_size:
+        while self.used_bytes > self.max_size:
+            victim = next((entry for entry in self._index.values() if entry is not keep), None)
+            if victim is None:
                 break
-            if entry is not keep:
-                self._drop(entry)
+            self._drop(victim)
