@@ -13,8 +13,10 @@ Trust rules:
   - On disk a sidecar lists a slice only after the data file was fdatasync'ed (when C{sync}); the
     sidecar is then replaced atomically (tmp, fsync, rename).  Persisting is batched: when the object
     completes, every L{PERSIST_EVERY_SLICES} slices, when the oldest unpersisted slice is older than
-    L{PERSIST_INTERVAL} seconds (checked at commit time), and at close.  A crash loses at most the
-    unpersisted slices; they are refetched.
+    L{PERSIST_INTERVAL} seconds (checked at commit and at get()), at L{CachedObject.close} and at
+    L{SliceStore.close}.  A crash loses at most the unpersisted slices; they are refetched.  The
+    directory is not fsync'ed after the rename: a crash may bring back the previous sidecar, which
+    lists a subset of the same file's synced slices, so it is still true.
   - A data file's bitmap only ever grows: a new representation (create()) gets a new data file.
 
 Several processes on one root: each object instance writes its own data file, named by a random
