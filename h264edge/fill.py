@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from h264edge.errors import EdgeError, ObjectChanged, OriginUnavailable
+from h264edge.errors import EdgeError, ObjectChanged, OriginStatus, OriginUnavailable
 from h264edge.freshness import freshness
 from h264edge.origin import OriginReply
 from h264edge.store import CachedObject, ObjectMeta, SliceStore, StoreError
@@ -272,7 +272,7 @@ class Filler:
             state.progress.setdefault(index, 0)
         ss = state.obj.slice_size
         d = Deferred.fromCoroutine(fetch.request(run[0] * ss, min((run[-1] + 1) * ss, state.obj.meta.size) - 1))
-        d.addErrback(fetch.fail)
+        d.addErrback(fetch.resume)
 
     def _start(self, state: _ObjectState, reply: OriginReply) -> None:
         """Write C{reply}'s body into the object: it owns every missing, unowned slice it covers."""
@@ -427,8 +427,15 @@ class _Fetch:
             self.finished = True
             self.filler._forget_if_idle(self.state)
             return
-        if self.resumes >= self.filler.max_resumes:
-            self.fail(Failure(FillFailed(f"origin body ended early {self.resumes + 1} times; giving up")))
+        self.resume(reason)
+
+    def resume(self, why: Failure) -> None:
+        """The body ended early or the request failed: ask again for what is still missing, or give up."""
+        if self.finished:
+            return
+        if why.check(ObjectChanged, StoreError, OriginStatus) or self.resumes >= self.filler.max_resumes:
+            self.fail(why if self.resumes < self.filler.max_resumes else
+                      Failure(FillFailed(f"origin failed {self.resumes + 1} times: {why.getErrorMessage()}")))
             return
         self.resumes += 1
         state, obj = self.state, self.state.obj
@@ -436,10 +443,17 @@ class _Fetch:
         first_index = min(self.owned)
         first = first_index * ss + state.progress.get(first_index, 0)
         last = min((max(self.owned) + 1) * ss, obj.meta.size) - 1
-        log.info("origin body for {key} ended at byte {pos}; resuming from {first}", key=obj.meta.key,
-                 pos=self.position, first=first)
-        d = Deferred.fromCoroutine(self.request(first, last))
-        d.addErrback(self.fail)
+        log.info("origin body for {key} stopped at byte {pos}; resuming from {first} ({why})",
+                 key=obj.meta.key, pos=self.position, first=first, why=why.getErrorMessage())
+        delay = 0.05 * 2 ** (self.resumes - 1)  # the origin may need a moment after dropping us
+
+        def again() -> None:
+            if self.finished:
+                return
+            d = Deferred.fromCoroutine(self.request(first, last))
+            d.addErrback(self.resume)
+
+        self.filler.reactor.callLater(delay, again)
 
     def fail(self, failure: Failure) -> None:
         """Give up: release owned slices (their partial bytes are never trusted) and fail their readers."""

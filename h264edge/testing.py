@@ -151,8 +151,7 @@ class MemoryOrigin(Resource):
             if request._disconnected:  # type: ignore[attr-defined]
                 return
             chunk = body[position : min(position + piece, limit)]
-            if chunk:
-                request.write(chunk)
+            request.write(chunk)  # an empty first write still sends the headers
             entry.sent += len(chunk)
             position += len(chunk)
             if position >= limit:
