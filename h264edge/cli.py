@@ -45,7 +45,18 @@ def make_samples(origin_dir: str) -> list[str]:
     return made
 
 
-def _check(edge_url: str, reactor: Any) -> "Any":
+def flv_keyframe(path: str) -> int:
+    """A keyframe byte offset near the middle of an FLV, from its onMetaData keyframes index."""
+    from h264edge import flv
+
+    with open(path, "rb") as f:
+        head = f.read(flv.FLV_HEAD_READ)
+    index = flv.parse_flv_head(head, os.path.getsize(path))
+    positions = index.keyframe_positions
+    return positions[len(positions) // 2] if positions else 0
+
+
+def _check(edge_url: str, reactor: Any, flv_offset: int) -> "Any":
     """Fetch the sample whole and seeked through the edge; verify with ffprobe."""
     import treq
     from twisted.internet.defer import Deferred
@@ -53,7 +64,7 @@ def _check(edge_url: str, reactor: Any) -> "Any":
     async def run() -> int:
         failures = 0
         for path in ("/sample.mp4", "/sample.mp4?start=30", "/sample.mp4?start=12.5&end=20",
-                     "/sample.flv?start=0"):
+                     "/sample.flv", f"/sample.flv?start={flv_offset}"):
             response = await treq.get(edge_url + path, reactor=reactor)
             body = await response.content()
             with tempfile.NamedTemporaryFile(suffix=os.path.splitext(path.split("?")[0])[1]) as f:
@@ -110,10 +121,11 @@ def demo(argv: list[str]) -> int:
     print(f"try:    curl -o whole.mp4 {edge_url}/sample.mp4")
     print(f"        ffplay '{edge_url}/sample.mp4?start=30'")
     print(f"        curl -o clip.mp4 '{edge_url}/sample.mp4?start=12.5&end=20'")
-    print(f"        curl -o seek.flv '{edge_url}/sample.flv?start=<a keyframe byte offset>'", flush=True)
+    flv_offset = flv_keyframe(os.path.join(origin_dir, "sample.flv"))
+    print(f"        curl -o seek.flv '{edge_url}/sample.flv?start={flv_offset}'", flush=True)
     result: dict[str, Optional[int]] = {"code": 0}
     if args.check:
-        d = _check(edge_url, reactor)
+        d = _check(edge_url, reactor, flv_offset)
 
         def done(failures: Any) -> None:
             result["code"] = 1 if not isinstance(failures, int) or failures else 0

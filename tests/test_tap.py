@@ -1,0 +1,74 @@
+"""The twistd plugin: options, sizes, the service graph, plugin discovery."""
+
+import os
+import subprocess
+import sys
+
+from twisted.application.service import IServiceCollection
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from h264edge.tap import Options, makeService, parse_size
+
+
+class SizeTests(SynchronousTestCase):
+    def test_suffixes_are_powers_of_1024(self) -> None:
+        self.assertEqual(parse_size("512"), 512)
+        self.assertEqual(parse_size("64K"), 64 * 1024)
+        self.assertEqual(parse_size("1.5M"), 3 * 2**19)
+        self.assertEqual(parse_size("50G"), 50 * 2**30)
+        self.assertEqual(parse_size("2t"), 2 * 2**40)
+        self.assertEqual(parse_size("10GiB"), 10 * 2**30)
+
+    def test_bad_sizes_are_usage_errors(self) -> None:
+        for bad in ("", "G", "-1G", "10X", "ten"):
+            self.assertRaises(usage.UsageError, parse_size, bad)
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_origin_is_required(self) -> None:
+        self.assertRaises(usage.UsageError, Options().parseOptions, [])
+
+    def test_several_origins_in_order_and_sizes(self) -> None:
+        options = Options()
+        options.parseOptions(["--origin=http://a:8000/", "--origin", "http://b/", "--max-size=50G",
+                              "--cache-dir=/tmp/x", "--listen=tcp:0", "--pass-method=post",
+                              "--pass-method=DELETE", "--ignore-query"])
+        self.assertEqual(options["origins"], ["http://a:8000/", "http://b/"])
+        self.assertEqual(options["max-size"], 50 * 2**30)
+        self.assertEqual(options["slice-size"], 2**20)
+        self.assertEqual(options["pass-methods"], ["POST", "DELETE"])
+        self.assertTrue(options["ignore-query"])
+
+    def test_bad_values_are_usage_errors(self) -> None:
+        for argv in (["--origin=ftp://x/"], ["--origin=http://x/", "--max-size=lots"],
+                     ["--origin=http://x/", "--default-ttl=soon"], ["--origin=http://x/", "--slice-size=1K"],
+                     ["--origin=http://x/", "--pass-method=GE T"]):
+            self.assertRaises(usage.UsageError, Options().parseOptions, argv)
+
+    def test_help_documents_every_option(self) -> None:
+        text = str(Options())
+        for name in ("--origin", "--cache-dir", "--max-size", "--listen", "--slice-size", "--default-ttl",
+                     "--origin-timeout", "--seek-cache", "--max-moov", "--ignore-query", "--exact-seek",
+                     "--pass-method", "--no-sync"):
+            self.assertIn(name, text)
+
+
+class ServiceTests(SynchronousTestCase):
+    def test_make_service_builds_loader_and_site(self) -> None:
+        options = Options()
+        options.parseOptions(["--origin=http://127.0.0.1:1/", f"--cache-dir={self.mktemp()}", "--listen=tcp:0"])
+        top = makeService(options)
+        self.assertTrue(IServiceCollection.providedBy(top))
+        self.assertEqual(len(list(top)), 2)
+
+
+class PluginTests(SynchronousTestCase):
+    def test_twistd_finds_the_plugin(self) -> None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        result = subprocess.run(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "h264edge", "--help"],
+            capture_output=True, text=True, env=env, timeout=60,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("--origin", result.stdout)
