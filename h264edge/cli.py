@@ -93,7 +93,9 @@ def demo(argv: list[str]) -> int:
     parser.add_argument("--check", action="store_true", help="request the samples through the edge, verify, exit")
     args = parser.parse_args(argv)
 
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
+
+    reactor: Any = global_reactor
     from twisted.python import log as twisted_log
     from twisted.web.server import Site
     from twisted.web.static import File
@@ -108,13 +110,13 @@ def demo(argv: list[str]) -> int:
     if not args.check:
         twisted_log.startLogging(sys.stdout)
     origin_site = Site(File(origin_dir))
-    origin_port = reactor.listenTCP(args.origin_port, origin_site, interface="127.0.0.1")  # type: ignore[attr-defined]
+    origin_port = reactor.listenTCP(args.origin_port, origin_site, interface="127.0.0.1")
     origin_url = f"http://127.0.0.1:{origin_port.getHost().port}/"
     store = SliceStore(os.path.join(args.dir, "cache"), max_size=parse_size(args.max_size))
     for _ in store.rebuild_steps():
         pass
     edge = EdgeResource(store, OriginClient([origin_url]))
-    edge_port = reactor.listenTCP(args.port, Site(edge), interface="127.0.0.1")  # type: ignore[attr-defined]
+    edge_port = reactor.listenTCP(args.port, Site(edge), interface="127.0.0.1")
     edge_url = f"http://127.0.0.1:{edge_port.getHost().port}"
     print(f"origin: {origin_url} (serving {origin_dir})")
     print(f"edge:   {edge_url}  (cache in {os.path.join(args.dir, 'cache')})")
@@ -132,10 +134,10 @@ def demo(argv: list[str]) -> int:
             if not isinstance(failures, int):
                 print(failures)
             store.close()
-            reactor.stop()  # type: ignore[attr-defined]
+            reactor.stop()
 
         d.addBoth(done)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
     store.close()
     return result["code"] or 0
 

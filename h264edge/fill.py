@@ -13,11 +13,10 @@ an object whose validators change under a fill is dropped.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -101,7 +100,7 @@ class Filler:
         self,
         store: SliceStore,
         origin: Any,
-        reactor: Optional[IReactorTime] = None,
+        reactor: Any = None,
         default_ttl: float = 3600.0,
         idle_timeout: float = 30.0,
         max_resumes: int = 5,
@@ -109,10 +108,10 @@ class Filler:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
-            reactor = global_reactor  # type: ignore[assignment]
+            reactor = global_reactor
         self.store = store
         self.origin = origin
-        self.reactor: IReactorTime = reactor  # type: ignore[assignment]
+        self.reactor: Any = reactor
         self.default_ttl = default_ttl
         self.idle_timeout = idle_timeout
         self.max_resumes = max_resumes
@@ -326,7 +325,7 @@ class _Fetch:
         self.position = 0
         self.resumes = 0
         self.transport: Any = None
-        self.idle: Optional[IDelayedCall] = None
+        self.idle: Any = None
         self.reply: Optional[OriginReply] = None
         self.finished = False
 

@@ -10,17 +10,16 @@ whose body it streams with L{OriginReply.deliver}, pausing the socket when it mu
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import treq
 from attrs import frozen
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as TxTimeoutError
 from twisted.internet.interfaces import IProtocol
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from h264edge.errors import OriginStatus, OriginUnavailable
@@ -66,7 +65,7 @@ class OriginReply:
     length: Optional[int]
     total: Optional[int]
     url: str
-    response: IResponse
+    response: Any
 
     def header(self, name: str) -> Optional[str]:
         return header(self.headers, name)
@@ -118,7 +117,7 @@ class OriginClient:
     def __init__(
         self,
         bases: Iterable[str],
-        reactor: object = None,
+        reactor: Any = None,
         timeout: float = 10.0,
         pool_size: int = 16,
     ) -> None:
@@ -138,7 +137,7 @@ class OriginClient:
         pool.maxPersistentPerHost = pool_size
         pool.retryAutomatically = False
         self.pool = pool
-        self._client = treq.client.HTTPClient(Agent(reactor, connectTimeout=timeout, pool=pool))
+        self._client = treq.client.HTTPClient(Agent(reactor, connectTimeout=timeout, pool=pool))  # type: ignore[arg-type]
         self.requests = 0  # statistics: origin requests sent
 
     def url_for(self, base: str, path: str) -> str:
@@ -159,7 +158,7 @@ class OriginClient:
         With C{first == 0 and last is None} we still send C{Range: bytes=0-} so that the answer carries
         the total size in Content-Range even from an origin that streams without Content-Length.
         """
-        headers = {"Range": f"bytes={first}-{'' if last is None else last}", "Accept-Encoding": "identity"}
+        headers: dict[Any, Any] = {"Range": f"bytes={first}-{'' if last is None else last}", "Accept-Encoding": "identity"}
         if conditional:
             headers.update(conditional)
         failures: list[str] = []
@@ -239,7 +238,7 @@ class OriginClient:
             self.requests += 1
             try:
                 response = await self._client.request(
-                    method, url, headers=dict(headers), data=body or None,
+                    method, url, headers=dict[Any, Any](headers), data=body or None,
                     allow_redirects=False, timeout=self.timeout, reactor=self.reactor,
                 )
             except _TRANSIENT as e:
@@ -252,8 +251,8 @@ class OriginClient:
         raise OriginUnavailable("no origin answered: " + "; ".join(failures))
 
 
-def _Discard_body(response: IResponse) -> None:
-    raw = getattr(response, "original", response)
+def _Discard_body(response: Any) -> None:
+    raw: Any = getattr(response, "original", response)
     try:
         raw.deliverBody(_Discard())
     except RuntimeError:

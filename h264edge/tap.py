@@ -132,5 +132,5 @@ def makeService(options: Options) -> service.MultiService:
     IndexLoader(store).setServiceParent(top)
     site = Site(resource)
     site.displayTracebacks = False
-    strports.service(options["listen"], site).setServiceParent(top)
+    strports.service(options["listen"], site).setServiceParent(top)  # type: ignore[arg-type]
     return top

@@ -4,7 +4,6 @@ Shared set-up for tests that run a real edge against a real origin, both on 127.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import treq

@@ -4,10 +4,8 @@ The edge cache end to end: a real origin on 127.0.0.1, a real store on disk, rea
 
 from __future__ import annotations
 
-import os
 
-from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
+from twisted.internet import defer
 
 from h264edge.testing import MemoryOrigin, listen_origin
 from tests.edgekit import SLICE, EdgeTestCase, header, random_bytes

@@ -24,7 +24,6 @@ from h264edge.plan import Plan
 from h264edge.store import CachedObject, SliceStore, StoreError
 from h264edge.web.http import (
     BadRequest,
-    Target,
     Unsatisfiable,
     allowed_methods,
     not_modified,
@@ -285,7 +284,7 @@ class EdgeResource(Resource):
     async def _flv_plan(self, obj: CachedObject, path: str, offset: int) -> Plan:
         meta = obj.meta
         cache_key = ("flv", meta.key, meta.size, meta.etag, meta.last_modified)
-        index = self.indexes.get(cache_key)
+        index: Any = self.indexes.get(cache_key)
         if index is None:
             want = flv.FLV_HEAD_READ
             while True:
