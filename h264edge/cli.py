@@ -102,9 +102,10 @@ def demo(argv: list[str]) -> int:
 
     from h264edge.origin import OriginClient
     from h264edge.store import SliceStore
-    from h264edge.tap import parse_size
+    from h264edge.tap import parse_size, quiet_hachoir
     from h264edge.web.resource import EdgeResource
 
+    quiet_hachoir()
     origin_dir = os.path.join(args.dir, "origin")
     make_samples(origin_dir)
     if not args.check:

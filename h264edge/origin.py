@@ -177,8 +177,8 @@ class OriginClient:
                     reactor=self.reactor,
                 )
             except _TRANSIENT as e:
-                timed_out = timed_out or isinstance(e, (CancelledError, TxTimeoutError))
-                failures.append(f"{base}: {e.__class__.__name__}")
+                timed_out = timed_out or _is_timeout(e)
+                failures.append(f"{base}: {'timeout' if _is_timeout(e) else e.__class__.__name__}")
                 log.warn("origin {url} failed: {error}", url=url, error=e)
                 continue
             code = response.code
@@ -249,6 +249,14 @@ class OriginClient:
                 continue
             return response
         raise OriginUnavailable("no origin answered: " + "; ".join(failures))
+
+
+def _is_timeout(error: BaseException) -> bool:
+    """treq's timeout cancels the request; the Agent may wrap that in ResponseNeverReceived."""
+    if isinstance(error, (CancelledError, TxTimeoutError)):
+        return True
+    reasons = getattr(error, "reasons", None) or []
+    return any(reason.check(CancelledError, TxTimeoutError) for reason in reasons)
 
 
 def _Discard_body(response: Any) -> None:

@@ -110,7 +110,15 @@ class IndexLoader(service.Service):
         return super().stopService()
 
 
+def quiet_hachoir() -> None:
+    """hachoir prints warnings about odd bytes to stderr; a server reports errors as HTTP answers."""
+    import hachoir.core.config
+
+    hachoir.core.config.quiet = True
+
+
 def makeService(options: Options) -> service.MultiService:
+    quiet_hachoir()
     top = service.MultiService()
     store = SliceStore(
         options["cache-dir"],

@@ -313,3 +313,29 @@ class RequestRulesTests(EdgeTestCase):
         await self.get("/q.bin?utm=1")
         response, _ = await self.get("/q.bin?utm=2")
         self.assertEqual(header(response, "X-Cache"), "HIT")
+
+
+class OriginTimeoutTests(EdgeTestCase):
+    async def test_origin_that_never_answers_gives_504_then_fails_over(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory, Protocol
+
+        class Silent(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                pass  # accept the request and never answer
+
+        factory = Factory.forProtocol(Silent)
+        silent = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(silent.stopListening)
+        silent_url = f"http://127.0.0.1:{silent.getHost().port}/"
+        await self._stop_once(self._stop_edge)
+        self.start_edge(origins=[silent_url])
+        self.origin_client.timeout = 0.5
+        response, body = await self.get("/slow.bin")
+        self.assertEqual(response.code, 504)
+        await self._stop_once(self._stop_edge)
+        self.origin.add("/slow.bin", BODY)
+        self.start_edge(origins=[silent_url, self.origin_url])
+        self.origin_client.timeout = 0.5
+        response, body = await self.get("/slow.bin")
+        self.assertEqual((response.code, body), (200, BODY))
