@@ -183,8 +183,11 @@ class EdgeResource(Resource):
         etag, last_modified = meta.etag, meta.last_modified
         if seek is not None:
             index = await self._mp4_index(obj, origin_path)
-            plan = mp4.plan_for_seek(index, target.key, seek[0], seek[1], self.exact_seek)
-            etag = _derived_etag(obj, f"mp4:{seek[0]!r}:{seek[1]!r}:{self.exact_seek}")
+            # an end at or past the last track's end keeps every sample, exactly as no end does; passing
+            # a huge one on overflows the media-time arithmetic (end=1e308 was a 502)
+            end = seek[1] if seek[1] is not None and seek[1] < index.duration else None
+            plan = mp4.plan_for_seek(index, target.key, seek[0], end, self.exact_seek)
+            etag = _derived_etag(obj, f"mp4:{seek[0]!r}:{end!r}:{self.exact_seek}")
         elif flv_offset:
             plan = await self._flv_plan(obj, origin_path, flv_offset)
             etag = _derived_etag(obj, f"flv:{flv_offset}")
