@@ -339,3 +339,16 @@ class OriginTimeoutTests(EdgeTestCase):
         self.origin_client.timeout = 0.5
         response, body = await self.get("/slow.bin")
         self.assertEqual((response.code, body), (200, BODY))
+
+
+class PurgeTests(EdgeTestCase):
+    async def test_purge_from_loopback_drops_the_object(self) -> None:
+        self.origin.add("/p.bin", BODY)
+        await self.get("/p.bin")
+        response, body = await self.get("/p.bin", method="PURGE")
+        self.assertEqual((response.code, body), (200, b"purged /p.bin\n"))
+        self.assertIsNone(self.store.get("/p.bin"))
+        response, _ = await self.get("/p.bin", method="PURGE")
+        self.assertEqual(response.code, 404)
+        response, body = await self.get("/p.bin")
+        self.assertEqual((header(response, "X-Cache"), body), ("MISS", BODY))

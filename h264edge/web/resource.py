@@ -123,6 +123,8 @@ class EdgeResource(Resource):
             d = Deferred.fromCoroutine(self._serve(request))
         elif method in self.pass_methods:
             d = Deferred.fromCoroutine(self._forward(request, method))
+        elif method == "PURGE":
+            return self._purge(request)
         else:
             request.setHeader(b"Allow", allowed_methods(self.pass_methods).encode())
             return self._plain(request, 405, f"{method} is not allowed here")
@@ -308,6 +310,19 @@ class EdgeResource(Resource):
             around = await self.filler.read(obj, path, offset - 4, 15)
             flv.check_tag_at(index, offset, around)
         return flv.plan_for_flv_seek(index, meta.key, offset)
+
+    def _purge(self, request: Request) -> bytes:
+        """PURGE drops one object from the cache; only loopback clients may ask (put it behind your LB)."""
+        peer = request.getClientAddress()
+        if getattr(peer, "host", None) not in ("127.0.0.1", "::1"):
+            return self._plain(request, 403, "PURGE is accepted from loopback clients only")
+        raw_path, _, raw_query = request.uri.partition(b"?")
+        try:
+            target = parse_target(raw_path, raw_query, self.keep_query)
+        except BadRequest as e:
+            return self._plain(request, 400, str(e))
+        removed = self.store.remove(target.key)
+        return self._plain(request, 200 if removed else 404, ("purged " if removed else "not cached: ") + target.key)
 
     # -- other methods ------------------------------------------------------------------------
 
