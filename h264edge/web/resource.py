@@ -379,9 +379,13 @@ def _range_hint(value: Optional[bytes]) -> Optional[tuple[int, Optional[int]]]:
 
 
 def _derived_etag(obj: CachedObject, variant: str) -> Optional[str]:
-    """A strong ETag for a rewritten answer: stable for one object version and one start/end."""
+    """
+    The ETag of a rewritten answer: stable for one object version and one start/end.  Weak when the
+    origin's ETag is weak: the origin promised equivalent content only, so we cannot promise bytes.
+    """
     meta = obj.meta
     if meta.etag is None and meta.last_modified is None:
         return None
     basis = f"{meta.etag}|{meta.last_modified}|{meta.size}|{variant}".encode("utf-8", "replace")
-    return '"' + hashlib.sha256(basis).hexdigest()[:24] + '"'
+    weak = "W/" if meta.etag is not None and meta.etag.startswith("W/") else ""
+    return weak + '"' + hashlib.sha256(basis).hexdigest()[:24] + '"'
