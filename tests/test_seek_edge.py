@@ -245,6 +245,14 @@ class ColdAndCachedSeekTests(SeekEdgeTestCase):
         self.assertEqual(response.code, 200)
         self.check_cut("av_moov_end.mp4", body, 4.5, 11.2)
 
+    async def test_end_past_the_duration_is_the_same_as_no_end(self) -> None:
+        path = self.put("av_moov_end.mp4")
+        _, open_ended = await self.fetch(path + "?start=5")
+        for end in ("20", "99999", "1e300", "1e308"):
+            response, body = await self.fetch(f"{path}?start=5&end={end}")
+            self.assertEqual(response.code, 200, f"end={end}: {body[:200]!r}")
+            self.assertTrue(body == open_ended, f"end={end} changed the answer")
+
     async def test_end_alone_cuts_from_zero(self) -> None:
         path = self.put("av_moov_end.mp4")
         response, body = await self.fetch(path + "?end=6")
@@ -399,6 +407,54 @@ class SeekETagTests(SeekEdgeTestCase):
         self.assertEqual(response.code, 200)
 
 
+class SeekValidatorTests(SeekEdgeTestCase):
+    async def test_weak_origin_etag_gives_a_weak_seek_etag(self) -> None:
+        """
+        A weak origin ETag only promises equivalent content, so the rewritten answer cannot promise
+        identical bytes: its ETag is weak too, and If-Range (a strong comparison) does not match it.
+        """
+        self.origin.add("/w.mp4", original("av_moov_end.mp4").data, content_type="video/mp4", etag='W/"v1"')
+        response, whole = await self.fetch("/w.mp4?start=5")
+        etag = header(response, "ETag")
+        assert etag is not None
+        self.assertTrue(etag.startswith('W/"'), etag)
+        response, body = await self.fetch("/w.mp4?start=5", {"If-None-Match": etag})
+        self.assertEqual(response.code, 304)
+        response, body = await self.fetch("/w.mp4?start=5", {"Range": "bytes=0-9", "If-Range": etag})
+        self.assertTrue((response.code, body) == (200, whole))
+
+    async def test_if_range_with_the_file_etag_does_not_apply_to_a_seek(self) -> None:
+        path = self.put("av_moov_end.mp4")
+        file_etag = self.origin.files[path].etag
+        assert file_etag is not None
+        _, whole = await self.fetch(path + "?start=5")
+        response, body = await self.fetch(path + "?start=5", {"Range": "bytes=0-9", "If-Range": file_etag})
+        self.assertTrue((response.code, body) == (200, whole))
+
+    async def test_changed_origin_file_is_reindexed(self) -> None:
+        self.origin.add("/c.mp4", original("av_moov_end.mp4").data, content_type="video/mp4",
+                        cache_control="max-age=0")
+        response, body = await self.fetch("/c.mp4?start=5.3")
+        self.check_cut("av_moov_end.mp4", body, 5.3)
+        self.origin.add("/c.mp4", original("bframes.mp4").data, content_type="video/mp4", cache_control="max-age=0")
+        response, body = await self.fetch("/c.mp4?start=5.3")
+        self.assertEqual(response.code, 200)
+        self.check_cut("bframes.mp4", body, 5.3)
+
+
+class ExactSeekTests(SeekEdgeTestCase):
+    async def test_exact_seek_starts_at_start(self) -> None:
+        await self._stop_once(self._stop_edge)
+        self.start_edge(exact_seek=True)
+        path = self.put("bframes.mp4")
+        response, body = await self.fetch(path + "?start=5.3&end=15")
+        self.assertEqual(response.code, 200)
+        out = decode(body)
+        self.assertEqual(out.errors, "")
+        for kind, stream in out.streams.items():
+            self.assert_close(float(stream["duration"]), 15 - 5.3, FRAME + 0.001, f"{kind} duration")
+
+
 class BadSeekTests(SeekEdgeTestCase):
     async def test_bad_parameters_are_400_with_a_plain_body(self) -> None:
         path = self.put("av_moov_end.mp4")
@@ -426,6 +482,29 @@ class BadSeekTests(SeekEdgeTestCase):
         response, body = await self.fetch(path)
         self.assertEqual(response.code, 200)
         self.assertTrue(body == original("fragmented.mp4").data)
+
+    async def test_moov_over_the_cap_is_501_without_fetching_it(self) -> None:
+        await self._stop_once(self._stop_edge)
+        self.start_edge(max_moov=100_000)
+        path = self.put("long_big_moov.mp4")
+        response, body = await self.fetch(path + "?start=5")
+        self.assert_plain_error(response, body, (501,))
+        self.assertIn(b"moov", body)
+        self.assertLessEqual(self.origin.bytes_sent, 2 * SLICE)
+
+    async def test_concurrent_seeks_into_a_malformed_file_all_fail_cleanly(self) -> None:
+        data = bytearray(original("av_moov_end.mp4").data)
+        moov_offset, _ = original("av_moov_end.mp4").box(b"moov")
+        at = data.index(b"stsz", moov_offset) + 12
+        data[at : at + 4] = struct.pack(">I", 0x3FFFFFFF)
+        path = self.put("av_moov_end.mp4", "/v/bad.mp4", bytes(data))
+        results = await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(self.fetch(f"{path}?start={i + 1}")) for i in range(6)]
+        )
+        for response, body in results:
+            self.assert_plain_error(response, body, (502,))
+        response, body = await self.fetch(path + "?start=1")
+        self.assert_plain_error(response, body, (502,))
 
     async def check_malformed(self, data: bytes) -> None:
         path = self.put("av_moov_end.mp4", "/v/broken.mp4", data)
