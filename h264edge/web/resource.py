@@ -304,11 +304,12 @@ class EdgeResource(Resource):
             self.indexes.put(cache_key, index)
         if offset >= meta.size:
             raise flv.BadFLVOffset(f"start={offset} is past the end of the file ({meta.size} bytes)")
-        if not flv.is_known_keyframe(index, offset):
-            if offset < 4:
-                raise flv.BadFLVOffset(f"start={offset} is not a tag boundary")
-            around = await self.filler.read(obj, path, offset - 4, 15)
-            flv.check_tag_at(index, offset, around)
+        if offset < 4:
+            raise flv.BadFLVOffset(f"start={offset} is not a tag boundary")
+        # even offsets listed in onMetaData: that list is the file's word too, and a wrong entry would
+        # send a viewer a stream that starts mid-tag; the 15 bytes are in the slice the answer needs
+        around = await self.filler.read(obj, path, offset - 4, 15)
+        flv.check_tag_at(index, offset, around)
         return flv.plan_for_flv_seek(index, meta.key, offset)
 
     def _purge(self, request: Request) -> bytes:
