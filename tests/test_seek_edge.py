@@ -611,6 +611,18 @@ class FLVSeekTests(SeekEdgeTestCase):
             response, body = await self.fetch(f"{path}?start={start}")
             self.assert_plain_error(response, body, (400,))
 
+    async def test_keyframe_index_that_lies_is_not_trusted(self) -> None:
+        """onMetaData's filepositions come from the file: an entry off a tag boundary is still a 400."""
+        position = self.keyframe_positions()[3]
+        data = original(self.name).data
+        encoded = struct.pack(">d", float(position))
+        self.assertEqual(data.count(encoded), 1)
+        lying = data.replace(encoded, struct.pack(">d", float(position + 1)))
+        self.assertIn(position + 1, flv.parse_flv_head(lying[: 1 << 20], len(lying)).keyframe_positions)
+        path = self.put(self.name, "/v/lying.flv", lying)
+        response, body = await self.fetch(f"{path}?start={position + 1}")
+        self.assert_plain_error(response, body, (400,))
+
     async def test_start_zero_is_the_whole_file(self) -> None:
         path = self.put(self.name)
         for query in ("?start=0", ""):
