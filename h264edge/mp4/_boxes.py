@@ -170,3 +170,11 @@ def make_box(box_type: bytes, payload: bytes) -> bytes:
 
 def make_full_box(box_type: bytes, version: int, flags: int, payload: bytes) -> bytes:
     return make_box(box_type, struct.pack(">I", (version << 24) | flags) + payload)
+
+
+def full_box_header(box_type: bytes, version: int, flags: int, payload_length: int) -> bytes:
+    """The header L{make_full_box} writes before a payload of C{payload_length} bytes."""
+    size = payload_length + 12
+    if size <= 0xFFFFFFFF:
+        return struct.pack(">I4sI", size, box_type, (version << 24) | flags)
+    return struct.pack(">I4sQI", 1, box_type, size + 8, (version << 24) | flags)

@@ -11,6 +11,11 @@ How the moov is read (measured on a 770 kB moov of 82k samples, tests' long_big_
     field-by-field decoding is cheap and its version handling is convenient;
   - the sample tables are decoded in bulk from the raw bytes (L{h264edge.mp4._tables}); hachoir would
     take ~5 us per entry and reads ctts version 1 offsets as unsigned.
+
+A cut's moov is itself mostly a plan: box headers and the tables that are recomputed are literal bytes,
+the tables that are only cut are spans of the original moov in the same object.  On a two-hour clip
+(4.6 MB moov, 180k video and 310k audio samples) that took a seek from ~9 ms, copying the moov, to
+well under a millisecond, and Content-Length still follows from counts alone.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from h264edge.mp4._boxes import (
     make_full_box,
     walk_moov,
 )
-from h264edge.mp4._tables import CutTrack, SampleTables
+from h264edge.mp4._tables import CutTrack, Original, SampleTables
 from h264edge.plan import Literal, Plan, Span
 
 MINIMAL_FTYP = make_box(b"ftyp", b"isom" + struct.pack(">I", 512) + b"isomiso2avc1mp41")
@@ -57,17 +62,45 @@ class Container:
 Item = Union[bytes, str, Container]
 
 
-def _render(items: tuple[Item, ...], out: bytearray, fill: dict[str, Callable[[bytearray], None]]) -> None:
-    for item in items:
-        if isinstance(item, bytes):
-            out += item
-        elif isinstance(item, str):
-            fill[item](out)
-        else:
-            at = len(out)
-            out += b"\0\0\0\0" + item.type
-            _render(item.items, out, fill)
-            struct.pack_into(">I", out, at, len(out) - at)
+class _MoovWriter:
+    """
+    The output moov as it is written: literal bytes, L{Original} pieces and chunk-offset holes, with
+    the running length (box sizes are patched into the literal bytes when a box is closed).
+    """
+
+    def __init__(self, use64: bool) -> None:
+        self.use64 = use64
+        self.length = 0
+        self._literal = bytearray()
+        self.parts: list[bytearray | Original | CutTrack] = [self._literal]
+
+    def write(self, data: bytes) -> None:
+        self._literal += data
+        self.length += len(data)
+
+    def copy(self, piece: Original) -> None:
+        self._append(piece, piece.length)
+
+    def offsets_hole(self, cut: CutTrack) -> None:
+        self._append(cut, cut.offsets_box_size(self.use64))
+
+    def _append(self, part: Original | CutTrack, length: int) -> None:
+        self.parts.append(part)
+        self.length += length
+        self._literal = bytearray()
+        self.parts.append(self._literal)
+
+    def render(self, items: tuple[Item, ...], fill: dict[str, Callable[["_MoovWriter"], None]]) -> None:
+        for item in items:
+            if isinstance(item, bytes):
+                self.write(item)
+            elif isinstance(item, str):
+                fill[item](self)
+            else:
+                literal, at, start = self._literal, len(self._literal), self.length
+                self.write(b"\0\0\0\0" + item.type)
+                self.render(item.items, fill)
+                struct.pack_into(">I", literal, at, self.length - start)
 
 
 @frozen
@@ -323,6 +356,7 @@ class SeekIndex:
     """
 
     ftyp: bytes
+    moov_offset: int
     movie_timescale: int
     mvhd: _Header
     moov_template: tuple[Item, ...]
@@ -394,6 +428,7 @@ class SeekIndex:
         memory = sum(track.memory_size for track in tracks) + _items_size(items) + len(kept_ftyp) + 500
         return cls(
             ftyp=kept_ftyp,
+            moov_offset=moov_offset,
             movie_timescale=movie_timescale,
             mvhd=mvhd,
             moov_template=items,
@@ -492,7 +527,8 @@ def plan_for_seek(index: SeekIndex, key: str, start: float, end: float | None, e
         raise MalformedMP4(f"cannot cut: {type(error).__name__}: {error}") from error
 
 
-def _plan(index: SeekIndex, key: str, start: float, end: float | None, exact: bool) -> Plan:
+def _cuts(index: SeekIndex, start: float, end: float | None, exact: bool) -> list[_TrackCut]:
+    """How each track is cut for C{start}..C{end}: at least one track, each with samples to show."""
     timescale = index.movie_timescale
     video = index.video
     keyframe: int | None = None
@@ -504,14 +540,18 @@ def _plan(index: SeekIndex, key: str, start: float, end: float | None, exact: bo
     if end is not None and end <= cut_time:
         raise SeekOutOfRange(f"nothing to show between {cut_time:.3f} s and {end:.3f} s")
 
-    cuts = []
+    cuts: list[_TrackCut] = []
     for track in index.tracks:
         cut = _cut_track(track, cut_time, end, timescale, keyframe if track is video else None)
         if cut is not None:
             cuts.append(cut)
     if not cuts:
         raise SeekOutOfRange(f"no samples from {cut_time:.3f} s on")
+    return cuts
 
+
+def _plan(index: SeekIndex, key: str, start: float, end: float | None, exact: bool) -> Plan:
+    cuts = _cuts(index, start, end, exact)
     lo = min(cut.cut.lo for cut in cuts)
     hi = max(cut.cut.hi for cut in cuts)
     data_length = hi - lo
@@ -522,40 +562,51 @@ def _plan(index: SeekIndex, key: str, start: float, end: float | None, exact: bo
     movie_duration = max(cut.empty + cut.segment for cut in cuts)
 
     for use64 in (False, True):
-        moov = bytearray()
-        holes: list[tuple[int, CutTrack]] = []
+        moov = _MoovWriter(use64)
 
-        def traks(out: bytearray) -> None:
+        def traks(out: _MoovWriter) -> None:
             for cut in cuts:
-                _render_trak(cut, out, holes, use64)
+                _render_trak(cut, out)
 
-        fill: dict[str, Callable[[bytearray], None]] = {
-            "mvhd": lambda out: out.extend(index.mvhd.with_duration(movie_duration)),
+        fill: dict[str, Callable[[_MoovWriter], None]] = {
+            "mvhd": lambda out: out.write(index.mvhd.with_duration(movie_duration)),
             "traks": traks,
         }
-        _render((Container(b"moov", index.moov_template),), moov, fill)
-        data_start = len(index.ftyp) + len(moov) + len(mdat)
+        moov.render((Container(b"moov", index.moov_template),), fill)
+        data_start = len(index.ftyp) + moov.length + len(mdat)
         if use64 or data_start + data_length <= 0xFFFFFFFF:
             break
     delta = data_start - lo
-    for at, cut_track in holes:
-        box = cut_track.offsets_box(delta, use64)
-        moov[at : at + len(box)] = box
-    return Plan((Literal(index.ftyp + bytes(moov) + mdat), Span(key, lo, data_length)))
+    parts: list[Literal | Span] = []
+    literal: list[bytes | bytearray] = [index.ftyp]
+    for part in moov.parts:
+        if isinstance(part, bytearray):
+            literal.append(part)
+        elif isinstance(part, CutTrack):
+            literal.append(part.offsets_box(delta, use64))
+        else:
+            parts += (Literal(b"".join(literal)), Span(key, index.moov_offset + part.at, part.length))
+            literal = []
+    literal.append(mdat)
+    parts += (Literal(b"".join(literal)), Span(key, lo, data_length))
+    return Plan(tuple(parts))
 
 
-def _render_trak(cut: _TrackCut, out: bytearray, holes: list[tuple[int, CutTrack]], use64: bool) -> None:
+def _render_trak(cut: _TrackCut, out: _MoovWriter) -> None:
     track = cut.track
 
-    def tables(out: bytearray) -> None:
-        out += cut.cut.stbl_tables
-        holes.append((len(out), cut.cut))
-        out += bytes(cut.cut.offsets_box_size(use64))
+    def tables(out: _MoovWriter) -> None:
+        for piece in cut.cut.pieces:
+            if isinstance(piece, Original):
+                out.copy(piece)
+            else:
+                out.write(piece)
+        out.offsets_hole(cut.cut)
 
-    fill: dict[str, Callable[[bytearray], None]] = {
-        "tkhd": lambda out: out.extend(track.tkhd.with_duration(cut.empty + cut.segment)),
-        "edts": lambda out: out.extend(cut.edts()),
-        "mdhd": lambda out: out.extend(track.mdhd.with_duration(cut.cut.media_duration)),
+    fill: dict[str, Callable[[_MoovWriter], None]] = {
+        "tkhd": lambda out: out.write(track.tkhd.with_duration(cut.empty + cut.segment)),
+        "edts": lambda out: out.write(cut.edts()),
+        "mdhd": lambda out: out.write(track.mdhd.with_duration(cut.cut.media_duration)),
         "tables": tables,
     }
-    _render((Container(b"trak", track.template),), out, fill)
+    out.render((Container(b"trak", track.template),), fill)
