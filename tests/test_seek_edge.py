@@ -260,6 +260,27 @@ class ColdAndCachedSeekTests(SeekEdgeTestCase):
         self.check_cut("av_moov_end.mp4", body, 0.0, 6.0)
 
 
+class UnrulyOriginTests(SeekEdgeTestCase):
+    async def test_cold_seek_through_an_origin_that_ignores_range(self) -> None:
+        path = self.put("av_moov_end.mp4")
+        self.origin.ignore_range = True
+        response, body = await self.fetch(path + "?start=5.3")
+        self.assertEqual(response.code, 200)
+        self.check_cut("av_moov_end.mp4", body, 5.3)
+
+    async def test_cold_seek_survives_an_origin_abort_inside_the_moov(self) -> None:
+        moov_offset, moov_size = original("av_moov_end.mp4").box(b"moov")
+        path = self.put("av_moov_end.mp4")
+        # the first slice first: an abort of the very first origin answer is a 502 (nothing to resume)
+        await self.fetch(path, {"Range": "bytes=0-99"})
+        self.origin.abort_after = moov_offset + moov_size // 2
+        self.origin.aborts_left = 1
+        response, body = await self.fetch(path + "?start=5.3")
+        self.assertEqual(response.code, 200)
+        self.check_cut("av_moov_end.mp4", body, 5.3)
+        self.assertEqual(self.origin.aborts_left, 0, "the abort did not happen inside the moov fetch")
+
+
 class WholeFileTests(SeekEdgeTestCase):
     async def test_start_zero_and_no_start_give_the_original_bytes(self) -> None:
         path = self.put("av_moov_end.mp4")
@@ -668,6 +689,14 @@ class ConcurrentSeekTests(SeekEdgeTestCase):
         moov_offset, moov_size = source.box(b"moov")
         path = self.put(name)
         self.origin.dribble = (16 * 1024, 0.002)
+        parses = []
+        parse = self.edge._parse_mp4
+
+        def counting_parse(*args: Any) -> Any:
+            parses.append(args)
+            return parse(*args)
+
+        self.edge._parse_mp4 = counting_parse  # type: ignore[method-assign]
         results = await defer.gatherResults(
             [defer.Deferred.fromCoroutine(self.fetch(f"{path}?start={2 + i * 1.5}")) for i in range(10)]
         )
@@ -679,6 +708,7 @@ class ConcurrentSeekTests(SeekEdgeTestCase):
         for n in range(first_slice, last_slice + 1):
             covering = [entry for entry in self.origin.log if _covers(entry.range, n * SLICE)]
             self.assertEqual(len(covering), 1, f"slice {n} of the moov fetched {len(covering)} times")
+        self.assertEqual(len(parses), 1, "the moov was parsed more than once")
         self.assertLessEqual(self.origin.bytes_sent, len(source.data) + SLICE)
 
 
