@@ -696,7 +696,7 @@ class ConcurrentSeekTests(SeekEdgeTestCase):
             parses.append(args)
             return parse(*args)
 
-        self.edge._parse_mp4 = counting_parse  # type: ignore[method-assign]
+        self.edge._parse_mp4 = counting_parse  # type: ignore[method-assign, assignment]
         results = await defer.gatherResults(
             [defer.Deferred.fromCoroutine(self.fetch(f"{path}?start={2 + i * 1.5}")) for i in range(10)]
         )
