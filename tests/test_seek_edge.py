@@ -527,6 +527,10 @@ class BadSeekTests(SeekEdgeTestCase):
         response, body = await self.fetch(path + "?start=1")
         self.assert_plain_error(response, body, (502,))
 
+    async def test_seek_into_a_missing_file_relays_the_404(self) -> None:
+        response, body = await self.fetch("/v/nothing.mp4?start=5")
+        self.assertEqual(response.code, 404)
+
     async def check_malformed(self, data: bytes) -> None:
         path = self.put("av_moov_end.mp4", "/v/broken.mp4", data)
         response, body = await self.fetch(path + "?start=5")
@@ -643,6 +647,25 @@ class FLVSeekTests(SeekEdgeTestCase):
         path = self.put(self.name, "/v/lying.flv", lying)
         response, body = await self.fetch(f"{path}?start={position + 1}")
         self.assert_plain_error(response, body, (400,))
+
+    async def test_seek_etag_304_and_range(self) -> None:
+        position = self.keyframe_positions()[2]
+        path = self.put(self.name)
+        response, whole = await self.fetch(f"{path}?start={position}")
+        etag = header(response, "ETag")
+        assert etag is not None
+        self.assertNotEqual(etag, self.origin.files[path].etag)
+        response, body = await self.fetch(f"{path}?start={position}", {"If-None-Match": etag})
+        self.assertEqual((response.code, body), (304, b""))
+        response, body = await self.fetch(f"{path}?start={position}", {"Range": "bytes=-1000"})
+        self.assertEqual(response.code, 206)
+        self.assertEqual(header(response, "Content-Range"), f"bytes {len(whole) - 1000}-{len(whole) - 1}/{len(whole)}")
+        self.assertTrue(body == whole[-1000:])
+
+    async def test_not_an_flv_is_502(self) -> None:
+        path = self.put(self.name, "/v/not.flv", original("av_moov_end.mp4").data)
+        response, body = await self.fetch(path + "?start=1000")
+        self.assert_plain_error(response, body, (502,))
 
     async def test_start_zero_is_the_whole_file(self) -> None:
         path = self.put(self.name)
