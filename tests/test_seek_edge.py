@@ -9,9 +9,11 @@ caching, status codes, ETags, Range over a rewritten answer and single-flight pa
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import math
 import random
+import shutil
 import struct
 import subprocess
 import tempfile
@@ -24,7 +26,7 @@ from twisted.internet import defer, reactor
 
 from h264edge import flv
 from tests.edgekit import SLICE, EdgeTestCase, header
-from tests.media import FFPROBE, clip, decode_errors, ffprobe_json, have_ffmpeg, top_level_boxes
+from tests.media import clip, decode_errors, ffprobe_json, have_ffmpeg, top_level_boxes
 
 NO_FFMPEG = None if have_ffmpeg() else "ffmpeg and ffprobe are needed (apt-get install -y ffmpeg)"
 FRAME = 0.04  # one video frame at 25 fps; AAC frames (1024 / 44100 s) are shorter
@@ -109,7 +111,18 @@ class Decoded:
 
 
 _decoded: dict[str, Decoded] = {}
-_scratch = Path(tempfile.mkdtemp(prefix="h264edge-seek-edge-"))
+
+
+def _scratch() -> Path:
+    """A directory for answers being probed; each file is removed once probed."""
+    global _scratch_dir
+    if _scratch_dir is None:
+        _scratch_dir = Path(tempfile.mkdtemp(prefix="h264edge-seek-edge-"))
+        atexit.register(shutil.rmtree, _scratch_dir, True)
+    return _scratch_dir
+
+
+_scratch_dir: Optional[Path] = None
 
 
 def decode(body: bytes, suffix: str = ".mp4", *, decode_seconds: Optional[float] = None) -> Decoded:
@@ -118,7 +131,7 @@ def decode(body: bytes, suffix: str = ".mp4", *, decode_seconds: Optional[float]
     key = f"{digest}:{decode_seconds}"
     if key in _decoded:
         return _decoded[key]
-    path = _scratch / (digest[:20] + suffix)
+    path = _scratch() / (digest[:20] + suffix)
     path.write_bytes(body)
     try:
         if decode_seconds is None:
