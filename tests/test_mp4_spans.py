@@ -68,7 +68,7 @@ def reference_tables(t: SampleTables, s0: int, s1: int) -> tuple[bytes, bytes, i
 
     c0, first0, e0 = t._chunk_of(s0)
     c1, first1, e1 = t._chunk_of(s1 - 1)
-    stsc = bytearray(_be_bytes(t.stsc)[12 * e0 : 12 * e1 + 12])
+    stsc = bytearray(t.stsc_raw[12 * e0 : 12 * e1 + 12])
     struct.pack_into(">I", stsc, 0, c0 + 1)
     stsc = bytearray(_shift_column(bytes(stsc), 4, 3, -c0))
     skipped = s0 - first0
@@ -300,8 +300,8 @@ class SeekIndexMemoryTests(SynchronousTestCase):
         held = 0
         for track in index.tracks:
             t = track.tables
-            for values in (t.stts, t.stts_first_sample, t.stts_first_time, t.stss, t.stsc, t.offsets,
+            for values in (t.stts, t.stts_first_sample, t.stts_first_time, t.stss, t.offsets,
                            t.stsc_first_sample, t.stsc_per_chunk, t.stsc_first_chunk):
                 held += 0 if values is None else values.itemsize * len(values)
-            held += len(t.sizes_raw) + len(t.ctts_raw or b"")
+            held += len(t.sizes_raw) + len(t.ctts_raw or b"") + len(t.stsc_raw)
         self.assertGreaterEqual(index.memory_size, held)

@@ -64,31 +64,26 @@ Item = Union[bytes, str, Container]
 
 class _MoovWriter:
     """
-    The output moov as it is written: literal bytes, L{Original} pieces and chunk-offset holes, with
-    the running length (box sizes are patched into the literal bytes when a box is closed).
+    The output moov as it is written: built bytes, L{Original} pieces and chunk-offset holes, with the
+    running length (a box's size is patched into its header when the box is closed).
     """
 
     def __init__(self, use64: bool) -> None:
         self.use64 = use64
         self.length = 0
-        self._literal = bytearray()
-        self.parts: list[bytearray | Original | CutTrack] = [self._literal]
+        self.parts: list[bytes | bytearray | memoryview | Original | CutTrack] = []
 
-    def write(self, data: bytes) -> None:
-        self._literal += data
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.parts.append(data)
         self.length += len(data)
 
     def copy(self, piece: Original) -> None:
-        self._append(piece, piece.length)
+        self.parts.append(piece)
+        self.length += piece.length
 
     def offsets_hole(self, cut: CutTrack) -> None:
-        self._append(cut, cut.offsets_box_size(self.use64))
-
-    def _append(self, part: Original | CutTrack, length: int) -> None:
-        self.parts.append(part)
-        self.length += length
-        self._literal = bytearray()
-        self.parts.append(self._literal)
+        self.parts.append(cut)
+        self.length += cut.offsets_box_size(self.use64)
 
     def render(self, items: tuple[Item, ...], fill: dict[str, Callable[["_MoovWriter"], None]]) -> None:
         for item in items:
@@ -97,10 +92,11 @@ class _MoovWriter:
             elif isinstance(item, str):
                 fill[item](self)
             else:
-                literal, at, start = self._literal, len(self._literal), self.length
-                self.write(b"\0\0\0\0" + item.type)
+                header = bytearray(b"\0\0\0\0" + item.type)
+                start = self.length
+                self.write(header)
                 self.render(item.items, fill)
-                struct.pack_into(">I", literal, at, self.length - start)
+                struct.pack_into(">I", header, 0, self.length - start)
 
 
 @frozen
@@ -578,12 +574,12 @@ def _plan(index: SeekIndex, key: str, start: float, end: float | None, exact: bo
             break
     delta = data_start - lo
     parts: list[Literal | Span] = []
-    literal: list[bytes | bytearray] = [index.ftyp]
+    literal: list[bytes | bytearray | memoryview] = [index.ftyp]
     for part in moov.parts:
-        if isinstance(part, bytearray):
+        if isinstance(part, CutTrack):
+            literal += part.offsets_box(delta, use64)
+        elif not isinstance(part, Original):
             literal.append(part)
-        elif isinstance(part, CutTrack):
-            literal.append(part.offsets_box(delta, use64))
         else:
             parts += (Literal(b"".join(literal)), Span(key, index.moov_offset + part.at, part.length))
             literal = []

@@ -67,11 +67,11 @@ def _version(moov: bytes, node: Node) -> int:
     return moov[node.payload_start]
 
 
-def _to_big_endian(values: np.ndarray) -> bytes:
-    """The bytes of C{values} (a fresh array, swapped in place) as big-endian words."""
+def _to_big_endian(values: np.ndarray) -> memoryview:
+    """The bytes of C{values} (a fresh array, swapped in place) as big-endian words, not copied."""
     if not _BIG_ENDIAN_HOST:
         values.byteswap(inplace=True)
-    return values.tobytes()
+    return values.data.cast("B")
 
 
 @frozen
@@ -82,7 +82,8 @@ class Original:
     length: int
 
 
-Piece = Union[bytes, Original]
+# bytes built for this cut (a memoryview over a fresh numpy array is not copied until the plan is joined)
+Piece = Union[bytes, memoryview, Original]
 
 
 @frozen(eq=False)
@@ -104,19 +105,20 @@ class CutTrack:
     lo: int  # first byte of kept sample data in the original file
     hi: int  # end (exclusive) of kept sample data
 
-    def offsets_box(self, delta: int, use64: bool) -> bytes:
-        """stco (or co64) with every kept chunk moved by C{delta} bytes."""
+    def offsets_box(self, delta: int, use64: bool) -> tuple[bytes, memoryview]:
+        """stco (or co64) with every kept chunk moved by C{delta} bytes: (header, entries)."""
         bits = 64 if use64 else 32
         first = self.first_offset + delta
         if not 0 <= first < 1 << bits:
             raise MalformedMP4(f"chunk offset {first} does not fit {bits} bits")
         kept = np.frombuffer(self.offsets, self.offsets.typecode)[self.c0 : self.c0 + self.count]
-        values = kept.astype(np.uint64 if use64 else np.uint32)
+        wide = np.dtype(np.uint64 if use64 else np.uint32)
+        shift = wide.type(delta % (1 << bits))
         # modular arithmetic is exact: every shifted offset lies within the output (see _data_bounds)
-        np.add(values, values.dtype.type(delta % (1 << bits)), out=values)
+        values = kept + shift if kept.dtype == wide else kept.astype(wide) + shift
         values[0] = first
         header = full_box_header(b"co64" if use64 else b"stco", 0, 0, 4 + self.count * (bits // 8))
-        return header + struct.pack(">I", self.count) + _to_big_endian(values)
+        return header + struct.pack(">I", self.count), _to_big_endian(values)
 
     def offsets_box_size(self, use64: bool) -> int:
         return 16 + self.count * (8 if use64 else 4)
@@ -150,7 +152,7 @@ class SampleTables:
     uniform_size: int  # nonzero: every sample has this size and C{sizes_raw} is empty
     sizes_raw: bytes  # 4 bytes per sample
     sizes_at: int | None  # None when the sizes were not stored as stsz entries (stz2)
-    stsc: array  # 'I' interleaved (first_chunk 1-based, samples_per_chunk, description_index)
+    stsc_raw: bytes  # interleaved (first_chunk 1-based, samples_per_chunk, description_index)
     stsc_at: int
     stsc_per_chunk: array  # 'I'
     stsc_first_chunk: array  # 'I', 1-based
@@ -164,11 +166,11 @@ class SampleTables:
         total = 0
         for values in (
             self.stts, self.stts_first_sample, self.stts_first_time, self.ctts_first_sample, self.stss,
-            self.stsc, self.stsc_per_chunk, self.stsc_first_chunk, self.stsc_first_sample, self.offsets,
+            self.stsc_per_chunk, self.stsc_first_chunk, self.stsc_first_sample, self.offsets,
         ):
             if values is not None:
                 total += 64 + values.itemsize * len(values)
-        for raw in (self.ctts_raw, self.sizes_raw):
+        for raw in (self.ctts_raw, self.sizes_raw, self.stsc_raw):
             if raw is not None:
                 total += 33 + len(raw)
         return total + 300
@@ -266,7 +268,8 @@ class SampleTables:
 
         node = need(b"stsc")
         stsc_at, entries = _table(moov, node, "stsc", 8, 12, 4)
-        stsc = _be_array("I", moov[stsc_at : stsc_at + 12 * entries])
+        stsc_raw = moov[stsc_at : stsc_at + 12 * entries]
+        stsc = _be_array("I", stsc_raw)
         first_chunk = stsc[0::3]
         per_chunk = stsc[1::3]
         if not entries or first_chunk[0] != 1:
@@ -297,7 +300,7 @@ class SampleTables:
             uniform_size=uniform,
             sizes_raw=sizes_raw,
             sizes_at=sizes_at,
-            stsc=stsc,
+            stsc_raw=stsc_raw,
             stsc_at=stsc_at,
             stsc_per_chunk=per_chunk,
             stsc_first_chunk=first_chunk,
@@ -450,15 +453,18 @@ class SampleTables:
         """stsc for samples [s0, s1) with the first kept chunk renumbered 1, and the kept chunks [c0, c1]."""
         c0, first0, e0 = self._chunk_of(s0)
         c1, first1, e1 = self._chunk_of(s1 - 1)
-        stsc = self.stsc
+        raw = self.stsc_raw
         kept = e1 - e0 + 1  # entries e0..e1 of the original
-        per_chunk, description = stsc[3 * e0 + 1], stsc[3 * e0 + 2]
+        per_chunk, description = struct.unpack_from(">II", raw, 12 * e0 + 4)
         skipped = s0 - first0
         # entries e0 and e1 are rewritten; those between are copied, renumbered by -c0
         head = [[1, per_chunk - skipped, description]]
-        if skipped and c1 > c0 and (kept == 1 or stsc[3 * e0 + 3] - c0 != 2):
+        if skipped and c1 > c0 and (kept == 1 or self.stsc_first_chunk[e0 + 1] - c0 != 2):
             head.append([2, per_chunk, description])
-        tail = [[stsc[3 * e1] - c0, stsc[3 * e1 + 1], stsc[3 * e1 + 2]]] if kept > 1 else []
+        tail: list[list[int]] = []
+        if kept > 1:
+            last_first, last_per_chunk, last_description = struct.unpack_from(">III", raw, 12 * e1)
+            tail.append([last_first - c0, last_per_chunk, last_description])
         ending = tail if tail else head
         last_chunk = c1 - c0 + 1
         kept_last = s1 - max(first1, s0)
@@ -475,9 +481,10 @@ class SampleTables:
         if middle and c0 == 0:
             pieces.append(Original(self.stsc_at + 12 * (e0 + 1), 12 * middle))
         elif middle:
-            entries = np.frombuffer(stsc, np.uint32).reshape(-1, 3)[e0 + 1 : e1].copy()
-            entries[:, 0] -= np.uint32(c0)  # every first chunk there is > c0 + 1
-            pieces.append(_to_big_endian(entries))
+            entries = np.frombuffer(raw, ">u4").reshape(-1, 3)[e0 + 1 : e1].copy()
+            first_chunks = np.frombuffer(self.stsc_first_chunk, np.uint32)[e0 + 1 : e1]
+            entries[:, 0] = first_chunks - np.uint32(c0)  # every first chunk there is > c0 + 1
+            pieces.append(entries.data.cast("B"))
         if tail:
             pieces.append(struct.pack(f">{3 * len(tail)}I", *(n for entry in tail for n in entry)))
         return pieces, c0, c1
