@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping, Optional
 import treq
 from attrs import frozen
 from twisted.internet.defer import CancelledError
+from twisted.internet.task import deferLater
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as TxTimeoutError
 from twisted.internet.interfaces import IProtocol
 from twisted.logger import Logger
@@ -135,10 +136,12 @@ class OriginClient:
         self.timeout = timeout
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = pool_size
-        pool.retryAutomatically = False
+        pool.retryAutomatically = True  # GETs are idempotent: a stale keep-alive connection is retried once
         self.pool = pool
         self._client = treq.client.HTTPClient(Agent(reactor, connectTimeout=timeout, pool=pool))  # type: ignore[arg-type]
         self.requests = 0  # statistics: origin requests sent
+        self.passes = 2  # rounds over the origin list before giving up (a dropped connection gets a second try)
+        self.retry_delay = 0.05
 
     def url_for(self, base: str, path: str) -> str:
         """C{path} is already normalised and percent-encoded, starting with C{/}."""
@@ -163,31 +166,36 @@ class OriginClient:
             headers.update(conditional)
         failures: list[str] = []
         timed_out = False
-        for base in self.bases:
-            url = self.url_for(base, path)
-            self.requests += 1
-            try:
-                response = await self._client.request(
-                    method,
-                    url,
-                    headers=headers,
-                    unbuffered=True,
-                    allow_redirects=False,
-                    timeout=self.timeout,
-                    reactor=self.reactor,
-                )
-            except _TRANSIENT as e:
-                timed_out = timed_out or _is_timeout(e)
-                failures.append(f"{base}: {'timeout' if _is_timeout(e) else e.__class__.__name__}")
-                log.warn("origin {url} failed: {error}", url=url, error=e)
-                continue
-            code = response.code
-            if code >= 500:
-                _Discard_body(response)
-                failures.append(f"{base}: {code}")
-                log.warn("origin {url} answered {code}", url=url, code=code)
-                continue
-            return self._reply(response, url)
+        for attempt in range(self.passes):
+            if attempt:
+                if timed_out:
+                    break  # a second round of timeouts would only make the viewer wait longer
+                await deferLater(self.reactor, self.retry_delay, lambda: None)
+            for base in self.bases:
+                url = self.url_for(base, path)
+                self.requests += 1
+                try:
+                    response = await self._client.request(
+                        method,
+                        url,
+                        headers=headers,
+                        unbuffered=True,
+                        allow_redirects=False,
+                        timeout=self.timeout,
+                        reactor=self.reactor,
+                    )
+                except _TRANSIENT as e:
+                    timed_out = timed_out or _is_timeout(e)
+                    failures.append(f"{base}: {'timeout' if _is_timeout(e) else e.__class__.__name__}")
+                    log.warn("origin {url} failed: {error}", url=url, error=e)
+                    continue
+                code = response.code
+                if code >= 500:
+                    _Discard_body(response)
+                    failures.append(f"{base}: {code}")
+                    log.warn("origin {url} answered {code}", url=url, code=code)
+                    continue
+                return self._reply(response, url)
         raise OriginUnavailable("no origin answered: " + "; ".join(failures), timeout=timed_out)
 
     def _reply(self, response: "treq.response._Response", url: str) -> OriginReply:

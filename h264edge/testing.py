@@ -52,6 +52,7 @@ class MemoryOrigin(Resource):
     @ivar fail_code: answer every request with this status (e.g. 503) while set.
     @ivar abort_after: drop the connection when the body reaches this byte of the object.
     @ivar aborts_left: how many requests are aborted that way before the origin behaves again.
+    @ivar drops_left: drop this many connections before answering anything.
     @ivar dribble: (bytes, seconds): send the body in pieces of that many bytes, one per interval.
     """
 
@@ -72,6 +73,7 @@ class MemoryOrigin(Resource):
         self.aborts_left = 0
         self.dribble: Optional[tuple[int, float]] = None
         self.honour_conditionals = True
+        self.drops_left = 0  # drop this many requests' connections before any answer
 
     def add(self, path: str, data: bytes, **kwargs: Any) -> OriginFile:
         f = self.files[path] = OriginFile(data, **kwargs)
@@ -90,6 +92,11 @@ class MemoryOrigin(Resource):
         rng = request.getHeader(b"Range")
         entry = OriginLog(request.method.decode(), path, rng.decode() if rng else None, 200)
         self.log.append(entry)
+        if self.drops_left > 0:
+            self.drops_left -= 1
+            entry.code = 0
+            request.channel.transport.abortConnection()  # type: ignore[union-attr]
+            return NOT_DONE_YET
         if self.fail_code is not None:
             entry.code = self.fail_code
             request.setResponseCode(self.fail_code)

@@ -167,6 +167,13 @@ class FailureTests(EdgeTestCase):
         response, body = await self.get("/a.bin")
         self.assertEqual((header(response, "X-Cache"), body), ("HIT", BODY))
 
+    async def test_connection_dropped_before_the_first_answer_is_retried(self) -> None:
+        self.origin.add("/d.bin", BODY)
+        self.origin.drops_left = 1
+        response, body = await self.get("/d.bin")
+        self.assertEqual((response.code, body), (200, BODY))
+        self.assertEqual([entry.code for entry in self.origin.log], [0, 206])
+
     async def test_origin_gone_for_good_never_marks_missing_bytes(self) -> None:
         self.origin.add("/a.bin", BODY)
         self.origin.abort_after = 2 * SLICE + 100
