@@ -14,8 +14,9 @@ How the moov is read (measured on a 770 kB moov of 82k samples, tests' long_big_
 
 A cut's moov is itself mostly a plan: box headers and the tables that are recomputed are literal bytes,
 the tables that are only cut are spans of the original moov in the same object.  On a two-hour clip
-(4.6 MB moov, 180k video and 310k audio samples) that took a seek from ~9 ms, copying the moov, to
-well under a millisecond, and Content-Length still follows from counts alone.
+(4.6 MB moov, 180k video and 310k audio samples) that took a seek from 4.3-7.8 ms, mostly copying the
+moov, to 0.3-0.55 ms, mostly renumbering its 360k chunk offsets and 100k stsc entries; Content-Length
+still follows from counts alone.
 """
 
 from __future__ import annotations
