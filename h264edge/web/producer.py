@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_edge -*-
+# -*- test-case-name: tests.test_edge,tests.test_sendfile -*-
 """
 The one producer every answer goes through: it streams a L{Plan}'s parts to a twisted.web request.
 
@@ -6,14 +6,20 @@ Literal parts are written as they are.  Span parts are read from the object's da
 chunks; where the bytes are not there yet, the producer asks the L{Filler} to fetch them and waits, so
 hits, misses, partial hits, seeks and ranges all take the same road.  It is a push producer: when the
 viewer's socket buffer is full, Twisted pauses it and nothing more is read until it resumes.
+
+On a plain TCP connection, span bytes that are already readable go out with C{os.sendfile} instead
+(zero copy, see L{_SendfileRun}); literal parts and bytes still being fetched take the path above.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Optional
 
+from attrs import define
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPullProducer, IPushProducer, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
@@ -26,6 +32,49 @@ from h264edge.store import CachedObject
 log = Logger()
 
 CHUNK = 256 * 1024
+SENDFILE_MIN = 16 * 1024
+"""Readable runs shorter than this are copied: one reactor turn to borrow the socket costs more."""
+SENDFILE_BUDGET = 8 * 2**20
+"""At most this many bytes are sendfile'd per writable event, so one fast viewer cannot hog the reactor."""
+
+
+@define
+class SendfileCounters:
+    """What went out by C{os.sendfile} since start (for tests and metrics)."""
+
+    answers: int = 0  # answers that sent at least one run by sendfile
+    runs: int = 0
+    bytes: int = 0
+
+
+counters = SendfileCounters()
+
+
+def sendfile_socket(request: Request) -> Optional[int]:
+    """
+    The socket descriptor C{request}'s body may be sendfile'd into, or C{None} if it must be written.
+
+    Only a plain (not TLS) TCP connection of the HTTP/1.x channel qualifies, and only while that
+    channel holds the transport's producer slot (an HTTP/2 stream or a TLS wrapper never does), with
+    a Content-Length set, so the body needs no framing.
+    """
+    if not hasattr(os, "sendfile") or request.method == b"HEAD":
+        return None
+    channel = request.channel
+    transport = getattr(channel, "transport", None)
+    if (
+        not isinstance(transport, tcp.Connection)
+        or getattr(transport, "TLS", False)
+        or ISSLTransport.providedBy(transport)
+        or transport.producer is not channel
+        or not transport.streamingProducer
+        or not transport.connected
+        or transport.disconnecting
+        or not request.responseHeaders.hasHeader(b"Content-Length")
+    ):
+        return None
+    fd = transport.fileno()
+    return fd if isinstance(fd, int) and fd >= 0 else None
 
 
 @implementer(IPushProducer)
@@ -36,7 +85,11 @@ class PlanProducer:
 
     @param objects: the cached object for each key a span of the plan names.
     @param paths: the origin path for each key (for fetches of missing slices).
+    @ivar use_sendfile: send readable span bytes with C{os.sendfile} where L{sendfile_socket} allows.
+    @ivar sent: body bytes handed to the transport (or the kernel), whichever way they went.
     """
+
+    use_sendfile = True
 
     def __init__(
         self,
@@ -59,9 +112,14 @@ class PlanProducer:
         self._stopped = False
         self._waiting: Optional[Deferred[None]] = None
         self._pumping = False
+        self._socket: Optional[int] = None
+        self._run: Optional[_SendfileRun] = None
+        self._sendfile_used = False
         self.sent = 0
 
     def start(self) -> None:
+        if self.use_sendfile:
+            self._socket = sendfile_socket(self.request)
         self.request.registerProducer(self, True)
         # ask for every missing slice up front so the origin streams while we send what we have
         for part in self.parts:
@@ -77,11 +135,13 @@ class PlanProducer:
 
     def resumeProducing(self) -> None:
         self._paused = False
-        if self._waiting is None:
+        if self._waiting is None and self._run is None:
             self._pump()
 
     def stopProducing(self) -> None:
         self._stopped = True
+        if self._run is not None:
+            self._run.cancel()
 
     def _pump(self) -> None:
         if self._pumping:
@@ -93,7 +153,7 @@ class PlanProducer:
             self._pumping = False
 
     def _pump_loop(self) -> None:
-        while not self._paused and not self._stopped:
+        while not self._paused and not self._stopped and self._run is None:
             if self._part >= len(self.parts):
                 self._finish()
                 return
@@ -112,8 +172,11 @@ class PlanProducer:
                 if ready == 0:
                     self._wait(obj, self.paths[part.key], position)
                     return
+                run = min(ready, remaining)
+                if self._socket is not None and run >= SENDFILE_MIN and self._start_run(obj, position, run):
+                    return
                 try:
-                    data = obj.read(position, min(ready, remaining, self.chunk))
+                    data = obj.read(position, min(run, self.chunk))
                 except OSError as e:
                     self._abort(Failure(e))
                     return
@@ -123,6 +186,49 @@ class PlanProducer:
             self._done_in_part += len(data)
             self.sent += len(data)
             self.request.write(data)
+
+    # -- sendfile -------------------------------------------------------------------------------
+
+    def _start_run(self, obj: CachedObject, position: int, length: int) -> bool:
+        """Hand C{length} readable bytes at C{position} to a L{_SendfileRun}; False to copy them instead."""
+        request = self.request
+        channel = request.channel
+        transport = getattr(channel, "transport", None)
+        if sendfile_socket(request) != self._socket or transport is None:
+            self._socket = None  # the connection changed under us: copy from now on
+            return False
+        if not request.startedWriting:
+            request.write(b"")  # the headers go first, through the transport's buffer
+        if request.chunked or request.finished or self._stopped:
+            self._socket = None
+            return False
+        if not self._sendfile_used:
+            self._sendfile_used = True
+            counters.answers += 1
+        counters.runs += 1
+        self._run = _SendfileRun(self, transport, channel, self._socket, obj.fileno(), position, length)
+        self._run.begin()
+        return True
+
+    def _sent_by_run(self, count: int) -> None:
+        self._done_in_part += count
+        self.sent += count
+        self.request.sentLength += count  # the access log's byte count; request.write is bypassed
+        counters.bytes += count
+
+    def _run_ended(self) -> None:
+        self._run = None
+        if not self._paused:
+            self._pump()
+
+    def _viewer_gone(self) -> None:
+        """sendfile met a reset or broken pipe: the viewer left; drop the connection quietly."""
+        self._stopped = True
+        transport = self.request.channel.transport if self.request.channel else None
+        if transport is not None:
+            transport.abortConnection()
+
+    # -- waiting and ending ---------------------------------------------------------------------
 
     def _wait(self, obj: CachedObject, path: str, position: int) -> None:
         d = self._waiting = self.filler.wait(obj, path, position)
@@ -157,3 +263,117 @@ class PlanProducer:
         transport = self.request.channel.transport if self.request.channel else None
         if transport is not None:
             transport.abortConnection()
+
+
+@implementer(IPullProducer)
+class _SendfileRun:
+    """
+    Sends C{length} bytes of the file C{file_fd} from C{offset} into the TCP socket C{sock_fd} with
+    non-blocking C{os.sendfile}, borrowing the transport's producer slot from the HTTP channel.
+
+    The contract with Twisted's C{FileDescriptor} (C{twisted.internet.abstract}):
+
+      - L{begin} swaps the channel out of C{transport.registerProducer} and this pull producer in.
+        The transport then calls L{resumeProducing} only from C{doWrite}, when its own buffer (the
+        headers, a literal part) is empty, so bytes never overtake what was written before.
+      - Each call sends until the socket would block (then C{transport.startWriting()} asks for the
+        next writable event) or until L{SENDFILE_BUDGET} bytes went (the same, so other connections
+        get their turn).
+      - When all bytes went, the channel gets its slot back and the owning L{PlanProducer} goes on
+        with the rest of its plan.  Nothing may write to the transport meanwhile; the channel only
+        buffers pipelined requests while a request is being answered, so nothing does.
+      - A lost connection calls L{stopProducing} (the transport then forgets its producer by
+        itself); a reset or broken pipe seen by sendfile aborts the connection without a log; a
+        disk error aborts it with a warning, like the copying path.  The file descriptor belongs to
+        the L{CachedObject}, which the owner keeps referenced; the run never closes it.
+    """
+
+    def __init__(
+        self,
+        owner: PlanProducer,
+        transport: Any,
+        channel: Any,
+        sock_fd: int,
+        file_fd: int,
+        offset: int,
+        length: int,
+    ) -> None:
+        self.owner = owner
+        self.transport = transport
+        self.channel = channel
+        self.sock_fd = sock_fd
+        self.file_fd = file_fd
+        self.offset = offset
+        self.remaining = length
+        self._primed = False
+        self._over = False
+
+    def begin(self) -> None:
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(self, False)  # calls resumeProducing at once: see there
+
+    # IPullProducer
+    def resumeProducing(self) -> None:
+        if self._over:
+            return
+        if not self._primed:
+            # registerProducer's own call: the transport's buffer may still hold the headers, so
+            # wait for doWrite, which calls us only once that buffer is empty.
+            self._primed = True
+            self.transport.startWriting()
+            return
+        transport = self.transport
+        if self.owner._stopped or not transport.connected or transport.disconnecting:
+            self.cancel()  # the connection is closing: whoever closes it stops the owner
+            return
+        budget = SENDFILE_BUDGET
+        while self.remaining:
+            want = min(self.remaining, budget)
+            try:
+                sent = os.sendfile(self.sock_fd, self.file_fd, self.offset, want)
+            except BlockingIOError:
+                break
+            except ConnectionError:
+                self._end()
+                self.owner._viewer_gone()
+                return
+            except OSError as e:
+                self._end()
+                self.owner._abort(Failure(e))
+                return
+            if sent == 0:
+                self._end()
+                self.owner._abort(Failure(EOFError(f"sendfile hit the end of the file at {self.offset}")))
+                return
+            self.offset += sent
+            self.remaining -= sent
+            budget -= sent
+            self.owner._sent_by_run(sent)
+            if sent < want or budget <= 0:
+                break  # the socket buffer is full (or our turn is over)
+        if self.remaining:
+            transport.startWriting()
+            return
+        self._end()
+        self.owner._run_ended()
+
+    def stopProducing(self) -> None:
+        """The connection is lost; the transport drops its reference to us itself."""
+        self._over = True
+        self.owner._run = None
+        self.owner._stopped = True
+
+    def cancel(self) -> None:
+        """The owner stopped: give the slot back if the connection still lives."""
+        self._end()
+        self.owner._run = None
+
+    def _end(self) -> None:
+        if self._over:
+            return
+        self._over = True
+        transport = self.transport
+        if transport.producer is self:
+            transport.unregisterProducer()
+            if transport.connected:
+                transport.registerProducer(self.channel, True)
