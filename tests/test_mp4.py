@@ -4,10 +4,12 @@ Tests for L{h264edge.mp4}: cuts checked with real decoders (ffmpeg/ffprobe), mal
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from array import array
@@ -32,6 +34,7 @@ from h264edge.mp4 import (
     parse_box_header,
     plan_for_seek,
 )
+from h264edge.mp4._index import _cuts
 from h264edge.plan import Literal, Plan, Span
 from tests.media import (
     clip,
@@ -74,10 +77,24 @@ class Clip:
 
 _clips: dict[str, Clip] = {}
 
+# clips only these tests use (tests/media.py holds the shared recipes)
+LOCAL_RECIPES: dict[str, list[str]] = {
+    # video 10 s, audio 12 s: the video ends first
+    "short_video.mp4": [
+        "-t", "10", "-f", "lavfi", "-i", "testsrc2=size=160x90:rate=25",
+        "-t", "12", "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100",
+        "-c:v", "libx264", "-preset", "ultrafast", "-g", "50", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "32k",
+    ],
+}
+
 
 def load(name: str) -> Clip:
     if name not in _clips:
-        _clips[name] = Clip(edit_list_clip() if name == "edit_list.mp4" else clip(name))
+        if name == "edit_list.mp4":
+            path = edit_list_clip()
+        else:
+            path = clip(name, LOCAL_RECIPES.get(name))
+        _clips[name] = Clip(path)
     return _clips[name]
 
 
@@ -539,6 +556,155 @@ class RefusalTests(SynchronousTestCase):
             plan_for_seek(index, "clip", data.draw(st.floats(0, 25)), None).render(source.read)
         except MP4Error:
             pass
+
+
+_indexes: dict[str, SeekIndex] = {}
+
+
+def cached_index(name: str) -> SeekIndex:
+    if name not in _indexes:
+        _indexes[name] = load(name).index()
+    return _indexes[name]
+
+
+def reindex(plan: Plan, source: Clip) -> tuple[bytes, SeekIndex]:
+    """The rendered answer and its own index (which checks every table and that every track has samples)."""
+    body = plan.render(source.read)
+    assert len(body) == plan.length
+    boxes = _boxes_of(body)
+    assert [b[0] for b in boxes] == [b"ftyp", b"moov", b"mdat"], boxes
+    moov = next(body[o : o + s] for t, o, s in boxes if t == b"moov")
+    return body, SeekIndex.from_moov(moov, boxes[1][1], len(body), None)
+
+
+def keyframe_times(index: SeekIndex) -> list[float]:
+    """When each sync sample of the video track is shown (s), as the index computes presentation times."""
+    video = index.video
+    if video is None:
+        return []
+    tables = video.tables
+    syncs = range(tables.sample_count) if tables.stss is None else [n - 1 for n in tables.stss]
+    times = [
+        (tables.dts(k) + tables.composition_offset(k) - video.media_time) / video.timescale
+        + video.empty / index.movie_timescale
+        for k in syncs
+    ]
+    return [t for t in times if 0 <= t < index.duration]
+
+
+def extreme_times(index: SeekIndex) -> list[float]:
+    """Times a float-parsing client might send: zeros, tiny, subnormal, huge, and duration and keyframe
+    times exactly and one ulp either side."""
+    inf = float("inf")
+    near = [index.duration, FRAME, *keyframe_times(index)[:6]]
+    return [
+        0.0, -0.0, 5e-324, 2.2250738585072014e-308, 1e-300, 1e-9, 1e-6, 1e308, sys.float_info.max, inf,
+        -5e-324, -1.0, float("nan"),
+        *(t for x in near for t in (math.nextafter(x, -inf), x, math.nextafter(x, inf))),
+    ]
+
+
+class ExtremeTimeTests(ServedClipMixin, SynchronousTestCase):
+    """
+    C{start} and C{end} at the edges of floating point and of the clip: a plan with video whenever the
+    source has video, or L{SeekOutOfRange} / ValueError, never another exception.
+    """
+
+    skip = NO_FFMPEG
+
+    def test_end_at_or_past_duration_is_no_end(self) -> None:
+        for name in ("av_moov_end.mp4", "bframes.mp4", "edit_list.mp4", "audio_only.mp4"):
+            index = cached_index(name)
+            for start in (0.0, 5.0, math.nextafter(index.duration, 0)):
+                for exact in (False, True):
+                    whole = plan_for_seek(index, "clip", start, None, exact)
+                    for end in (index.duration, math.nextafter(index.duration, math.inf), 1e308, math.inf):
+                        self.assertEqual(plan_for_seek(index, "clip", start, end, exact), whole, (name, start, end))
+
+    def test_end_within_the_first_frame_keeps_the_keyframe(self) -> None:
+        for name in ("av_moov_end.mp4", "bframes.mp4", "edit_list.mp4", "video_only.mp4"):
+            source = load(name)
+            for end in (5e-324, 1e-9, FRAME / 2):
+                _, again = reindex(plan_for_seek(cached_index(name), "clip", 0.0, end), source)
+                video = again.video
+                assert video is not None, (name, end)
+                self.assertTrue(video.tables.stss is None or video.tables.stss[0] == 1)
+                kinds = sorted(track.kind for track in again.tracks)
+                self.assertEqual(kinds, sorted(track.kind for track in cached_index(name).tracks), (name, end))
+
+    def test_one_frame_answers_decode(self) -> None:
+        for name, start, end, exact, frames in [
+            ("av_moov_end.mp4", 0.0, 1e-9, False, 1),
+            ("bframes.mp4", 0.0, 5e-324, False, 1),
+            ("bframes.mp4", 1.92, math.nextafter(1.92, math.inf), True, 1),
+            # the 1 ms shown is the tail of a frame that starts before the input's own edit: ffmpeg never
+            # shows a video frame starting before an edit, so it decodes the lead-in and shows nothing
+            ("edit_list.mp4", 0.0, 1e-9, False, 0),
+        ]:
+            out, _ = self.serve(name, start, end, exact)
+            self.assertEqual(decode_errors(out), "", (name, start, end))
+            self.assertTrue(first_video_packet_flags(out).startswith("K"), (name, start, end))
+            self.assertEqual(len(frame_hashes(out)), frames, (name, start, end))
+
+    def test_last_ulp_before_duration_decodes(self) -> None:
+        for name, exact in [("av_moov_end.mp4", False), ("bframes.mp4", True), ("audio_only.mp4", True)]:
+            start = math.nextafter(cached_index(name).duration, 0)
+            out, _ = self.serve(name, start, 1e308, exact)
+            self.assertEqual(decode_errors(out), "", name)
+
+    def test_cut_that_would_drop_the_video_is_out_of_range(self) -> None:
+        index = cached_index("short_video.mp4")  # video to 10 s, audio to 12 s
+        error = self.assertRaises(SeekOutOfRange, plan_for_seek, index, "clip", 11.0, None, True)
+        self.assertIn("no video", str(error))
+        self.assertRaises(SeekOutOfRange, plan_for_seek, index, "clip", 10.0, 1e308, True)
+        # without exact, the cut snaps back to the last keyframe, which the video still shows
+        _, again = reindex(plan_for_seek(index, "clip", 11.0, None), load("short_video.mp4"))
+        self.assertIsNotNone(again.video)
+        assert_close(self, again.duration, 12.0 - 8.0, 0.002)
+
+    def test_huge_end_through_internal_cuts(self) -> None:
+        # the helper the span tests call directly normalises the end itself
+        index = cached_index("av_moov_end.mp4")
+        cuts = _cuts(index, 5.0, 1e308, False)
+        self.assertEqual([cut.cut.s1 for cut in cuts], [track.tables.sample_count for track in index.tracks])
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.data())
+    def test_extreme_times_give_a_plan_or_a_clean_refusal(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(
+            ["av_moov_end.mp4", "bframes.mp4", "edit_list.mp4", "video_only.mp4", "audio_only.mp4",
+             "short_video.mp4"]
+        ), "clip")
+        index = cached_index(name)
+        times = extreme_times(index)
+        usable = st.sampled_from([t for t in times if 0 <= t < index.duration])
+        edges = st.sampled_from(times)  # and the unusable: negative, NaN, infinite, past the end
+        anything = st.floats(allow_nan=True, allow_infinity=True)
+        start = data.draw(st.one_of(usable, usable, usable, edges, anything), "start")
+        lengths = st.sampled_from([t for t in times if t > 0])
+        end = data.draw(st.one_of(
+            st.none(),
+            edges,
+            st.integers(1, 3).map(lambda ulps: _ulps_after(start, ulps)),
+            lengths.map(lambda length: start + length),
+            lengths.map(lambda length: start + length),
+            anything,
+        ), "end")
+        exact = data.draw(st.booleans(), "exact")
+        try:
+            plan = plan_for_seek(index, "clip", start, end, exact)
+        except (SeekOutOfRange, ValueError):
+            return
+        _, again = reindex(plan, load(name))
+        self.assertEqual(again.video is None, index.video is None)
+        self.assertGreater(again.duration, 0)
+        self.assertLessEqual(again.duration, index.duration + 2 / index.movie_timescale)
+
+
+def _ulps_after(x: float, ulps: int) -> float:
+    for _ in range(ulps):
+        x = math.nextafter(x, math.inf)
+    return x
 
 
 class SeekIndexCacheTests(SynchronousTestCase):

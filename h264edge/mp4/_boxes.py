@@ -35,7 +35,10 @@ class UnsupportedMP4(MP4Error):
 
 
 class SeekOutOfRange(MP4Error):
-    """The requested start is at or past the end of the presentation."""
+    """
+    Nothing to answer for the requested window: the start is at or past the end of the presentation,
+    or the cut would leave no samples, or no video in a file that has video.
+    """
 
 
 @frozen

@@ -189,8 +189,16 @@ class Track:
     template: tuple[Item, ...]
 
     def media_at(self, seconds: float, movie_timescale: int) -> int:
-        """The media time shown at presentation time C{seconds} (may be before the media starts)."""
-        return self.media_time + math.floor((seconds - self.empty / movie_timescale) * self.timescale + 1e-6)
+        """
+        The media time shown at presentation time C{seconds} (may be before the media starts).
+
+        @raise ValueError: if C{seconds} is too large to count in media ticks (L{_cuts} maps ends at or
+            past the duration to None, so times asked for here are within the presentation).
+        """
+        ticks = (seconds - self.empty / movie_timescale) * self.timescale + 1e-6
+        if not math.isfinite(ticks):
+            raise ValueError(f"time {seconds} s is out of range")
+        return self.media_time + math.floor(ticks)
 
     @property
     def memory_size(self) -> int:
@@ -485,10 +493,16 @@ def _cut_track(
             first -= 1  # one frame of decoder pre-roll (AAC), hidden by the edit list
     if first >= tables.sample_count:
         return None
-    stop = tables.sample_count if end is None else tables.count_before(track.media_at(end, movie_timescale))
     shown_until = track.presentation_end if end is None else min(end, track.presentation_end)
     visible = shown_until - max(cut_time, starts_at)
-    if stop <= first or visible <= 0:
+    if visible <= 0:
+        return None
+    stop = tables.sample_count if end is None else tables.count_before(track.media_at(end, movie_timescale))
+    # however short the window, keep what is shown at the cut: the keyframe (and the frames decoded up to
+    # the time shown, with B-frames) or the audio frame playing, not a pre-roll frame alone
+    shown_at_cut = max(first, tables.last_at_or_before(target)) + 1
+    stop = max(stop, min(shown_at_cut, tables.sample_count))
+    if stop <= first:
         return None
     return _TrackCut(
         track=track,
@@ -507,8 +521,23 @@ def plan_for_seek(index: SeekIndex, key: str, start: float, end: float | None, e
     Every track is cut at the sync sample of the first video track at or before C{start}; with C{exact},
     the lead-in from that keyframe is kept but hidden by edit lists so that playback starts at C{start}.
 
-    @raise SeekOutOfRange: if C{start} is at or past the duration.
-    @raise ValueError: if C{start} is negative or C{end <= start}.
+    Edge cases, as a video engineer would expect them (nginx's mp4 module refuses a cut it cannot make
+    rather than answer a different kind of file):
+      - C{end} at or past the duration (even C{1e308} or infinity) is the same as no C{end};
+      - a window shorter than a frame still holds what is shown at its start: the keyframe (with
+        B-frames, the frames decoded up to the time shown) and the audio frame playing, so
+        C{start=0&end=1e-9} is a one-frame clip, not an empty or audio-only one;
+      - an answer for a file with video always holds its first video track: a cut that would leave
+        no video (the window ends before the video starts, or an exact start past the end of a video
+        shorter than the audio) is a L{SeekOutOfRange}, as is a cut that leaves no samples at all;
+      - a track with nothing to show in the window (audio that starts later, or ended earlier) is
+        left out.
+
+    @raise SeekOutOfRange: if C{start} is at or past the duration, the window ends before the keyframe
+        it starts at is shown (C{start} snaps forward to a keyframe within a tick), or the cut would
+        leave no video or no samples.
+    @raise ValueError: if C{start} is negative or not finite, or C{end} is not after C{start} (NaN
+        included).
     """
     if not math.isfinite(start) or start < 0:
         raise ValueError(f"start {start} must be a finite time >= 0")
@@ -526,6 +555,8 @@ def plan_for_seek(index: SeekIndex, key: str, start: float, end: float | None, e
 
 def _cuts(index: SeekIndex, start: float, end: float | None, exact: bool) -> list[_TrackCut]:
     """How each track is cut for C{start}..C{end}: at least one track, each with samples to show."""
+    if end is not None and end >= index.duration:
+        end = None  # to the end; also keeps huge ends (1e308, inf) out of the integer time arithmetic
     timescale = index.movie_timescale
     video = index.video
     keyframe: int | None = None
@@ -544,6 +575,13 @@ def _cuts(index: SeekIndex, start: float, end: float | None, exact: bool) -> lis
             cuts.append(cut)
     if not cuts:
         raise SeekOutOfRange(f"no samples from {cut_time:.3f} s on")
+    if video is not None and not any(cut.track is video for cut in cuts):
+        window = f"from {cut_time:.3f} s" + ("" if end is None else f" to {end:.3f} s")
+        raise SeekOutOfRange(
+            f"no video to show {window}: video track {video.track_id} shows from "
+            f"{video.empty / timescale:.3f} s to {video.presentation_end:.3f} s, and an answer without its "
+            "video is refused"
+        )
     return cuts
 
 
