@@ -12,9 +12,11 @@ from typing import Any, Optional
 
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from zope.interface import implementer
 
 from h264edge.plan import Literal, Plan, Span
 from h264edge.web import producer
@@ -95,6 +97,7 @@ class SendfileTestCase(EdgeTestCase):
         super().setUp()
         self.warnings: list[dict[str, Any]] = []
 
+        @implementer(ILogObserver)
         def observe(event: dict[str, Any]) -> None:
             if event.get("log_level", LogLevel.info) >= LogLevel.warn:
                 self.warnings.append(event)
@@ -104,7 +107,7 @@ class SendfileTestCase(EdgeTestCase):
 
     @property
     def port(self) -> int:
-        return int(self.edge_port.getHost().port)
+        return int(self.edge_port.getHost().port)  # type: ignore[misc]
 
     def sendfile_bytes(self) -> int:
         return producer.counters.bytes
@@ -241,7 +244,7 @@ class ConnectionTests(SendfileTestCase):
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 1
         self.addCleanup(pool.closeCachedConnections)
-        client = treq.client.HTTPClient(Agent(reactor, pool=pool))
+        client = treq.client.HTTPClient(Agent(reactor, pool=pool))  # type: ignore[arg-type]
         before = self.sendfile_bytes()
         for _ in range(3):
             response = await client.get(self.edge_url + "/t.bin")
@@ -337,6 +340,7 @@ class PlanResource(Resource):
 
     def render_GET(self, request: Request) -> Any:
         obj = self.test.store.get(self.key)
+        assert obj is not None
         if self.content_length:
             request.setHeader(b"Content-Length", str(self.plan.length).encode())
         PlanProducer(request, self.plan, {self.key: obj}, {self.key: self.path}, self.test.edge.filler).start()
@@ -348,7 +352,7 @@ class MixedPlanTests(SendfileTestCase):
         resource = PlanResource(self, "/mix.bin", "/mix.bin", plan, content_length)
         site = Site(resource)
         site.log = lambda request: None  # type: ignore[method-assign]
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        port: Any = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[arg-type, call-overload]
         self.addCleanup(port.stopListening)
         response = await self.client.get(f"http://127.0.0.1:{port.getHost().port}/")
         return bytes(await response.content())

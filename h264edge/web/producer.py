@@ -34,6 +34,8 @@ log = Logger()
 CHUNK = 256 * 1024
 SENDFILE_MIN = 16 * 1024
 """Readable runs shorter than this are copied: one reactor turn to borrow the socket costs more."""
+SENDFILE_CHUNK = 2 * 2**20
+"""Bytes asked of one os.sendfile call (as nginx's sendfile_max_chunk): the socket buffer refills sooner."""
 SENDFILE_BUDGET = 8 * 2**20
 """At most this many bytes are sendfile'd per writable event, so one fast viewer cannot hog the reactor."""
 
@@ -194,7 +196,8 @@ class PlanProducer:
         request = self.request
         channel = request.channel
         transport = getattr(channel, "transport", None)
-        if sendfile_socket(request) != self._socket or transport is None:
+        socket_fd = sendfile_socket(request)
+        if socket_fd is None or socket_fd != self._socket or transport is None:
             self._socket = None  # the connection changed under us: copy from now on
             return False
         if not request.startedWriting:
@@ -206,7 +209,7 @@ class PlanProducer:
             self._sendfile_used = True
             counters.answers += 1
         counters.runs += 1
-        self._run = _SendfileRun(self, transport, channel, self._socket, obj.fileno(), position, length)
+        self._run = _SendfileRun(self, transport, channel, socket_fd, obj.fileno(), position, length)
         self._run.begin()
         return True
 
@@ -328,7 +331,7 @@ class _SendfileRun:
             return
         budget = SENDFILE_BUDGET
         while self.remaining:
-            want = min(self.remaining, budget)
+            want = min(self.remaining, budget, SENDFILE_CHUNK)
             try:
                 sent = os.sendfile(self.sock_fd, self.file_fd, self.offset, want)
             except BlockingIOError:
@@ -349,8 +352,8 @@ class _SendfileRun:
             self.remaining -= sent
             budget -= sent
             self.owner._sent_by_run(sent)
-            if sent < want or budget <= 0:
-                break  # the socket buffer is full (or our turn is over)
+            if budget <= 0:
+                break  # our turn is over
         if self.remaining:
             transport.startWriting()
             return
