@@ -6,7 +6,7 @@ Layout, for an object whose key hashes (SHA-256, hex) to C{h}::
 
     root/h[0:2]/h[2:4]/h.meta              sidecar (JSON): metadata, slice size, data token, bitmap
     root/h[0:2]/h[2:4]/h.<token>.data      sparse data file, truncated to the object's size at create
-    root/h[0:2]/h[2:4]/h.<token>.tmp       a sidecar being written (removed by the rebuild if left over)
+    root/h[0:2]/h[2:4]/h.<token>.<pid>.tmp a sidecar being written (removed by the rebuild if left over)
 
 Trust rules:
   - In memory a slice is present from L{CachedObject.commit_slice} on (the caller wrote it).
@@ -19,13 +19,34 @@ Trust rules:
     lists a subset of the same file's synced slices, so it is still true.
   - A data file's bitmap only ever grows: a new representation (create()) gets a new data file.
 
-Several processes on one root: each object instance writes its own data file, named by a random
-token recorded in the sidecar, so no process ever writes into a file another process is filling,
-and a sidecar (replaced atomically, last writer wins) always describes the file it names.  What can
-happen is only lost work: a rebuild removes data files that no sidecar names yet (possibly another
-process's in-progress fill, which then keeps streaming from its unlinked file and whose later sidecar
-names a missing file and is discarded), and indexes and byte budgets are per process (a purge or an
-eviction in one worker does not reach another's memory).  Never wrong bytes.
+Several processes on one root (C{--workers}): the disk is the only thing they share, so every
+decision that matters is made against it, never against another process's memory:
+  - A sidecar is created only with C{link(2)} (fails if one exists) and replaced only by a process
+    whose object it names (same data token), after checking that it still does.  So a key's
+    sidecar changes token only by going through "absent", and two processes racing to create one
+    key end with one winner; the loser finds the sidecar taken at its first persist, unlinks its
+    own data file and drops its entry (its readers keep streaming from the open descriptor).
+  - L{SliceStore.get} of a key not in memory looks for its sidecar (one C{stat}-sized lookup per
+    miss, nothing next to an origin fetch), so any process serves what another one cached.
+  - L{SliceStore.get} of a key in memory C{stat}s its sidecar (about 1 us): gone means another
+    process purged or evicted it, and it is a miss here too; replaced (inode or ctime changed) means
+    it is re-read: the same data token merges the other process's persisted slices and metadata
+    (several processes may fill missing slices of one data file: it holds one representation, the
+    fill checks the origin's validators before writing, so they write the same bytes), another
+    token means the object was replaced and this process switches to the new one.
+  - Removal unlinks the data file first, then the sidecar if it still names that file.  A sidecar
+    naming a missing data file is a miss wherever it is found, and is removed there.
+  - After each persist the writer checks that its data file still has a link; if another process
+    removed it meanwhile, the writer takes its sidecar back and drops the object.
+  - Each process keeps its own index and byte budget over the objects it knows (created, used or
+    found by a rescan, L{SliceStore.rebuild_steps} run again with C{orphan_grace}); before evicting
+    an object it checks the sidecar's mtime (the last use any process recorded) and keeps the
+    object if another process used it since.  Disk use may exceed C{max_size} by what is being
+    filled and by objects created by others since this process's last rescan.
+  - With C{orphan_grace} a rebuild leaves data and tmp files younger than that alone: they may be
+    another process's fill that has not persisted yet.
+What can happen is lost work (a slice fetched twice, an object refetched after a race), never
+wrong bytes and never an error for a reader.
 
 The index holds one small L{_Entry} per object (metadata, bitmap) and no descriptor.  get() and
 create() hand out a L{CachedObject} handle owning one descriptor of the data file; while any code
@@ -53,6 +74,7 @@ from h264edge.store._sidecar import (
     MAX_SIDECAR_BYTES,
     BadSidecar,
     ObjectMeta,
+    Sidecar,
     decode_sidecar,
     encode_sidecar,
     key_hash,
@@ -64,8 +86,13 @@ log = Logger()
 PERSIST_EVERY_SLICES = 16
 PERSIST_INTERVAL = 5.0
 LAST_USE_PERSIST_INTERVAL = 60.0
+ORPHAN_GRACE = 600.0  # with several processes: a data file younger than this may be a fill in flight
 
 _HEX = frozenset("0123456789abcdef")
+
+
+class _Superseded(Exception):
+    """Our sidecar is gone or names another data file: another process removed or replaced the object."""
 
 
 class StoreError(EdgeError):
@@ -109,6 +136,7 @@ class _Entry:
     pending_since: float = attrs.field(init=False, default=0.0)
     last_used: float = attrs.field(init=False, default=0.0)
     use_persisted: float = attrs.field(init=False, default=0.0)
+    stamp: tuple[int, int] | None = attrs.field(init=False, default=None)  # sidecar (inode, ctime) we last saw
     handle: weakref.ref[CachedObject] | None = attrs.field(init=False, default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -135,6 +163,14 @@ class _Entry:
         if count and self.has(count - 1):
             total -= count * self.slice_size - self.meta.size
         return total
+
+    def merge_present(self, other: bytes) -> int:
+        """Add the slices listed in C{other} (a bitmap of the same data file); the bytes added."""
+        before = self.present_bytes
+        merged = int.from_bytes(self.present, "little") | int.from_bytes(other, "little")
+        self.present[:] = merged.to_bytes(len(self.present), "little")
+        self.present_count = merged.bit_count()
+        return self.present_bytes - before
 
     def forget_slices(self) -> None:
         self.present[:] = bytes(len(self.present))
@@ -286,8 +322,11 @@ class SliceStore:
     """
     Objects cut in C{slice_size} slices under C{root}, at most C{max_size} bytes of present slices.
 
-    A new store is L{loading} until its L{rebuild_steps} generator has run to the end; meanwhile
-    L{get} looks on disk for keys not indexed yet.  Call L{close} at shutdown.
+    A new store is L{loading} until its L{rebuild_steps} generator has run to the end; L{get} looks
+    on disk for keys not indexed (yet, or created by another process).  Call L{close} at shutdown.
+
+    Several processes may share C{root} (see the module docstring); give each an C{orphan_grace}
+    (L{ORPHAN_GRACE}) so that a rebuild does not take another process's fill for an orphan.
     """
 
     def __init__(
@@ -297,6 +336,7 @@ class SliceStore:
         slice_size: int = 1 << 20,
         now: Callable[[], float] = time.time,
         sync: bool = True,
+        orphan_grace: float = 0.0,
     ) -> None:
         if slice_size <= 0 or max_size < 0:
             raise ValueError("slice_size must be positive and max_size not negative")
@@ -306,6 +346,7 @@ class SliceStore:
         self.used_bytes = 0
         self._now = now
         self._sync = sync
+        self._orphan_grace = orphan_grace
         self._index: OrderedDict[str, _Entry] = OrderedDict()
         self._by_hash: dict[str, _Entry] = {}
         self._dirty: set[_Entry] = set()  # indexed entries with slices not yet persisted
@@ -327,11 +368,14 @@ class SliceStore:
         return list(self._index)
 
     def get(self, key: str) -> CachedObject | None:
-        """The indexed object for C{key} (now most recently used), or None."""
+        """
+        The indexed object for C{key} (now most recently used), or None.  An object another process
+        removed is None here too; one it cached is found on disk.
+        """
         entry = self._index.get(key)
+        if entry is not None and entry.on_disk:
+            entry = self._check_disk(entry)
         if entry is None:
-            if not self._loading:
-                return None
             entry = self._load_one(key)
             if entry is None:
                 return None
@@ -350,7 +394,10 @@ class SliceStore:
         elif entry.on_disk and now - entry.use_persisted >= LAST_USE_PERSIST_INTERVAL:
             entry.use_persisted = now
             try:
-                os.utime(self._meta_path(entry.hash), (now, now))
+                path = self._meta_path(entry.hash)
+                os.utime(path, (now, now))
+                st = os.stat(path)
+                entry.stamp = (st.st_ino, st.st_ctime_ns)
             except OSError:
                 pass  # only the LRU order after a restart suffers
         return obj if entry.indexed else None
@@ -458,8 +505,7 @@ class SliceStore:
             elif rest.endswith(".data"):
                 data_files.append((h, rest[:-5], name))
             elif rest.endswith(".tmp"):
-                _unlink(os.path.join(directory, name))
-        data_names = {name for _, _, name in data_files}
+                self._unlink_orphan(os.path.join(directory, name))
         prefix = os.path.basename(os.path.dirname(directory)) + os.path.basename(directory)
         for h in sidecars:
             if h in self._by_hash:
@@ -474,12 +520,9 @@ class SliceStore:
                 log.info("discarding sidecar {path}: {error}", path=path, error=e)
                 _unlink(path)
                 continue
-            data_name = f"{h}.{entry.token}.data"
             try:
-                consistent = (
-                    data_name in data_names
-                    and os.stat(f"{directory}/{data_name}").st_size == entry.meta.size
-                )
+                # stat, not the listing: another process may have written both files since
+                consistent = os.stat(f"{directory}/{h}.{entry.token}.data").st_size == entry.meta.size
             except OSError:
                 consistent = False
             if not consistent:
@@ -491,8 +534,18 @@ class SliceStore:
         for h, token, name in data_files:
             live = self._by_hash.get(h)
             if live is None or live.token != token:
-                _unlink(f"{directory}/{name}")
+                self._unlink_orphan(f"{directory}/{name}")
         return len(sidecars)
+
+    def _unlink_orphan(self, path: str) -> None:
+        """Remove a file no sidecar names, unless it is young enough to be another process's work."""
+        if self._orphan_grace > 0:
+            try:
+                if os.stat(path).st_mtime > time.time() - self._orphan_grace:
+                    return
+            except OSError:
+                return
+        _unlink(path)
 
     def _order_rebuilt(self) -> None:
         rebuilt = sorted(
@@ -515,6 +568,7 @@ class SliceStore:
         sidecar = decode_sidecar(raw, h, self.slice_size)
         entry = _Entry(sidecar.meta, self.slice_size, h, sidecar.token, bytearray(sidecar.present))
         entry.on_disk = True
+        entry.stamp = (st.st_ino, st.st_ctime_ns)
         entry.last_used = entry.use_persisted = max(sidecar.last_used, st.st_mtime)
         return entry
 
@@ -524,7 +578,7 @@ class SliceStore:
         self.used_bytes += entry.present_bytes
 
     def _load_one(self, key: str) -> _Entry | None:
-        """While loading: index C{key} straight from its sidecar, if it has a good one."""
+        """Index C{key} straight from its sidecar, if it has a good one (not indexed yet, or another process's)."""
         h = key_hash(key)
         if h in self._by_hash:
             return None  # another key with this hash is live
@@ -543,6 +597,56 @@ class SliceStore:
         self._add_entry(entry)
         return entry
 
+    def _read_sidecar(self, h: str) -> tuple[Sidecar, tuple[int, int]]:
+        """The sidecar of hash C{h} as it is now, and its (inode, ctime) stamp."""
+        fd = os.open(self._meta_path(h), os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+            if st.st_size > MAX_SIDECAR_BYTES:
+                raise BadSidecar("sidecar too large")
+            raw = os.read(fd, st.st_size + 1)
+        finally:
+            os.close(fd)
+        return decode_sidecar(raw, h, self.slice_size), (st.st_ino, st.st_ctime_ns)
+
+    def _check_disk(self, entry: _Entry) -> _Entry | None:
+        """
+        C{entry} (persisted) as the disk has it now: itself, updated with what other processes
+        persisted of the same data file, or None if another process removed or replaced it (then it
+        is dropped here as well; descriptors already handed out keep reading the old file).
+        """
+        try:
+            st = os.stat(self._meta_path(entry.hash))
+        except FileNotFoundError:
+            self._drop(entry)
+            return None
+        except OSError:
+            return entry  # cannot tell; the next use asks again
+        if (st.st_ino, st.st_ctime_ns) == entry.stamp:
+            return entry
+        try:
+            sidecar, stamp = self._read_sidecar(entry.hash)
+        except FileNotFoundError:
+            self._drop(entry)
+            return None
+        except (OSError, BadSidecar):
+            return entry
+        if sidecar.token != entry.token or sidecar.meta.key != entry.meta.key:
+            self._drop(entry)
+            return None
+        self._adopt(entry, sidecar, stamp)
+        return entry
+
+    def _adopt(self, entry: _Entry, sidecar: Sidecar, stamp: tuple[int, int]) -> None:
+        """Take what another process persisted about C{entry}'s data file: slices, fresher metadata, last use."""
+        entry.stamp = stamp
+        if sidecar.meta.fetched_at > entry.meta.fetched_at and sidecar.meta.same_representation(entry.meta):
+            entry.meta = sidecar.meta
+        added = entry.merge_present(sidecar.present)
+        if entry.indexed:
+            self.used_bytes += added
+        entry.last_used = max(entry.last_used, sidecar.last_used)
+
     def _remove_hash_files(self, h: str) -> None:
         directory = self._dir(h)
         try:
@@ -555,7 +659,9 @@ class SliceStore:
 
     def _discard_key(self, key: str) -> bool:
         entry = self._index.get(key)
-        if entry is None and self._loading:
+        if entry is not None and entry.on_disk:
+            entry = self._check_disk(entry)
+        if entry is None:
             entry = self._load_one(key)
         if entry is None:
             return False
@@ -624,12 +730,35 @@ class SliceStore:
             os.close(own)
 
     def _persist(self, entry: _Entry, fd: int | None) -> None:
-        """fdatasync the data (if slices are pending), then atomically replace the sidecar."""
+        """
+        fdatasync the data (if slices are pending), then atomically write the sidecar: created with
+        link() the first time, replaced only while it still names our data file.
+
+        @raise _Superseded: another process removed the object or holds the key's sidecar.
+        """
         if entry.pending and self._sync:
             self._sync_data(entry, fd)
+        path = self._meta_path(entry.hash)
+        if entry.on_disk:
+            # merge what other processes persisted of this data file; stop if they removed or replaced it
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                raise _Superseded() from None
+            if (st.st_ino, st.st_ctime_ns) != entry.stamp:
+                try:
+                    sidecar, stamp = self._read_sidecar(entry.hash)
+                except FileNotFoundError:
+                    raise _Superseded() from None
+                except BadSidecar:
+                    raise _Superseded() from None
+                if sidecar.token != entry.token:
+                    raise _Superseded()
+                self._adopt(entry, sidecar, stamp)
         last_used = entry.last_used
         raw = encode_sidecar(entry.meta, self.slice_size, entry.token, entry.present, last_used)
-        tmp = os.path.join(self._dir(entry.hash), f"{entry.hash}.{entry.token}.tmp")
+        # per process: two processes holding one data file may persist it at the same moment
+        tmp = os.path.join(self._dir(entry.hash), f"{entry.hash}.{entry.token}.{os.getpid()}.tmp")
         try:
             out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
@@ -642,18 +771,48 @@ class SliceStore:
                 os.close(out)
             # The mtime is the recorded last use: a lazy touch (os.utime) later moves it forward.
             os.utime(tmp, (last_used, last_used))
-            os.replace(tmp, self._meta_path(entry.hash))
+            inode = os.stat(tmp).st_ino
+            if entry.on_disk:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)  # only if no process holds the key's sidecar
+                except FileExistsError:
+                    raise _Superseded() from None
+                finally:
+                    _unlink(tmp)
         except OSError:
             _unlink(tmp)
             raise
+        entry.on_disk = True
+        try:
+            st = os.stat(path)  # rename and link change the ctime
+            entry.stamp = (st.st_ino, st.st_ctime_ns) if st.st_ino == inode else None
+        except OSError:
+            entry.stamp = None
+        if self._data_unlinked(entry, fd):
+            raise _Superseded()  # removed while we wrote: _drop takes our sidecar back
         entry.pending = 0
         self._dirty.discard(entry)
         entry.on_disk = True
         entry.use_persisted = last_used
 
+    def _data_unlinked(self, entry: _Entry, fd: int | None) -> bool:
+        try:
+            if fd is not None:
+                return os.fstat(fd).st_nlink == 0
+            os.stat(self._data_path(entry))
+            return False
+        except FileNotFoundError:
+            return True
+
     def _persist_or_drop(self, entry: _Entry, fd: int | None) -> None:
         try:
             self._persist(entry, fd)
+        except _Superseded:
+            # not a disk error: the slices we hold are true, readers keep them; the key is another's now
+            log.info("{key!r} was removed or replaced by another process", key=entry.meta.key)
+            self._drop(entry)
         except OSError as e:
             self._fail(entry, e)
             raise StoreError(f"persisting {entry.meta.key!r}: {e.strerror}", e.errno) from e
@@ -687,20 +846,21 @@ class SliceStore:
         self.used_bytes -= entry.present_bytes
         entry.evicted = True
         entry.pending = 0
+        # data file first: a sidecar found without its data file is a miss everywhere
+        _unlink(self._data_path(entry))
         if entry.on_disk:
             self._unlink_sidecar_if_ours(entry)
-        _unlink(self._data_path(entry))
 
     def _unlink_sidecar_if_ours(self, entry: _Entry) -> None:
         # Another process may have replaced the sidecar with its own object: leave that one alone.
-        path = self._meta_path(entry.hash)
         try:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_SIDECAR_BYTES + 1)
+            sidecar, _ = self._read_sidecar(entry.hash)
+        except BadSidecar:
+            sidecar = None
         except OSError:
             return
-        if entry.token.encode("ascii") in raw:
-            _unlink(path)
+        if sidecar is None or sidecar.token == entry.token:
+            _unlink(self._meta_path(entry.hash))
 
     def _evict(self, keep: _Entry | None) -> None:
         """Evict least recently used objects (sparing C{keep}) until within C{max_size}."""
@@ -708,4 +868,18 @@ class SliceStore:
             victim = next((entry for entry in self._index.values() if entry is not keep), None)
             if victim is None:
                 break
+            if victim.on_disk and self._used_elsewhere(victim):
+                self._index.move_to_end(victim.meta.key)
+                continue
             self._drop(victim)
+
+    def _used_elsewhere(self, entry: _Entry) -> bool:
+        """Whether another process recorded a use of C{entry} later than ours (its sidecar's mtime)."""
+        try:
+            mtime = os.stat(self._meta_path(entry.hash)).st_mtime
+        except OSError:
+            return False
+        if mtime <= entry.last_used + 1.0:
+            return False
+        entry.last_used = mtime  # a second chance, once per recorded use
+        return True
