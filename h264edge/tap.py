@@ -1,22 +1,26 @@
 # -*- test-case-name: tests.test_tap -*-
 """
-C{twistd h264edge}: command-line options and the service graph (index loader + HTTP site).
+C{twistd h264edge}: command-line options and the service graph (index loader + HTTP site, and with
+C{--workers=N} the worker processes sharing its port and cache, see L{h264edge.workers}).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+import sys
+from typing import Any, Optional, Sequence
 
 from twisted.application import service, strports
-from twisted.internet import task
+from twisted.internet import endpoints, task
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
 from h264edge.origin import OriginClient
 from h264edge.store import SliceStore
+from h264edge.store._store import ORPHAN_GRACE
 from h264edge.web.resource import EdgeResource
+from h264edge.workers import LISTEN_FD, InheritedPort, WorkerPool, site_naming_process
 
 log = Logger()
 
@@ -48,6 +52,7 @@ class Options(usage.Options):
         ["origin-timeout", None, "10", "Seconds to wait for an origin to connect or answer."],
         ["seek-cache", None, "256M", "Memory for parsed MP4 seek indexes (K/M/G suffixes)."],
         ["max-moov", None, "64M", "Largest MP4 moov box the edge will parse for a seek."],
+        ["workers", None, "1", "Processes serving the --listen port (TCP only) from one cache directory."],
     ]
     optFlags = [
         ["ignore-query", None, "Leave the query string out of the cache key (tracking parameters)."],
@@ -59,6 +64,38 @@ class Options(usage.Options):
         super().__init__()
         self["origins"] = []
         self["pass-methods"] = []
+        self["listen-fd"] = None
+        self.raw_argv: list[str] = []
+
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        """
+        Also keeps the command line for worker processes, and takes the hidden C{--listen-fd=N}
+        that the first process gives its workers (the inherited listening socket).
+        """
+        argv = list(sys.argv[1:] if options is None else options)
+        self.raw_argv = []
+        for arg in argv:
+            if arg.startswith("--listen-fd="):
+                try:
+                    self["listen-fd"] = int(arg.partition("=")[2])
+                except ValueError:
+                    raise usage.UsageError(f"{arg!r}: not a descriptor number") from None
+            else:
+                self.raw_argv.append(arg)
+        super().parseOptions(self.raw_argv)
+
+    def worker_argv(self) -> list[str]:
+        """The command running one worker: these options without --workers, on the inherited socket."""
+        args: list[str] = []
+        skip = False
+        for arg in self.raw_argv:
+            if skip:
+                skip = False
+            elif arg == "--workers":
+                skip = True
+            elif not arg.startswith("--workers="):
+                args.append(arg)
+        return [sys.executable, "-m", "twisted", "--log-format=text", "h264edge", *args, f"--listen-fd={LISTEN_FD}"]
 
     def opt_origin(self, url: str) -> None:
         """Origin base URL; give it several times for failover in order."""
@@ -84,23 +121,76 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must be a number of seconds") from None
         if self["slice-size"] < 64 * 1024:
             raise usage.UsageError("--slice-size must be at least 64K")
+        try:
+            self["workers"] = int(self["workers"])
+        except ValueError:
+            raise usage.UsageError("--workers must be a whole number") from None
+        if not 1 <= self["workers"] <= 256:
+            raise usage.UsageError("--workers must be between 1 and 256")
+        if self["workers"] > 1 and self["listen-fd"] is None:
+            self["tcp-listen"] = tcp_listen_address(self["listen"])
+
+
+def tcp_listen_address(description: str) -> tuple[str, int, int]:
+    """(interface, port, backlog) of a C{tcp:}/C{tcp6:} endpoint description; other kinds are usage errors."""
+    try:
+        kind, args, kwargs = endpoints._parseServer(description, None)  # type: ignore[attr-defined]
+    except (ValueError, KeyError, TypeError) as e:
+        raise usage.UsageError(f"--listen={description!r}: {e}") from None
+    if kind == "TCP":
+        return kwargs.get("interface", ""), int(args[0]), int(kwargs.get("backlog", 50))
+    if type(kind).__name__ == "_TCP6ServerParser":
+        return kwargs.get("interface", "::"), int(args[0]), int(kwargs.get("backlog", 50))
+    raise usage.UsageError("--workers needs a TCP --listen (tcp:PORT or tcp6:PORT)")
+
+
+RESCAN_INTERVAL = 300.0
 
 
 class IndexLoader(service.Service):
-    """Rebuilds the store's LRU index from disk in the background; the edge serves meanwhile."""
+    """
+    Rebuilds the store's LRU index from disk in the background; the edge serves meanwhile.  With
+    C{rescan_every} (several processes on one cache directory) it scans again at that interval, to
+    learn the objects other processes created and keep the byte budget over all of them.
+    """
 
-    def __init__(self, store: SliceStore) -> None:
+    def __init__(self, store: SliceStore, rescan_every: Optional[float] = None, clock: Any = None) -> None:
         self.store = store
+        self.rescan_every = rescan_every
+        self.clock = clock
         self._task: Optional[task.CooperativeTask] = None
+        self._rescan: Optional[task.LoopingCall] = None
+        self._scanning = False
 
     def startService(self) -> None:
         super().startService()
-        self._task = task.cooperate(self.store.rebuild_steps())
-        d = self._task.whenDone()
+        d = self._scan()
         d.addCallback(lambda _: log.info("cache index loaded: {n} objects", n=len(self.store)))
+        if self.rescan_every:
+            self._rescan = task.LoopingCall(self._scan_again)
+            if self.clock is not None:
+                self._rescan.clock = self.clock
+            self._rescan.start(self.rescan_every, now=False)
+
+    def _scan(self) -> Any:
+        self._task = task.cooperate(self.store.rebuild_steps())
+        self._scanning = True
+        d = self._task.whenDone()
+        d.addBoth(self._scanned)
         d.addErrback(lambda f: None if f.check(task.TaskStopped) else log.failure("index rebuild failed", f))
+        return d
+
+    def _scanned(self, result: Any) -> Any:
+        self._scanning = False
+        return result
+
+    def _scan_again(self) -> None:
+        if not self._scanning:
+            self._scan()
 
     def stopService(self) -> Any:
+        if self._rescan is not None and self._rescan.running:
+            self._rescan.stop()
         if self._task is not None:
             try:
                 self._task.stop()
@@ -125,6 +215,8 @@ def makeService(options: Options) -> service.MultiService:
         max_size=options["max-size"],
         slice_size=options["slice-size"],
         sync=not options["no-sync"],
+        # several processes on one directory: a young unnamed data file may be another's fill
+        orphan_grace=ORPHAN_GRACE if options["workers"] > 1 or options["listen-fd"] is not None else 0.0,
     )
     origin = OriginClient(options["origins"], timeout=options["origin-timeout"])
     resource = EdgeResource(
@@ -137,8 +229,16 @@ def makeService(options: Options) -> service.MultiService:
         pass_methods=options["pass-methods"],
         exact_seek=options["exact-seek"],
     )
-    IndexLoader(store).setServiceParent(top)
+    shared = options["workers"] > 1 or options["listen-fd"] is not None
+    IndexLoader(store, rescan_every=RESCAN_INTERVAL if shared else None).setServiceParent(top)
     site = Site(resource)
     site.displayTracebacks = False
-    strports.service(options["listen"], site).setServiceParent(top)  # type: ignore[arg-type]
+    if options["listen-fd"] is not None:
+        InheritedPort(options["listen-fd"], site_naming_process(site)).setServiceParent(top)
+    elif options["workers"] > 1:
+        interface, port, backlog = options["tcp-listen"]
+        WorkerPool(interface, port, site_naming_process(site), options.worker_argv(), options["workers"],
+                   backlog=backlog).setServiceParent(top)
+    else:
+        strports.service(options["listen"], site).setServiceParent(top)  # type: ignore[arg-type]
     return top

@@ -110,6 +110,11 @@ def _is_hex_dir(name: str) -> bool:
     return len(name) == 2 and name[0] in _HEX and name[1] in _HEX
 
 
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    """What tells one version of a sidecar from the next: a rename brings a new inode (and ctime)."""
+    return (st.st_ino, st.st_ctime_ns, st.st_mtime_ns)
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
@@ -136,7 +141,7 @@ class _Entry:
     pending_since: float = attrs.field(init=False, default=0.0)
     last_used: float = attrs.field(init=False, default=0.0)
     use_persisted: float = attrs.field(init=False, default=0.0)
-    stamp: tuple[int, int] | None = attrs.field(init=False, default=None)  # sidecar (inode, ctime) we last saw
+    stamp: tuple[int, int, int] | None = attrs.field(init=False, default=None)  # sidecar as we last saw it
     handle: weakref.ref[CachedObject] | None = attrs.field(init=False, default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -397,7 +402,7 @@ class SliceStore:
                 path = self._meta_path(entry.hash)
                 os.utime(path, (now, now))
                 st = os.stat(path)
-                entry.stamp = (st.st_ino, st.st_ctime_ns)
+                entry.stamp = _stamp(st)
             except OSError:
                 pass  # only the LRU order after a restart suffers
         return obj if entry.indexed else None
@@ -568,7 +573,7 @@ class SliceStore:
         sidecar = decode_sidecar(raw, h, self.slice_size)
         entry = _Entry(sidecar.meta, self.slice_size, h, sidecar.token, bytearray(sidecar.present))
         entry.on_disk = True
-        entry.stamp = (st.st_ino, st.st_ctime_ns)
+        entry.stamp = _stamp(st)
         entry.last_used = entry.use_persisted = max(sidecar.last_used, st.st_mtime)
         return entry
 
@@ -597,8 +602,8 @@ class SliceStore:
         self._add_entry(entry)
         return entry
 
-    def _read_sidecar(self, h: str) -> tuple[Sidecar, tuple[int, int]]:
-        """The sidecar of hash C{h} as it is now, and its (inode, ctime) stamp."""
+    def _read_sidecar(self, h: str) -> tuple[Sidecar, tuple[int, int, int]]:
+        """The sidecar of hash C{h} as it is now, and its stamp."""
         fd = os.open(self._meta_path(h), os.O_RDONLY)
         try:
             st = os.fstat(fd)
@@ -607,7 +612,7 @@ class SliceStore:
             raw = os.read(fd, st.st_size + 1)
         finally:
             os.close(fd)
-        return decode_sidecar(raw, h, self.slice_size), (st.st_ino, st.st_ctime_ns)
+        return decode_sidecar(raw, h, self.slice_size), _stamp(st)
 
     def _check_disk(self, entry: _Entry) -> _Entry | None:
         """
@@ -622,7 +627,7 @@ class SliceStore:
             return None
         except OSError:
             return entry  # cannot tell; the next use asks again
-        if (st.st_ino, st.st_ctime_ns) == entry.stamp:
+        if _stamp(st) == entry.stamp:
             return entry
         try:
             sidecar, stamp = self._read_sidecar(entry.hash)
@@ -637,7 +642,7 @@ class SliceStore:
         self._adopt(entry, sidecar, stamp)
         return entry
 
-    def _adopt(self, entry: _Entry, sidecar: Sidecar, stamp: tuple[int, int]) -> None:
+    def _adopt(self, entry: _Entry, sidecar: Sidecar, stamp: tuple[int, int, int]) -> None:
         """Take what another process persisted about C{entry}'s data file: slices, fresher metadata, last use."""
         entry.stamp = stamp
         if sidecar.meta.fetched_at > entry.meta.fetched_at and sidecar.meta.same_representation(entry.meta):
@@ -745,7 +750,7 @@ class SliceStore:
                 st = os.stat(path)
             except FileNotFoundError:
                 raise _Superseded() from None
-            if (st.st_ino, st.st_ctime_ns) != entry.stamp:
+            if _stamp(st) != entry.stamp:
                 try:
                     sidecar, stamp = self._read_sidecar(entry.hash)
                 except FileNotFoundError:
@@ -787,7 +792,7 @@ class SliceStore:
         entry.on_disk = True
         try:
             st = os.stat(path)  # rename and link change the ctime
-            entry.stamp = (st.st_ino, st.st_ctime_ns) if st.st_ino == inode else None
+            entry.stamp = _stamp(st) if st.st_ino == inode else None
         except OSError:
             entry.stamp = None
         if self._data_unlinked(entry, fd):
