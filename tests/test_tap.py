@@ -62,6 +62,24 @@ class ServiceTests(SynchronousTestCase):
         self.assertTrue(IServiceCollection.providedBy(top))
         self.assertEqual(len(list(top)), 2)
 
+    def test_workers_build_a_pool_on_the_tcp_address(self) -> None:
+        from h264edge.workers import WorkerPool
+
+        options = Options()
+        options.parseOptions(["--origin=http://127.0.0.1:1/", f"--cache-dir={self.mktemp()}", "--workers=3",
+                              "--listen=tcp:8080:interface=127.0.0.1"])
+        pool = [s for s in makeService(options) if isinstance(s, WorkerPool)]
+        self.assertEqual(len(pool), 1)
+        self.assertEqual((pool[0].interface, pool[0].requested_port, pool[0].count), ("127.0.0.1", 8080, 3))
+
+    def test_a_worker_serves_the_inherited_descriptor(self) -> None:
+        from h264edge.workers import InheritedPort
+
+        options = Options()
+        options.parseOptions(["--origin=http://127.0.0.1:1/", f"--cache-dir={self.mktemp()}", "--listen-fd=3"])
+        ports = [s for s in makeService(options) if isinstance(s, InheritedPort)]
+        self.assertEqual([p.fd for p in ports], [3])
+
 
 class PluginTests(SynchronousTestCase):
     def test_twistd_finds_the_plugin(self) -> None:
