@@ -301,7 +301,7 @@ def fig_small(b: Bench) -> None:
 
 
 def edge_workers_flag(b: Bench) -> Optional[str]:
-    out = subprocess.run(servers.Edge(b.dir("probe"), b.origin_url()).command()[:6] + ["h264edge", "--help"],
+    out = subprocess.run(servers.Edge(b.dir("probe"), b.origin_url()).command()[:7] + ["h264edge", "--help"],
                          capture_output=True, text=True, env=servers.Edge(b.dir("probe"), "").env(),
                          timeout=60).stdout
     for flag in ("--workers", "--processes"):
@@ -528,7 +528,15 @@ ALIASES = {"1": "hit", "2": "seek_ttfb", "3": "seek_rps", "4": "small", "5": "mi
 
 # -- report ---------------------------------------------------------------------------------------
 
-def machine() -> dict:
+def head_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=30, cwd=servers.REPO).stdout.strip()
+    except Exception as e:
+        return f"? ({e})"
+
+
+def machine(start_commit: str) -> dict:
     model = "?"
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -551,8 +559,9 @@ def machine() -> dict:
         "kernel": platform.release(), "nginx": run(["/usr/sbin/nginx", "-v"]).replace("nginx version: ", ""),
         "python": run([servers.VENV_PYTHON, "-c", "import sys, twisted; print(sys.version.split()[0], "
                                                    "'twisted', twisted.__version__)"]),
-        "commit": run(["git", "rev-parse", "--short", "HEAD"])
-        + (f" + uncommitted changes in {len(dirty.splitlines())} server file(s)" if dirty else ""),
+        "commit": (start_commit if start_commit == head_commit()
+                   else f"{start_commit} at the start, {head_commit()} at the end (colleagues committed meanwhile)")
+        + (f" + uncommitted changes in {len(dirty.splitlines())} server file(s) at the end" if dirty else ""),
     }
 
 
@@ -635,6 +644,7 @@ def main(argv: Optional[list] = None) -> int:
     servers.raise_nofile()
     clients.DISCARD_IN_KERNEL = args.discard_in_kernel
     started = time.time()
+    start_commit = head_commit()
     with open("/proc/loadavg") as f:
         load_start = " ".join(f.read().split()[:3])
     b = Bench(args)
@@ -675,7 +685,7 @@ def main(argv: Optional[list] = None) -> int:
             print(f"kept {b.tmp}")
     with open("/proc/loadavg") as f:
         load_end = " ".join(f.read().split()[:3])
-    info = machine()
+    info = machine(start_commit)
     print("\n".join(table(b.rows)))
     for r in b.rows:
         if r.note or r.error:

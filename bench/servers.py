@@ -27,6 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_PYTHON = os.environ.get("H264EDGE_BENCH_PYTHON", "/work/venv/bin/python")
 
 # twisted.scripts.twistd has no __main__ block: run it the way the twistd console script does
+# (-P: no working directory on sys.path, so a stray h2.py or the like cannot shadow a package)
 TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 
 _running: list["Server"] = []
@@ -374,7 +375,7 @@ class Edge(Server):
 
     def command(self) -> list[str]:
         return [
-            VENV_PYTHON, "-c", TWISTD, "-n",
+            VENV_PYTHON, "-P", "-c", TWISTD, "-n",
             "--pidfile", os.path.join(self.workdir, "twistd.pid"),
             "--logfile", os.path.join(self.workdir, "twistd.log"),
             "h264edge", f"--origin={self.origin_url}", f"--cache-dir={self.cache_dir}",
