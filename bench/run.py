@@ -131,7 +131,7 @@ class Bench:
     def start_shared(self) -> None:
         self.origin = servers.OriginNginx(self.dir("origin"), self.media.root).start()
         self.direct = servers.DirectNginx(self.dir("nginx"), self.media.root).start()
-        self.edge = self.new_edge("edge")
+        self.edge = self.new_edge("edge", profile=self.args.profile_edge)
         self.log(f"origin nginx :{self.origin.ports}, nginx :{self.direct.port}, h264edge :{self.edge.port}")
 
     def ensure_up(self) -> None:
@@ -151,8 +151,10 @@ class Bench:
     def origin_url(self) -> str:
         return f"http://127.0.0.1:{self.origin.ports['plain']}/"
 
-    def new_edge(self, name: str, extra: Optional[list] = None) -> servers.Edge:
+    def new_edge(self, name: str, extra: Optional[list] = None, profile: str = "") -> servers.Edge:
         edge = servers.Edge(self.dir(name), self.origin_url(), self.edge_extra + (extra or []))
+        if profile:
+            edge.twistd_options = [f"--profile={os.path.abspath(profile)}", "--profiler=cprofile", "--savestats"]
         edge.wipe()
         return edge.start()
 
@@ -626,6 +628,9 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--viewer-seconds", type=int, default=20)
     parser.add_argument("--index-objects", type=int, default=100_000)
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
+    parser.add_argument("--profile-edge", metavar="FILE", default="",
+                        help="run the shared (warm) h264edge under twistd's cProfile and save pstats to FILE "
+                             "(figures 1-4 and 7a then measure a profiled server: for finding hot spots only)")
     args = parser.parse_args(argv)
 
     names = []

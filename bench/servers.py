@@ -364,6 +364,7 @@ class Edge(Server):
         self.repo = repo
         self.cache_dir = os.path.join(workdir, "cache")
         self.ports = {"http": free_port()}
+        self.twistd_options: list[str] = []  # before the subcommand, e.g. --profile
 
     def wipe(self) -> None:
         shutil.rmtree(self.cache_dir, ignore_errors=True)
@@ -378,6 +379,7 @@ class Edge(Server):
             VENV_PYTHON, "-P", "-c", TWISTD, "-n",
             "--pidfile", os.path.join(self.workdir, "twistd.pid"),
             "--logfile", os.path.join(self.workdir, "twistd.log"),
+            *self.twistd_options,
             "h264edge", f"--origin={self.origin_url}", f"--cache-dir={self.cache_dir}",
             "--max-size=50G", f"--listen=tcp:{self.ports['http']}:interface=127.0.0.1",
             *self.extra,
