@@ -27,7 +27,6 @@ from typing import Any, Optional, Sequence
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol
-from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request, Site
@@ -59,7 +58,7 @@ def bind_tcp(interface: str, port: int, backlog: int = 50) -> socket.socket:
     return sock
 
 
-def adopt(reactor: Any, fd: int, factory: protocol.ServerFactory) -> IListeningPort:
+def adopt(reactor: Any, fd: int, factory: Any) -> Any:
     """Serve C{factory} on the listening socket C{fd} (the reactor works on its own duplicate)."""
     with socket.socket(fileno=os.dup(fd)) as probe:
         family = probe.family
@@ -98,11 +97,11 @@ def site_naming_process(site: Site) -> Site:
 class InheritedPort(service.Service):
     """Serves a site on a listening socket inherited as descriptor C{fd} (a worker's side)."""
 
-    def __init__(self, fd: int, factory: protocol.ServerFactory, reactor: Any = None) -> None:
+    def __init__(self, fd: int, factory: Any, reactor: Any = None) -> None:
         self.fd = fd
         self.factory = factory
         self.reactor = reactor
-        self.port: Optional[IListeningPort] = None
+        self.port: Any = None
 
     def startService(self) -> None:
         super().startService()
@@ -157,6 +156,12 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         self.ended.callback(None)
 
 
+def _cancel_call(result: Any, call: Any) -> Any:
+    if call.active():
+        call.cancel()
+    return result
+
+
 class WorkerPool(service.Service):
     """
     The parent's side of C{--workers}: binds C{interface}:C{port} once (privileged start), serves
@@ -169,7 +174,7 @@ class WorkerPool(service.Service):
         self,
         interface: str,
         port: int,
-        factory: protocol.ServerFactory,
+        factory: Any,
         argv: Sequence[str],
         count: int,
         backlog: int = 50,
@@ -187,10 +192,10 @@ class WorkerPool(service.Service):
         self.backlog = backlog
         self.reactor = reactor
         self.socket: Optional[socket.socket] = None
-        self.port: Optional[IListeningPort] = None
+        self.port: Any = None
         self.workers: dict[int, _WorkerProtocol] = {}
         self._quick_deaths: dict[int, int] = {}
-        self._restarts: dict[int, IDelayedCall] = {}
+        self._restarts: dict[int, Any] = {}
 
     @property
     def address(self) -> tuple[str, int]:
@@ -256,10 +261,11 @@ class WorkerPool(service.Service):
             waits.append(worker.ended)
             self._signal(worker, "TERM")
             kill = self.reactor.callLater(STOP_TIMEOUT, self._signal, worker, "KILL")
-            worker.ended.addBoth(lambda result, call=kill: call.cancel() if call.active() else None)
+            worker.ended.addBoth(_cancel_call, kill)
         if self.port is not None:
             port, self.port = self.port, None
-            waits.append(defer.maybeDeferred(port.stopListening))
+            stopping: Any = port
+            waits.append(defer.maybeDeferred(stopping.stopListening))
         if self.socket is not None:
             self.socket.close()
             self.socket = None
@@ -267,7 +273,8 @@ class WorkerPool(service.Service):
 
     @staticmethod
     def _signal(worker: _WorkerProtocol, name: str) -> None:
+        transport: Any = worker.transport
         try:
-            worker.transport.signalProcess(name)  # type: ignore[union-attr]
+            transport.signalProcess(name)
         except (error.ProcessExitedAlready, AttributeError):
             pass
