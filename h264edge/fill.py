@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import attrs
 from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -32,7 +33,7 @@ class FillFailed(EdgeError):
     """The bytes a reader waits for will not arrive (origin gone, object changed, disk full)."""
 
 
-class _Shared:
+class SharedResult:
     """One outcome handed to any number of waiters, each with its own Deferred."""
 
     def __init__(self, d: "Deferred[Any]") -> None:
@@ -46,8 +47,6 @@ class _Shared:
         waiting, self._waiting = self._waiting, []
         for w in waiting:
             self._deliver(w)
-        if isinstance(result, Failure):
-            return None
 
     def _deliver(self, w: "Deferred[Any]") -> None:
         if isinstance(self._result, Failure):
@@ -116,7 +115,11 @@ class Filler:
         self.idle_timeout = idle_timeout
         self.max_resumes = max_resumes
         self._states: dict[int, _ObjectState] = {}
-        self._contacts: dict[str, _Shared] = {}
+        self._contacts: dict[str, SharedResult] = {}
+        # keys whose origins all failed while a stale copy stood in: serve it without asking again until then
+        self._down_until: dict[str, float] = {}
+        self.stale_retry = 10.0
+        self.steal_distance = 4  # slices
         self.origin_bytes = 0  # statistics: body bytes received from origins
 
     # -- finding the object -------------------------------------------------------------------
@@ -128,12 +131,14 @@ class Filler:
         one key share one origin contact.  A stale object is served when every origin is down.
         """
         obj = self.store.get(key)
-        if obj is not None and obj.meta.is_fresh(self.reactor.seconds()):
-            return succeed(obj)
+        if obj is not None:
+            now = self.reactor.seconds()
+            if obj.meta.is_fresh(now) or self._down_until.get(key, 0.0) > now:
+                return succeed(obj)
         shared = self._contacts.get(key)
         if shared is None:
             d = Deferred.fromCoroutine(self._contact(key, path, first, last, obj))
-            shared = self._contacts[key] = _Shared(d)
+            shared = self._contacts[key] = SharedResult(d)
             d.addBoth(self._contact_done, key)
         return shared.result()
 
@@ -160,19 +165,38 @@ class Filler:
         except OriginUnavailable:
             if stale is not None:
                 log.warn("serving stale {key}: no origin answered", key=key)
+                self._down_until[key] = self.reactor.seconds() + self.stale_retry
                 return stale
             raise
+        try:
+            return self._adopt(key, path, reply, stale)
+        except BaseException:
+            reply.discard()
+            raise
+
+    def _adopt(self, key: str, path: str, reply: OriginReply, stale: Optional[CachedObject]) -> CachedObject:
+        """Turn the first origin answer into the cached object and start filling from its body."""
         now = self.reactor.seconds()
         if reply.code == 304 and stale is not None:
             fresh = freshness(reply.header("Cache-Control"), reply.header("Expires"), reply.header("Date"),
                               now, self.default_ttl)
+            reply.discard()
             self.store.refresh(stale, _refreshed(stale.meta, now, fresh.lifetime))
+            self._down_until.pop(key, None)
             return stale
         if reply.code not in (200, 206) and not (reply.code == 416 and reply.total == 0):
-            reply.discard()
             raise OriginUnavailable(f"{reply.url}: unexpected status {reply.code}")
         meta, storable = meta_from_reply(key, reply, now, self.default_ttl)
-        if stale is not None and stale.meta.same_representation(meta) and storable and not stale.evicted:
+        self._down_until.pop(key, None)
+        reusable = (
+            stale is not None
+            and storable
+            and not stale.evicted
+            and (meta.etag is not None or meta.last_modified is not None)  # size alone proves nothing
+            and stale.meta.same_representation(meta)
+        )
+        if reusable:
+            assert stale is not None
             self.store.refresh(stale, meta)
             obj = stale
         else:
@@ -223,11 +247,21 @@ class Filler:
             self._fetch_run(state, run)
 
     def wait(self, obj: CachedObject, path: str, offset: int) -> "Deferred[None]":
-        """Fires once bytes are readable at C{offset}; fails with L{FillFailed} if they never will be."""
+        """
+        Fires once bytes are readable at C{offset}; fails with L{FillFailed} if they never will be.
+
+        If the slice is owned by a fetch still more than C{steal_distance} slices behind it (a viewer
+        seeking ahead of another viewer's sequential fill), that fetch's slices from here on are taken
+        over by a new ranged fetch, so the viewer does not wait for the whole way in between.
+        """
         if self.readable(obj, offset):
             return succeed(None)
-        self.ensure(obj, path, offset, offset)
         state = self._state(obj, path)
+        index = offset // obj.slice_size
+        owner = state.inflight.get(index)
+        if owner is not None and index - owner.position // obj.slice_size > self.steal_distance:
+            self._steal(state, owner, index)
+        self.ensure(obj, path, offset, offset)
         d: Deferred[None] = Deferred()
         state.waiters.append((offset, d))
         self._wake(state)
@@ -272,6 +306,19 @@ class Filler:
         ss = state.obj.slice_size
         d = Deferred.fromCoroutine(fetch.request(run[0] * ss, min((run[-1] + 1) * ss, state.obj.meta.size) - 1))
         d.addErrback(fetch.resume)
+
+    def _steal(self, state: _ObjectState, owner: "_Fetch", index: int) -> None:
+        run = []
+        while index in owner.owned and not state.progress.get(index):
+            run.append(index)
+            owner.owned.discard(index)
+            index += 1
+        if run:
+            log.info("fetching slices {a}-{b} of {key} apart from a slower fill", a=run[0], b=run[-1],
+                     key=state.obj.meta.key)
+            self._fetch_run(state, run)
+            if not owner.owned:
+                owner.stop()
 
     def _start(self, state: _ObjectState, reply: OriginReply) -> None:
         """Write C{reply}'s body into the object: it owns every missing, unowned slice it covers."""
@@ -323,7 +370,8 @@ class _Fetch:
         self.state = state
         self.owned = owned
         self.position = 0
-        self.resumes = 0
+        self.resumes = 0  # resumptions since the last one that brought new bytes
+        self.resumed_at = -1  # position at the last resumption
         self.transport: Any = None
         self.idle: Any = None
         self.reply: Optional[OriginReply] = None
@@ -346,8 +394,10 @@ class _Fetch:
             self.transport.stopProducing()
 
     async def request(self, first: int, last: int) -> None:
-        obj = self.state.obj
-        conditional = {"If-Range": obj.meta.etag} if obj.meta.etag and not obj.meta.etag.startswith("W/") else None
+        meta = self.state.obj.meta
+        validator = meta.etag if meta.etag and not meta.etag.startswith("W/") else meta.last_modified
+        conditional = {"If-Range": validator} if validator else None
+        self.position = first
         reply = await self.filler.origin.fetch(self.state.path, first, last, conditional)
         self.check(reply)
         self.receive(reply)
@@ -375,6 +425,8 @@ class _Fetch:
 
     def dataReceived(self, data: bytes) -> None:
         if self.finished:
+            if self.transport is not None:
+                self.transport.stopProducing()
             return
         self._arm_idle()
         self.filler.origin_bytes += len(data)
@@ -388,14 +440,19 @@ class _Fetch:
                 slice_start = index * ss
                 slice_end = min(slice_start + ss, size)
                 n = min(len(view) - i, slice_end - position)
-                if state.inflight.get(index) is self and state.progress.get(index) == position - slice_start:
-                    obj.write(position, view[i : i + n])
-                    written = state.progress[index] = state.progress[index] + n
-                    if slice_start + written == slice_end:
-                        obj.commit_slice(index)
-                        del state.inflight[index]
-                        del state.progress[index]
-                        self.owned.discard(index)
+                if state.inflight.get(index) is self:
+                    written_to = slice_start + state.progress.get(index, 0)
+                    if position < written_to:
+                        n = min(n, written_to - position)  # already written (a resend from earlier): skip
+                    elif position == written_to:
+                        obj.write(position, view[i : i + n])
+                        written = state.progress[index] = state.progress[index] + n
+                        if slice_start + written == slice_end:
+                            obj.commit_slice(index)
+                            del state.inflight[index]
+                            del state.progress[index]
+                            self.owned.discard(index)
+                    # position > written_to cannot happen: bodies are contiguous and start at or before it
                 i += n
                 position += n
         except (StoreError, OSError) as e:
@@ -413,6 +470,13 @@ class _Fetch:
             more = reply is None or reply.length is None or position < reply.first + reply.length
             if self.transport is not None and more:
                 self.transport.stopProducing()
+
+    def stop(self) -> None:
+        """Every slice we owned went to other fetches: drop the origin body."""
+        self.finished = True
+        self._cancel_idle()
+        if self.transport is not None:
+            self.transport.stopProducing()
 
     def _cancel_idle(self) -> None:
         if self.idle is not None and self.idle.active():
@@ -436,6 +500,9 @@ class _Fetch:
             self.fail(why if self.resumes < self.filler.max_resumes else
                       Failure(FillFailed(f"origin failed {self.resumes + 1} times: {why.getErrorMessage()}")))
             return
+        if self.position > self.resumed_at:
+            self.resumes = 0  # the last attempt made progress: an origin that drops long bodies still completes
+        self.resumed_at = self.position
         self.resumes += 1
         state, obj = self.state, self.state.obj
         ss = obj.slice_size
@@ -464,8 +531,8 @@ class _Fetch:
             self.transport.stopProducing()
         state = self.state
         log.warn("fill of {key} failed: {why}", key=state.obj.meta.key, why=failure.getErrorMessage())
-        if failure.check(StoreError) and self.filler.store.get(state.obj.meta.key) is state.obj:
-            self.filler.store.remove(state.obj.meta.key)
+        if failure.check(StoreError, OriginStatus) and self.filler.store.get(state.obj.meta.key) is state.obj:
+            self.filler.store.remove(state.obj.meta.key)  # a full disk, or the object is gone at the origin
         for index in list(self.owned):
             if state.inflight.get(index) is self:
                 del state.inflight[index]
@@ -477,6 +544,5 @@ class _Fetch:
 
 
 def _refreshed(meta: ObjectMeta, now: float, lifetime: float) -> ObjectMeta:
-    import attrs
-
+    
     return attrs.evolve(meta, fetched_at=now, expires_at=now + lifetime)

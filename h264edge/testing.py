@@ -27,7 +27,7 @@ class OriginFile:
     data: bytes
     content_type: str = "application/octet-stream"
     etag: Optional[str] = None
-    last_modified: str = field(factory=lambda: formatdate(1_700_000_000, usegmt=True))
+    last_modified: Optional[str] = field(factory=lambda: formatdate(1_700_000_000, usegmt=True))
     cache_control: Optional[str] = None
 
     def __attrs_post_init__(self) -> None:
@@ -74,6 +74,7 @@ class MemoryOrigin(Resource):
         self.dribble: Optional[tuple[int, float]] = None
         self.honour_conditionals = True
         self.drops_left = 0  # drop this many requests' connections before any answer
+        self.drop_every: Optional[int] = None  # drop every answer after this many body bytes
 
     def add(self, path: str, data: bytes, **kwargs: Any) -> OriginFile:
         f = self.files[path] = OriginFile(data, **kwargs)
@@ -92,7 +93,7 @@ class MemoryOrigin(Resource):
         rng = request.getHeader(b"Range")
         entry = OriginLog(request.method.decode(), path, rng.decode() if rng else None, 200)
         self.log.append(entry)
-        if self.drops_left > 0:
+        if self.drops_left > 0:  # before anything is sent
             self.drops_left -= 1
             entry.code = 0
             request.channel.transport.abortConnection()  # type: ignore[union-attr]
@@ -106,8 +107,10 @@ class MemoryOrigin(Resource):
             entry.code = 404
             request.setResponseCode(404)
             return b"not found\n"
-        request.setHeader(b"ETag", f.etag.encode())  # type: ignore[union-attr]
-        request.setHeader(b"Last-Modified", f.last_modified.encode())
+        if f.etag:
+            request.setHeader(b"ETag", f.etag.encode())
+        if f.last_modified:
+            request.setHeader(b"Last-Modified", f.last_modified.encode())
         request.setHeader(b"Content-Type", f.content_type.encode())
         request.setHeader(b"Accept-Ranges", b"bytes")
         if f.cache_control:
@@ -150,8 +153,18 @@ class MemoryOrigin(Resource):
             self.aborts_left -= 1
             limit = max(0, min(limit, self.abort_after - body_first))
             abort = True
+        if self.drop_every is not None and limit > self.drop_every:
+            limit, abort = self.drop_every, True
         piece, interval = self.dribble if self.dribble else (64 * 1024, 0.0)
         position = 0
+        pending: list[Any] = []
+
+        def cancel(_: object) -> None:
+            for call in pending:
+                if call.active():
+                    call.cancel()
+
+        request.notifyFinish().addBoth(cancel)
 
         def step() -> None:
             nonlocal position
@@ -163,17 +176,13 @@ class MemoryOrigin(Resource):
             position += len(chunk)
             if position >= limit:
                 if abort:
-                    request.channel.transport.abortConnection()  # type: ignore[union-attr]
+                    # drop the connection once what was written has gone out: a body that ends early
+                    transport = request.channel.transport  # type: ignore[union-attr]
+                    pending[:] = [self.reactor.callLater(0.02, transport.abortConnection)]
                 else:
                     request.finish()
                 return
-            if interval:
-                self.reactor.callLater(interval, step)
-            else:
-                step_soon()
-
-        def step_soon() -> None:
-            self.reactor.callLater(0, step)
+            pending[:] = [self.reactor.callLater(interval, step)]
 
         step()
 

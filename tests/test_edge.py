@@ -187,8 +187,9 @@ class FailureTests(EdgeTestCase):
         self.assertTrue(BODY.startswith(body))
         self.assertLess(len(body), len(BODY))
         obj = self.store.get("/a.bin")
-        if obj is not None:
-            self.assertEqual(obj.missing_slices(2, obj.slice_count - 1), list(range(2, obj.slice_count)))
+        self.assertIsNotNone(obj)
+        assert obj is not None
+        self.assertEqual(obj.missing_slices(2, obj.slice_count - 1), list(range(2, obj.slice_count)))
         self.origin.aborts_left = 0
         response, body = await self.get("/a.bin")
         self.assertEqual(body, BODY)
@@ -221,6 +222,7 @@ class FailureTests(EdgeTestCase):
         response, body = await self.get("/s.bin")
         self.assertEqual(body, BODY)
         await self.origin_port.stopListening()
+        await self.origin_client.pool.closeCachedConnections()
         response, body = await self.get("/s.bin")
         self.assertEqual((response.code, body), (200, BODY))
 
@@ -359,3 +361,77 @@ class PurgeTests(EdgeTestCase):
         self.assertEqual(response.code, 404)
         response, body = await self.get("/p.bin")
         self.assertEqual((header(response, "X-Cache"), body), ("MISS", BODY))
+
+
+class ResumeTests(EdgeTestCase):
+    async def test_resume_answered_with_200_completes_the_half_written_slice(self) -> None:
+        self.origin.add("/r.bin", BODY)
+        self.origin.abort_after = 3 * SLICE + 5000
+        self.origin.aborts_left = 1
+        self.origin.dribble = (30001, 0.0)  # pieces that never line up with the cut
+        self.origin.ignore_range = True
+        response, body = await self.get("/r.bin")
+        self.assertEqual((response.code, body), (200, BODY))
+        self.assertEqual(self.origin.requests, 2)
+
+    async def test_origin_that_drops_every_long_body_still_completes(self) -> None:
+        big = random_bytes(40 * SLICE, seed=3)
+        self.origin.add("/big.bin", big)
+        self.origin.drop_every = 100_000  # no answer carries more than 100 kB
+        response, body = await self.get("/big.bin")
+        self.assertEqual((response.code, body), (200, big))
+        self.assertGreater(self.origin.requests, 20)
+
+    async def test_tail_range_during_a_slow_whole_miss_does_not_wait_for_the_fill(self) -> None:
+        big = random_bytes(40 * SLICE, seed=4)
+        self.origin.add("/big.bin", big)
+        self.origin.dribble = (16 * 1024, 0.01)  # the whole body takes ~1.6 s
+        whole = defer.Deferred.fromCoroutine(self.get("/big.bin"))
+        await self.settle(0.1)
+        response, body = await self.get("/big.bin", {"Range": f"bytes={len(big) - 100}-"})
+        self.assertEqual((response.code, body), (206, big[-100:]))
+        self.assertLess(self.origin.log[0].sent, len(big) // 2, "the tail waited for the sequential fill")
+        response, body = await whole
+        self.assertEqual(body, big)
+        self.assertLessEqual(self.origin.bytes_sent, len(big) + 2 * SLICE)
+
+    async def test_object_gone_at_the_origin_during_the_fill_is_dropped(self) -> None:
+        self.origin.add("/g.bin", BODY)
+        await self.get("/g.bin", {"Range": "bytes=0-10"})
+        del self.origin.files["/g.bin"]
+        response, body = await self.get("/g.bin", {"Range": f"bytes={5 * SLICE}-{5 * SLICE + 10}"})
+        self.assertNotEqual(response.code, 206)
+        self.assertIsNone(self.store.get("/g.bin"))
+
+
+class ValidatorTests(EdgeTestCase):
+    async def test_same_size_new_etag_is_refetched_not_mixed(self) -> None:
+        self.origin.add("/v.bin", BODY, cache_control="max-age=0")
+        await self.get("/v.bin", {"Range": "bytes=0-10"})  # slice 0 only
+        new = random_bytes(len(BODY), seed=9)
+        self.origin.add("/v.bin", new, cache_control="max-age=0")
+        response, body = await self.get("/v.bin")
+        self.assertEqual(body, new)
+
+    async def test_without_validators_old_slices_are_never_reused(self) -> None:
+        f = self.origin.add("/n.bin", BODY, cache_control="max-age=0")
+        f.etag = None
+        f.last_modified = None
+        await self.get("/n.bin", {"Range": "bytes=0-10"})
+        new = random_bytes(len(BODY), seed=10)
+        g = self.origin.add("/n.bin", new, cache_control="max-age=0")
+        g.etag = None
+        g.last_modified = None
+        response, body = await self.get("/n.bin")
+        self.assertEqual(body, new)
+
+    async def test_stale_copy_is_served_at_once_while_origins_are_known_down(self) -> None:
+        self.origin.add("/s.bin", BODY, cache_control="max-age=0")
+        await self.get("/s.bin")
+        await self.origin_port.stopListening()
+        await self.origin_client.pool.closeCachedConnections()
+        requests = self.origin_client.requests
+        for _ in range(3):
+            response, body = await self.get("/s.bin")
+            self.assertEqual((response.code, body), (200, BODY))
+        self.assertEqual(self.origin_client.requests, requests + 2)  # one contact (two rounds), then none

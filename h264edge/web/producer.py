@@ -14,7 +14,7 @@ On a plain TCP connection, span bytes that are already readable go out with C{os
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from attrs import define
 from twisted.internet import tcp
@@ -101,6 +101,7 @@ class PlanProducer:
         paths: Mapping[str, str],
         filler: Filler,
         chunk: int = CHUNK,
+        on_early_failure: Optional[Callable[[Failure], None]] = None,
     ) -> None:
         self.request = request
         self.parts = plan.parts
@@ -108,6 +109,7 @@ class PlanProducer:
         self.paths = paths
         self.filler = filler
         self.chunk = chunk
+        self.on_early_failure = on_early_failure  # answers an error status if nothing was sent yet
         self._part = 0
         self._done_in_part = 0
         self._paused = False
@@ -263,6 +265,9 @@ class PlanProducer:
             why=failure.getErrorMessage(),
         )
         self.request.unregisterProducer()
+        if not self.request.startedWriting and self.on_early_failure is not None:
+            self.on_early_failure(failure)  # no byte went out yet: a proper error answer is still possible
+            return
         transport = self.request.channel.transport if self.request.channel else None
         if transport is not None:
             transport.abortConnection()

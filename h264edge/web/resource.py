@@ -19,7 +19,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from h264edge import flv, mp4
 from h264edge.errors import EdgeError, ObjectChanged, OriginStatus, OriginUnavailable
-from h264edge.fill import Filler, FillFailed, _Shared
+from h264edge.fill import Filler, FillFailed, SharedResult
 from h264edge.plan import Plan
 from h264edge.store import CachedObject, SliceStore, StoreError
 from h264edge.web.http import (
@@ -113,7 +113,7 @@ class EdgeResource(Resource):
         self.keep_query = keep_query
         self.pass_methods = tuple(m.upper() for m in pass_methods)
         self.exact_seek = exact_seek
-        self._parsing: dict[tuple[Any, ...], _Shared] = {}
+        self._parsing: dict[tuple[Any, ...], SharedResult] = {}
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -133,6 +133,8 @@ class EdgeResource(Resource):
 
     def _plain(self, request: Request, code: int, message: str) -> bytes:
         body = (message + "\n").encode("utf-8", "replace")
+        if code != 416:
+            request.responseHeaders.removeHeader(b"Content-Range")
         request.setResponseCode(code)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         request.setHeader(b"Content-Length", str(len(body)).encode())
@@ -226,7 +228,8 @@ class EdgeResource(Resource):
         if request.method == b"HEAD" or plan.length == 0:
             request.finish()
             return
-        producer = PlanProducer(request, plan, {target.key: obj}, {target.key: origin_path}, self.filler)
+        producer = PlanProducer(request, plan, {target.key: obj}, {target.key: origin_path}, self.filler,
+                                on_early_failure=lambda failure: self._failed(failure, request))
         request.notifyFinish().addErrback(lambda _: producer.stopProducing())
         producer.start()
 
@@ -250,7 +253,7 @@ class EdgeResource(Resource):
         shared = self._parsing.get(cache_key)
         if shared is None:
             d = Deferred.fromCoroutine(self._parse_mp4(obj, path))
-            shared = self._parsing[cache_key] = _Shared(d)
+            shared = self._parsing[cache_key] = SharedResult(d)
 
             def done(result: Any) -> Any:
                 self._parsing.pop(cache_key, None)
