@@ -127,7 +127,8 @@ class Filler:
     def object_for(self, key: str, path: str, first: int = 0, last: Optional[int] = None) -> "Deferred[CachedObject]":
         """
         The fresh object for C{key}: from the store, revalidated, or from a new origin contact whose body
-        starts filling bytes C{first}..C{last} (the part the viewer wants first).  Concurrent callers for
+        starts filling bytes C{first}..C{last} (the part the viewer wants first; C{first < 0} means the
+        last C{-first} bytes).  Concurrent callers for
         one key share one origin contact.  A stale object is served when every origin is down.
         """
         obj = self.store.get(key)
@@ -149,8 +150,11 @@ class Filler:
         self, key: str, path: str, first: int, last: Optional[int], stale: Optional[CachedObject]
     ) -> CachedObject:
         ss = self.store.slice_size
-        rfirst = (first // ss) * ss
-        rlast = None if last is None else (last // ss + 1) * ss - 1
+        if first < 0:  # a suffix range: ask for the tail (whole slices of it are kept)
+            rfirst, rlast = first, None
+        else:
+            rfirst = (first // ss) * ss
+            rlast = None if last is None else (last // ss + 1) * ss - 1
         conditional: dict[str, str] = {}
         if stale is not None:
             if stale.meta.etag:
@@ -159,7 +163,7 @@ class Filler:
                 conditional["If-Modified-Since"] = stale.meta.last_modified
         try:
             reply = await self.origin.fetch(path, rfirst, rlast, conditional or None)
-            if reply.code == 416 and rfirst > 0:
+            if reply.code == 416 and rfirst != 0:
                 # the wanted range starts past the end: learn the object from its first slice instead
                 reply = await self.origin.fetch(path, 0, ss - 1, conditional or None)
         except OriginUnavailable:

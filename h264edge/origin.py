@@ -77,7 +77,7 @@ class OriginReply:
 
     def discard(self) -> None:
         """We do not want this body: drop the connection rather than read it."""
-        _Discard_body(self.response)
+        discard_body(self.response)
 
 
 class _Discard:
@@ -156,12 +156,17 @@ class OriginClient:
         method: str = "GET",
     ) -> OriginReply:
         """
-        GET C{path} asking for bytes C{first}..C{last} (inclusive; None = to the end).
+        GET C{path} asking for bytes C{first}..C{last} (inclusive; None = to the end; a negative
+        C{first} asks for the last C{-first} bytes).
 
         With C{first == 0 and last is None} we still send C{Range: bytes=0-} so that the answer carries
         the total size in Content-Range even from an origin that streams without Content-Length.
         """
-        headers: dict[Any, Any] = {"Range": f"bytes={first}-{'' if last is None else last}", "Accept-Encoding": "identity"}
+        if first < 0:
+            wanted = f"bytes=-{-first}"  # a suffix range: the last -first bytes
+        else:
+            wanted = f"bytes={first}-{'' if last is None else last}"
+        headers: dict[Any, Any] = {"Range": wanted, "Accept-Encoding": "identity"}
         if conditional:
             headers.update(conditional)
         failures: list[str] = []
@@ -191,7 +196,7 @@ class OriginClient:
                     continue
                 code = response.code
                 if code >= 500:
-                    _Discard_body(response)
+                    discard_body(response)
                     failures.append(f"{base}: {code}")
                     log.warn("origin {url} answered {code}", url=url, code=code)
                     continue
@@ -207,22 +212,22 @@ class OriginClient:
         if code == 206:
             value = header(hdrs, "Content-Range")
             if value is None:
-                _Discard_body(response)
+                discard_body(response)
                 raise OriginUnavailable(f"{url}: 206 without Content-Range")
             try:
                 cr_first, cr_last, total = parse_content_range(value)
             except ValueError as e:
-                _Discard_body(response)
+                discard_body(response)
                 raise OriginUnavailable(f"{url}: {e}") from None
             if cr_first is None or cr_last is None:
-                _Discard_body(response)
+                discard_body(response)
                 raise OriginUnavailable(f"{url}: 206 with unsatisfied Content-Range")
             first = cr_first
             length = cr_last - cr_first + 1
         elif code == 200:
             total = length
         elif code in (304,):
-            _Discard_body(response)
+            discard_body(response)
         elif code == 416:
             value = header(hdrs, "Content-Range")
             if value:
@@ -230,9 +235,9 @@ class OriginClient:
                     total = parse_content_range(value)[2]
                 except ValueError:
                     pass
-            _Discard_body(response)
+            discard_body(response)
         else:
-            _Discard_body(response)
+            discard_body(response)
             raise OriginStatus(code)
         return OriginReply(code, hdrs, first, length, total, url, raw)
 
@@ -267,7 +272,7 @@ def _is_timeout(error: BaseException) -> bool:
     return any(reason.check(CancelledError, TxTimeoutError) for reason in reasons)
 
 
-def _Discard_body(response: Any) -> None:
+def discard_body(response: Any) -> None:
     raw: Any = getattr(response, "original", response)
     try:
         raw.deliverBody(_Discard())

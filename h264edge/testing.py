@@ -177,7 +177,7 @@ class MemoryOrigin(Resource):
             if position >= limit:
                 if abort:
                     # drop the connection once what was written has gone out: a body that ends early
-                    transport = request.channel.transport  # type: ignore[union-attr]
+                    transport: Any = request.channel.transport  # type: ignore[union-attr]
                     pending[:] = [self.reactor.callLater(0.02, transport.abortConnection)]
                 else:
                     request.finish()

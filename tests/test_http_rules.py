@@ -22,6 +22,10 @@ class TargetTests(SynchronousTestCase):
         self.assertEqual((target.path, target.key, target.origin_query), ("/v/a.mp4", "/v/a.mp4?token=x", "token=x"))
         self.assertEqual((target.start, target.end, target.kind), ("3", "9", "mp4"))
 
+    def test_start_and_end_belong_to_other_paths(self) -> None:
+        target = parse_target(b"/list.json", b"start=3&end=9")
+        self.assertEqual((target.key, target.start, target.end), ("/list.json?start=3&end=9", None, None))
+
     def test_ignore_query(self) -> None:
         self.assertEqual(parse_target(b"/a.flv", b"utm=1", keep_query=False).key, "/a.flv")
 

@@ -54,7 +54,9 @@ def parse_target(raw_path: bytes, raw_query: bytes, keep_query: bool = True) -> 
     Normalise a request path so it can never escape the origin's root.
 
     Percent-decoding happens once; C{.} and C{..} segments, NUL and other control bytes, backslashes and
-    invalid UTF-8 are refused (a cache must not guess what an origin would make of them).
+    invalid UTF-8 are refused (a cache must not guess what an origin would make of them).  On MP4 and
+    FLV paths, C{start} and C{end} are the pseudo-streaming parameters: kept out of the key and of the
+    origin's query.  On other paths they are ordinary parameters.
     """
     if not raw_path.startswith(b"/"):
         raise BadRequest("the path must start with /")
@@ -76,12 +78,13 @@ def parse_target(raw_path: bytes, raw_query: bytes, keep_query: bool = True) -> 
         pairs = parse_qsl(raw_query.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
     except UnicodeDecodeError:
         raise BadRequest("the query string is not UTF-8") from None
+    seekable = path.lower().endswith(MP4_EXTENSIONS + FLV_EXTENSIONS)
     start = end = None
     rest: list[tuple[str, str]] = []
     for name, value in pairs:
-        if name == "start":
+        if seekable and name == "start":
             start = value
-        elif name == "end":
+        elif seekable and name == "end":
             end = value
         else:
             rest.append((name, value))

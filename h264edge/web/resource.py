@@ -41,7 +41,7 @@ MAX_TOP_LEVEL_BOXES = 4096
 
 
 class MoovTooLarge(mp4.UnsupportedMP4):
-    pass
+    """The clip's moov is over the --max-moov cap: seeking it would cost too much memory."""
 
 
 def _status_for(failure: Failure) -> tuple[int, str]:
@@ -198,13 +198,13 @@ class EdgeResource(Resource):
         else:
             plan = Plan.whole(target.key, meta.size)
 
-        request.setHeader(b"X-Cache", self._cache_status(obj, plan, existed).encode())
         if etag:
             request.setHeader(b"ETag", etag.encode("latin-1"))
         if last_modified:
             request.setHeader(b"Last-Modified", last_modified.encode("latin-1"))
         request.setHeader(b"Accept-Ranges", b"bytes")
         if not_modified(_h(request, b"If-None-Match"), _h(request, b"If-Modified-Since"), etag, last_modified):
+            request.setHeader(b"X-Cache", b"HIT" if existed else b"MISS")
             request.setResponseCode(304)
             request.finish()
             return
@@ -219,11 +219,13 @@ class EdgeResource(Resource):
                 byte_range = parse_range(_h(request, b"Range"), total)
             except Unsatisfiable:
                 request.setHeader(b"Content-Range", f"bytes */{total}".encode())
+                request.setHeader(b"X-Cache", b"HIT" if existed else b"MISS")
                 raise
         if byte_range is not None:
             plan = plan.slice(*byte_range)
             request.setResponseCode(206)
             request.setHeader(b"Content-Range", f"bytes {byte_range[0]}-{byte_range[1]}/{total}".encode())
+        request.setHeader(b"X-Cache", self._cache_status(obj, plan, existed).encode())
         request.setHeader(b"Content-Length", str(plan.length).encode())
         if request.method == b"HEAD" or plan.length == 0:
             request.finish()
@@ -362,7 +364,10 @@ def _h(request: Request, name: bytes) -> Optional[str]:
 
 
 def _range_hint(value: Optional[bytes]) -> Optional[tuple[int, Optional[int]]]:
-    """Where a plain Range request starts, to fetch those slices first on a miss (size unknown yet)."""
+    """
+    Where a plain Range request starts, to fetch those slices first on a miss (size unknown yet);
+    C{(-N, None)} for a suffix range (the last N bytes).
+    """
     if not value:
         return None
     try:
@@ -373,6 +378,8 @@ def _range_hint(value: Optional[bytes]) -> Optional[tuple[int, Optional[int]]]:
     if unit.strip().lower() != "bytes" or "," in spec:
         return None
     first_s, _, last_s = spec.strip().partition("-")
+    if first_s.strip() == "" and last_s.strip().isdigit() and int(last_s) > 0:
+        return -int(last_s), None  # a suffix: the last N bytes
     if not first_s.strip().isdigit():
         return None
     first = int(first_s)
