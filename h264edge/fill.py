@@ -119,6 +119,7 @@ class Filler:
         # keys whose origins all failed while a stale copy stood in: serve it without asking again until then
         self._down_until: dict[str, float] = {}
         self.stale_retry = 10.0
+        self._viewers: dict[int, int] = {}  # id(object) -> viewers streaming from it
         self.steal_distance = 4  # slices
         self.origin_bytes = 0  # statistics: body bytes received from origins
 
@@ -210,6 +211,26 @@ class Filler:
             return obj
         self._start(self._state(obj, path), reply)
         return obj
+
+    def hold(self, obj: CachedObject) -> None:
+        """A viewer streams from C{obj}; paired with L{let_go}."""
+        self._viewers[id(obj)] = self._viewers.get(id(obj), 0) + 1
+
+    def let_go(self, obj: CachedObject) -> None:
+        """
+        A viewer of C{obj} is done.  When the last viewer of a transient (no-store) object leaves, its
+        fetches stop: nobody will read those bytes and they are kept nowhere.
+        """
+        left = self._viewers.get(id(obj), 1) - 1
+        if left > 0:
+            self._viewers[id(obj)] = left
+            return
+        self._viewers.pop(id(obj), None)
+        state = self._states.get(id(obj))
+        if obj.transient and state is not None:
+            for fetch in {id(f): f for f in state.inflight.values()}.values():
+                fetch.abandon()
+            self._wake(state)  # waiters left behind by the viewers that went away
 
     @property
     def busy(self) -> bool:
@@ -474,6 +495,17 @@ class _Fetch:
             more = reply is None or reply.length is None or position < reply.first + reply.length
             if self.transport is not None and more:
                 self.transport.stopProducing()
+
+    def abandon(self) -> None:
+        """Nobody needs our slices any more: release them (their partial bytes are dropped) and stop."""
+        state = self.state
+        for index in list(self.owned):
+            if state.inflight.get(index) is self:
+                del state.inflight[index]
+                state.progress.pop(index, None)
+        self.owned.clear()
+        self.stop()
+        self.filler._forget_if_idle(state)
 
     def stop(self) -> None:
         """Every slice we owned went to other fetches: drop the origin body."""

@@ -451,3 +451,29 @@ class ValidatorTests(EdgeTestCase):
             response, body = await self.get("/s.bin")
             self.assertEqual((response.code, body), (200, BODY))
         self.assertEqual(self.origin_client.requests, requests + 2)  # one contact (two rounds), then none
+
+
+class TransientTests(EdgeTestCase):
+    async def test_no_store_fetch_stops_when_its_viewer_leaves(self) -> None:
+        big = random_bytes(40 * SLICE, seed=5)
+        self.origin.add("/live.bin", big, cache_control="no-store")
+        self.origin.dribble = (16 * 1024, 0.01)
+        response = await self.client.get(self.edge_url + "/live.bin", unbuffered=True)
+        self.assertEqual(response.code, 200)
+        from twisted.internet.protocol import Protocol
+
+        got: defer.Deferred[None] = defer.Deferred()
+
+        class LeaveEarly(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                if not got.called:
+                    got.callback(None)
+                    self.transport.stopProducing()  # the viewer leaves
+
+        response.deliverBody(LeaveEarly())
+        await got
+        await self.settle(0.5)
+        sent = self.origin.bytes_sent
+        await self.settle(0.3)
+        self.assertEqual(self.origin.bytes_sent, sent, "the origin kept sending to nobody")
+        self.assertLess(sent, len(big) // 2)

@@ -119,9 +119,14 @@ class PlanProducer:
         self._socket: Optional[int] = None
         self._run: Optional[_SendfileRun] = None
         self._sendfile_used = False
+        self._held: list[CachedObject] = []
         self.sent = 0
 
     def start(self) -> None:
+        self._held = list({id(obj): obj for obj in self.objects.values()}.values())
+        for obj in self._held:
+            self.filler.hold(obj)
+        self.request.notifyFinish().addBoth(self._let_go)
         if self.use_sendfile:
             self._socket = sendfile_socket(self.request)
         self.request.registerProducer(self, True)
@@ -132,6 +137,12 @@ class PlanProducer:
                 if self.filler.readable(obj, part.offset) < part.length:
                     self.filler.ensure(obj, self.paths[part.key], part.offset, part.offset + part.length - 1)
         self._pump()
+
+    def _let_go(self, result: object = None) -> None:
+        """The answer ended (sent, aborted or the viewer left): the objects need us no more."""
+        held, self._held = self._held, []
+        for obj in held:
+            self.filler.let_go(obj)
 
     # IPushProducer
     def pauseProducing(self) -> None:
