@@ -239,9 +239,12 @@ class Filler:
 
     # -- reading --------------------------------------------------------------------------------
 
-    def readable(self, obj: CachedObject, offset: int) -> int:
-        """Bytes that may be read at C{offset} right now (committed, or written by a fill in flight)."""
-        n = obj.available_from(offset)
+    def readable(self, obj: CachedObject, offset: int, limit: Optional[int] = None) -> int:
+        """
+        Bytes that may be read at C{offset} right now (committed, or written by a fill in flight); with
+        C{limit}, an answer of at least that much may stop looking further.
+        """
+        n = obj.available_from(offset, limit)
         if n:
             return n
         state = self._states.get(id(obj))

@@ -227,13 +227,20 @@ class CachedObject:
         present = self._entry.present
         return [i for i in range(first, last + 1) if not present[i >> 3] >> (i & 7) & 1]
 
-    def available_from(self, offset: int) -> int:
-        """Contiguous bytes readable at C{offset} from present slices, capped at the object's end."""
+    def available_from(self, offset: int, limit: int | None = None) -> int:
+        """
+        Contiguous bytes readable at C{offset} from present slices, capped at the object's end; the
+        bitmap is scanned only as far as needed to answer about C{limit} bytes when it is given.
+        """
         entry = self._entry
         size = entry.meta.size
         if not 0 <= offset < size:
             return 0
+        if self.complete:
+            return size - offset
         count = entry.slice_count
+        if limit is not None:
+            count = min(count, (offset + limit - 1) // entry.slice_size + 1)
         present = entry.present
         first = end = offset // entry.slice_size
         while end < count and present[end >> 3] >> (end & 7) & 1:
