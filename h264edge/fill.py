@@ -34,7 +34,10 @@ class FillFailed(EdgeError):
 
 
 class SharedResult:
-    """One outcome handed to any number of waiters, each with its own Deferred."""
+    """
+    One outcome handed to any number of waiters, each with its own Deferred.  It consumes the
+    outcome of the Deferred it is given: add callbacks that need the result before wrapping it.
+    """
 
     def __init__(self, d: "Deferred[Any]") -> None:
         self._waiting: list[Deferred[Any]] = []

@@ -241,6 +241,23 @@ class ColdAndCachedSeekTests(SeekEdgeTestCase):
         self.assertEqual(self.origin.requests, requests)
         self.assertEqual(second, first)
 
+    async def test_later_seeks_reuse_the_parsed_index(self) -> None:
+        from h264edge import mp4
+
+        path = self.put("av_moov_end.mp4")
+        parses: list[int] = []
+        real = mp4.SeekIndex.from_moov.__func__  # type: ignore[attr-defined]
+
+        def counting(cls: type, *args: object) -> object:
+            parses.append(1)
+            return real(cls, *args)
+
+        self.patch(mp4.SeekIndex, "from_moov", classmethod(counting))
+        for start in ("3.1", "7.9", "12.4"):
+            response, _ = await self.fetch(path + "?start=" + start)
+            self.assertEqual(response.code, 200)
+        self.assertEqual(len(parses), 1)
+
     async def test_seek_into_cached_clip_is_a_hit(self) -> None:
         path = self.put("av_moov_end.mp4")
         _, whole = await self.fetch(path)

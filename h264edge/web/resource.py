@@ -255,7 +255,6 @@ class EdgeResource(Resource):
         shared = self._parsing.get(cache_key)
         if shared is None:
             d = Deferred.fromCoroutine(self._parse_mp4(obj, path))
-            shared = self._parsing[cache_key] = SharedResult(d)
 
             def done(result: Any) -> Any:
                 self._parsing.pop(cache_key, None)
@@ -263,7 +262,8 @@ class EdgeResource(Resource):
                     self.indexes.put(cache_key, result)
                 return result
 
-            d.addBoth(done)
+            d.addBoth(done)  # before SharedResult, which consumes the result
+            shared = self._parsing[cache_key] = SharedResult(d)
         result: mp4.SeekIndex = await shared.result()
         return result
 
