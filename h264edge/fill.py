@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from h264edge.errors import EdgeError, ObjectChanged, OriginStatus, OriginUnavailable
 from h264edge.freshness import freshness
-from h264edge.origin import OriginReply
+from h264edge.origin import OriginClient, OriginReply
 from h264edge.store import CachedObject, ObjectMeta, SliceStore, StoreError
 
 log = Logger()
@@ -101,7 +101,7 @@ class Filler:
     def __init__(
         self,
         store: SliceStore,
-        origin: Any,
+        origin: OriginClient,
         reactor: Any = None,
         default_ttl: float = 3600.0,
         idle_timeout: float = 30.0,

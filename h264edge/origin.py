@@ -21,10 +21,8 @@ from twisted.internet.interfaces import IProtocol
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 from twisted.web.http_headers import Headers
-from zope.interface import implementer
 
 from h264edge.errors import OriginStatus, OriginUnavailable
-from h264edge.interfaces import IOrigin
 
 log = Logger()
 
@@ -106,7 +104,6 @@ _TRANSIENT = (
 )
 
 
-@implementer(IOrigin)
 class OriginClient:
     """
     Ranged GETs against one or more origin base URLs, tried in order.

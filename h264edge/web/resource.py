@@ -20,6 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from h264edge import flv, mp4
 from h264edge.errors import EdgeError, ObjectChanged, OriginStatus, OriginUnavailable
 from h264edge.fill import Filler, FillFailed, SharedResult
+from h264edge.origin import OriginClient
 from h264edge.plan import Plan
 from h264edge.store import CachedObject, SliceStore, StoreError
 from h264edge.web.http import (
@@ -93,7 +94,7 @@ class EdgeResource(Resource):
     def __init__(
         self,
         store: SliceStore,
-        origin: Any,
+        origin: OriginClient,
         *,
         reactor: Any = None,
         default_ttl: float = 3600.0,
