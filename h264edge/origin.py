@@ -17,10 +17,13 @@ from attrs import frozen
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import deferLater
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as TxTimeoutError
-from twisted.internet.interfaces import IProtocol
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseNeverReceived
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from h264edge.errors import OriginStatus, OriginUnavailable
 
@@ -94,6 +97,48 @@ class _Discard:
         pass
 
 
+ORIGIN_READ_SIZE = 256 * 1024
+
+
+@implementer(IStreamClientEndpoint)
+class _LargeReads:
+    """
+    Connects like C{endpoint}, then lets the TCP transport read up to C{size} bytes per call: an origin
+    body arrives in a quarter of the calls of Twisted's 64 KiB default, which measured ~30% faster cold
+    misses (each read is written through to disk and wakes the readers).
+    """
+
+    def __init__(self, endpoint: Any, size: int) -> None:
+        self._endpoint = endpoint
+        self._size = size
+
+    def connect(self, factory: Any) -> Any:
+        def grow(protocol: Any) -> Any:
+            transport = getattr(protocol, "transport", None)
+            if transport is not None and hasattr(transport, "bufferSize"):
+                transport.bufferSize = self._size
+            return protocol
+
+        return self._endpoint.connect(factory).addCallback(grow)
+
+
+@implementer(IAgentEndpointFactory)
+class _OriginEndpoints:
+    """Plain TCP (or TLS for https) connections to origins, with large reads."""
+
+    def __init__(self, reactor: Any, timeout: float, read_size: int) -> None:
+        self._reactor = reactor
+        self._timeout = timeout
+        self._read_size = read_size
+        self._tls = BrowserLikePolicyForHTTPS()
+
+    def endpointForURI(self, uri: Any) -> Any:
+        endpoint: Any = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout)
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
+        return _LargeReads(endpoint, self._read_size)
+
+
 _TRANSIENT = (
     ConnectError,
     DNSLookupError,
@@ -135,7 +180,8 @@ class OriginClient:
         pool.maxPersistentPerHost = pool_size
         pool.retryAutomatically = True  # GETs are idempotent: a stale keep-alive connection is retried once
         self.pool = pool
-        self._client = treq.client.HTTPClient(Agent(reactor, connectTimeout=timeout, pool=pool))  # type: ignore[arg-type]
+        agent = Agent.usingEndpointFactory(reactor, _OriginEndpoints(reactor, timeout, ORIGIN_READ_SIZE), pool=pool)
+        self._client = treq.client.HTTPClient(agent)  # type: ignore[arg-type]
         self.requests = 0  # statistics: origin requests sent
         self.passes = 2  # rounds over the origin list before giving up (a dropped connection gets a second try)
         self.retry_delay = 0.05
