@@ -173,7 +173,8 @@ class IndexLoader(service.Service):
             self._rescan.start(self.rescan_every, now=False)
 
     def _scan(self) -> Any:
-        self._task = task.cooperate(self.store.rebuild_steps())
+        # small steps: each blocks the reactor for a few ms, so requests are answered while it loads
+        self._task = task.cooperate(self.store.rebuild_steps(batch=200))
         self._scanning = True
         d = self._task.whenDone()
         d.addBoth(self._scanned)
