@@ -93,3 +93,22 @@ class ConditionalTests(SynchronousTestCase):
         self.assertFalse(range_applies('"b"', '"a"', LM))
         self.assertTrue(range_applies(LM, '"a"', LM))
         self.assertFalse(range_applies("Mon, 13 Nov 2023 00:00:00 GMT", '"a"', LM))
+
+
+class SeekPlanCacheTests(SynchronousTestCase):
+    def test_budget_evicts_least_recently_used(self) -> None:
+        from h264edge.plan import Literal, Plan, Span
+        from h264edge.web.resource import SeekPlanCache
+
+        cache = SeekPlanCache(max_bytes=1000)
+        plans = {name: Plan((Literal(bytes(300)), Span("k", 0, 10))) for name in "abc"}
+        for name in "abc":
+            cache.put((name,), plans[name])
+        self.assertIsNone(cache.get(("a",)))  # 3 x 500 > 1000: the oldest went
+        self.assertIs(cache.get(("b",)), plans["b"])
+        cache.put(("d",), plans["a"])
+        self.assertIsNone(cache.get(("c",)))
+        self.assertIs(cache.get(("b",)), plans["b"])
+        cache.put(("huge",), Plan((Literal(bytes(5000)),)))
+        self.assertIsNone(cache.get(("huge",)))
+        self.assertLessEqual(cache.size, 1000)

@@ -9,6 +9,7 @@ and goes out through one L{PlanProducer}.  Errors become one status and a short 
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from typing import Any, Iterable, Optional
 
 from twisted.internet.defer import Deferred
@@ -21,7 +22,7 @@ from h264edge import flv, mp4
 from h264edge.errors import EdgeError, ObjectChanged, OriginStatus, OriginUnavailable
 from h264edge.fill import Filler, FillFailed, SharedResult
 from h264edge.origin import OriginClient
-from h264edge.plan import Plan
+from h264edge.plan import Literal, Plan
 from h264edge.store import CachedObject, SliceStore, StoreError
 from h264edge.web.http import (
     BadRequest,
@@ -110,6 +111,7 @@ class EdgeResource(Resource):
         self.origin = origin
         self.filler = filler or Filler(store, origin, reactor=reactor, default_ttl=default_ttl)
         self.indexes = mp4.SeekIndexCache(seek_cache_bytes)
+        self.seek_plans = SeekPlanCache(seek_cache_bytes // 4)
         self.max_moov = max_moov
         self.keep_query = keep_query
         self.pass_methods = tuple(m.upper() for m in pass_methods)
@@ -191,7 +193,11 @@ class EdgeResource(Resource):
             # an end at or past the last track's end keeps every sample, exactly as no end does; passing
             # a huge one on overflows the media-time arithmetic (end=1e308 was a 502)
             end = seek[1] if seek[1] is not None and seek[1] < index.duration else None
-            plan = mp4.plan_for_seek(index, target.key, seek[0], end, self.exact_seek)
+            plan_key = (target.key, meta.size, meta.etag, meta.last_modified, seek[0], end, self.exact_seek)
+            plan = self.seek_plans.get(plan_key)
+            if plan is None:
+                plan = mp4.plan_for_seek(index, target.key, seek[0], end, self.exact_seek)
+                self.seek_plans.put(plan_key, plan)
             etag = _derived_etag(obj, f"mp4:{seek[0]!r}:{end!r}:{self.exact_seek}")
         elif flv_offset:
             plan = await self._flv_plan(obj, origin_path, flv_offset)
@@ -357,6 +363,39 @@ class EdgeResource(Resource):
         request.setHeader(b"X-Cache", b"MISS")
         request.write(content)
         request.finish()
+
+
+class SeekPlanCache:
+    """
+    Recently answered seeks (a shared link's ?start=, a chapter mark): their plans, so a repeated seek
+    builds nothing.  Budgeted by the bytes of the plans' literal parts; keyed by the object's
+    validators as well as start/end, so a changed clip never meets an old plan.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._entries: OrderedDict[tuple[Any, ...], tuple[Plan, int]] = OrderedDict()
+
+    def get(self, key: tuple[Any, ...]) -> Optional[Plan]:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key: tuple[Any, ...], plan: Plan) -> None:
+        cost = sum(len(part.data) for part in plan.parts if isinstance(part, Literal)) + 200
+        if cost > self.max_bytes:
+            return
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.size -= old[1]
+        self._entries[key] = (plan, cost)
+        self.size += cost
+        while self.size > self.max_bytes:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self.size -= evicted
 
 
 def _h(request: Request, name: bytes) -> Optional[str]:
