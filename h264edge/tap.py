@@ -50,14 +50,14 @@ class Options(usage.Options):
         ["slice-size", None, "1M", "Cache objects are kept in slices of this many bytes."],
         ["default-ttl", None, "3600", "Seconds an answer stays fresh when the origin says nothing."],
         ["origin-timeout", None, "10", "Seconds to wait for an origin to connect or answer."],
-        ["seek-cache", None, "256M", "Memory for parsed MP4 seek indexes (K/M/G suffixes)."],
+        ["seek-cache", None, "256M", "Memory for parsed MP4 seek indexes, plus a quarter more for recent seek answers."],
         ["max-moov", None, "64M", "Largest MP4 moov box the edge will parse for a seek."],
         ["workers", None, "1", "Processes serving the --listen port (TCP only) from one cache directory."],
     ]
     optFlags = [
         ["ignore-query", None, "Leave the query string out of the cache key (tracking parameters)."],
         ["exact-seek", None, "Start MP4 seeks exactly at start= (lead-in hidden by an edit list)."],
-        ["no-sync", None, "Do not fsync before recording slices as present (faster, less crash-safe)."],
+        ["no-sync", None, "Do not fdatasync before recording slices as present (faster; unsafe on power loss)."],
     ]
 
     def __init__(self) -> None:
