@@ -132,8 +132,8 @@ class Filler:
         """
         The fresh object for C{key}: from the store, revalidated, or from a new origin contact whose body
         starts filling bytes C{first}..C{last} (the part the viewer wants first; C{first < 0} means the
-        last C{-first} bytes).  Concurrent callers for
-        one key share one origin contact.  A stale object is served when every origin is down.
+        last C{-first} bytes).  Concurrent callers for one key share one origin contact.  A stale object
+        is served when every origin is down, and for C{stale_retry} seconds after that without asking.
         """
         obj = self.store.get(key)
         if obj is not None:
@@ -173,7 +173,10 @@ class Filler:
         except OriginUnavailable:
             if stale is not None:
                 log.warn("serving stale {key}: no origin answered", key=key)
-                self._down_until[key] = self.reactor.seconds() + self.stale_retry
+                now = self.reactor.seconds()
+                if len(self._down_until) > 10_000:  # keep it bounded through a long outage
+                    self._down_until = {k: t for k, t in self._down_until.items() if t > now}
+                self._down_until[key] = now + self.stale_retry
                 return stale
             raise
         try:
