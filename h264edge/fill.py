@@ -29,6 +29,9 @@ from h264edge.store import CachedObject, ObjectMeta, SliceStore, StoreError
 log = Logger()
 
 
+_LOOK = object()  # object_for's "look the key up yourself"
+
+
 class FillFailed(EdgeError):
     """The bytes a reader waits for will not arrive (origin gone, object changed, disk full)."""
 
@@ -128,14 +131,17 @@ class Filler:
 
     # -- finding the object -------------------------------------------------------------------
 
-    def object_for(self, key: str, path: str, first: int = 0, last: Optional[int] = None) -> "Deferred[CachedObject]":
+    def object_for(
+        self, key: str, path: str, first: int = 0, last: Optional[int] = None, *, cached: Any = _LOOK
+    ) -> "Deferred[CachedObject]":
         """
         The fresh object for C{key}: from the store, revalidated, or from a new origin contact whose body
         starts filling bytes C{first}..C{last} (the part the viewer wants first; C{first < 0} means the
         last C{-first} bytes).  Concurrent callers for one key share one origin contact.  A stale object
         is served when every origin is down, and for C{stale_retry} seconds after that without asking.
+        C{cached} is what the caller already got from C{store.get(key)}, to spare a second lookup.
         """
-        obj = self.store.get(key)
+        obj = self.store.get(key) if cached is _LOOK else cached
         if obj is not None:
             now = self.reactor.seconds()
             if obj.meta.is_fresh(now) or self._down_until.get(key, 0.0) > now:

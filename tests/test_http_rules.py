@@ -11,6 +11,7 @@ from h264edge.web.http import (
     parse_seek,
     parse_target,
     range_applies,
+    range_hint,
 )
 
 LM = "Tue, 14 Nov 2023 22:13:20 GMT"
@@ -72,6 +73,15 @@ class RangeTests(SynchronousTestCase):
         self.assertRaises(Unsatisfiable, parse_range, "bytes=100-", 100)
         self.assertRaises(Unsatisfiable, parse_range, "bytes=-0", 100)
         self.assertRaises(Unsatisfiable, parse_range, "bytes=0-", 0)
+
+
+class RangeHintTests(SynchronousTestCase):
+    def test_where_a_miss_starts_fetching(self) -> None:
+        self.assertEqual(range_hint("bytes=100-200"), (100, 200))
+        self.assertEqual(range_hint("bytes=100-"), (100, None))
+        self.assertEqual(range_hint("bytes=-500"), (-500, None))
+        for value in (None, "bytes=-0", "bytes=0-1,5-6", "items=1-2", "bytes=9-3", "bytes=x-"):
+            self.assertIsNone(range_hint(value))
 
 
 class ConditionalTests(SynchronousTestCase):

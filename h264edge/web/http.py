@@ -134,12 +134,11 @@ class Unsatisfiable(EdgeError):
     """A Range that does not overlap the representation: 416."""
 
 
-def parse_range(value: Optional[str], length: int) -> Optional[tuple[int, int]]:
+def _range_spec(value: Optional[str]) -> Optional[tuple[Optional[int], Optional[int]]]:
     """
-    The single byte range C{(first, last)} asked for, or None to answer the whole representation (no
-    Range, a syntax we ignore as RFC 9110 allows, or several ranges, which we answer with 200).
-
-    @raise Unsatisfiable: a well-formed range that lies wholly past the end.
+    The one C{bytes=} range in a Range value as C{(first, last)}: C{(None, N)} for a suffix of N bytes,
+    C{(F, None)} for "from F on".  None for no Range, a syntax we ignore as RFC 9110 allows, several
+    ranges (answered with 200), or C{last < first}.
     """
     if value is None:
         return None
@@ -155,22 +154,48 @@ def parse_range(value: Optional[str], length: int) -> Optional[tuple[int, int]]:
     first_s, last_s = spec.groups()
     if first_s == "" and last_s == "":
         return None
-    if first_s == "":
-        suffix = int(last_s)
-        if suffix == 0:
+    first = int(first_s) if first_s else None
+    last = int(last_s) if last_s else None
+    if first is not None and last is not None and last < first:
+        return None
+    return first, last
+
+
+def parse_range(value: Optional[str], length: int) -> Optional[tuple[int, int]]:
+    """
+    The single byte range C{(first, last)} asked for, clamped to a representation of C{length} bytes,
+    or None to answer the whole representation.
+
+    @raise Unsatisfiable: a well-formed range that lies wholly past the end.
+    """
+    spec = _range_spec(value)
+    if spec is None:
+        return None
+    first, last = spec
+    if first is None:
+        assert last is not None
+        if last == 0:
             raise Unsatisfiable("an empty suffix range")
         if length == 0:
             raise Unsatisfiable("the representation is empty")
-        return max(0, length - suffix), length - 1
-    first = int(first_s)
-    last = int(last_s) if last_s else None
-    if last is not None and last < first:
-        return None
+        return max(0, length - last), length - 1
     if first >= length:
         raise Unsatisfiable(f"byte {first} is past the end ({length} bytes)")
-    if last is None:
-        last = length - 1
-    return first, min(last, length - 1)
+    return first, length - 1 if last is None else min(last, length - 1)
+
+
+def range_hint(value: Optional[str]) -> Optional[tuple[int, Optional[int]]]:
+    """
+    Where a Range request starts, to fetch those slices first on a miss (the size is not known yet):
+    C{(first, last or None)}, or C{(-N, None)} for a suffix range (the last N bytes).
+    """
+    spec = _range_spec(value)
+    if spec is None:
+        return None
+    first, last = spec
+    if first is None:
+        return (-last, None) if last else None
+    return first, last
 
 
 # -- conditionals -------------------------------------------------------------------------------

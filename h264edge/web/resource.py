@@ -34,6 +34,7 @@ from h264edge.web.http import (
     parse_seek,
     parse_target,
     range_applies,
+    range_hint,
 )
 from h264edge.web.producer import PlanProducer
 
@@ -180,11 +181,12 @@ class EdgeResource(Resource):
         if seek is not None or flv_offset or request.method == b"HEAD":
             last = self.store.slice_size - 1  # the container head first; the rest follows the plan
         else:
-            hint = _range_hint(request.getHeader(b"Range"))
+            hint = range_hint(_h(request, b"Range"))
             if hint is not None:
                 first, last = hint
-        existed = self.store.get(target.key) is not None
-        obj = await self.filler.object_for(target.key, origin_path, first, last)
+        cached = self.store.get(target.key)
+        existed = cached is not None
+        obj = await self.filler.object_for(target.key, origin_path, first, last, cached=cached)
         meta = obj.meta
 
         etag, last_modified = meta.etag, meta.last_modified
@@ -401,32 +403,6 @@ class SeekPlanCache:
 def _h(request: Request, name: bytes) -> Optional[str]:
     value = request.getHeader(name)
     return value.decode("latin-1") if value is not None else None
-
-
-def _range_hint(value: Optional[bytes]) -> Optional[tuple[int, Optional[int]]]:
-    """
-    Where a plain Range request starts, to fetch those slices first on a miss (size unknown yet);
-    C{(-N, None)} for a suffix range (the last N bytes).
-    """
-    if not value:
-        return None
-    try:
-        text = value.decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    unit, _, spec = text.partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
-        return None
-    first_s, _, last_s = spec.strip().partition("-")
-    if first_s.strip() == "" and last_s.strip().isdigit() and int(last_s) > 0:
-        return -int(last_s), None  # a suffix: the last N bytes
-    if not first_s.strip().isdigit():
-        return None
-    first = int(first_s)
-    last = int(last_s) if last_s.strip().isdigit() else None
-    if last is not None and last < first:
-        return None
-    return first, last
 
 
 def _derived_etag(obj: CachedObject, variant: str) -> Optional[str]:
