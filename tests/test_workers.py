@@ -119,7 +119,8 @@ class EndToEndTests(SynchronousTestCase):
         with open(os.path.join(self.dir, f"log{self.procs.index(proc)}"), "rb") as f:
             return f.read().decode("utf-8", "replace")
 
-    def test_two_processes_serve_one_port_and_stop_cleanly(self) -> None:
+    def start_two_worker_edge(self) -> tuple[subprocess.Popen[bytes], int]:
+        """A static origin and `twistd h264edge --workers=2` in front of it, both listening."""
         origin_port, edge_port = free_port(), free_port()
         origin = self.start(sys.executable, "-m", "twisted", "web", "--path", "origin",
                             "--listen", f"tcp:{origin_port}:interface=127.0.0.1")
@@ -130,6 +131,10 @@ class EndToEndTests(SynchronousTestCase):
             f"--listen=tcp:{edge_port}:interface=127.0.0.1",
         )
         wait_for_port(edge_port, edge)
+        return edge, edge_port
+
+    def test_two_processes_serve_one_port_and_stop_cleanly(self) -> None:
+        edge, edge_port = self.start_two_worker_edge()
         served_by: set[str] = set()
         paths = list(self.files) * 4  # rounds of 24 requests, 8 at a time, each on its own connection
         with ThreadPoolExecutor(8) as pool:
@@ -156,16 +161,7 @@ class EndToEndTests(SynchronousTestCase):
         self.assertIn("worker 1 [", self.output(edge))  # the worker's log reached the parent's
 
     def test_a_killed_worker_is_replaced_and_the_parent_killed_takes_its_workers(self) -> None:
-        origin_port, edge_port = free_port(), free_port()
-        origin = self.start(sys.executable, "-m", "twisted", "web", "--path", "origin",
-                            "--listen", f"tcp:{origin_port}:interface=127.0.0.1")
-        wait_for_port(origin_port, origin)
-        edge = self.start(
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-            "h264edge", "--workers=2", f"--origin=http://127.0.0.1:{origin_port}/", "--cache-dir=cache",
-            f"--listen=tcp:{edge_port}:interface=127.0.0.1",
-        )
-        wait_for_port(edge_port, edge)
+        edge, edge_port = self.start_two_worker_edge()
         first = self.wait_for_workers(edge.pid, set())
         os.kill(first.pop(), signal.SIGKILL)
         second = self.wait_for_workers(edge.pid, first)
