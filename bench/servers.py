@@ -382,6 +382,7 @@ class Edge(Server):
             *self.twistd_options,
             "h264edge", f"--origin={self.origin_url}", f"--cache-dir={self.cache_dir}",
             "--max-size=50G", f"--listen=tcp:{self.ports['http']}:interface=127.0.0.1",
+            "--access-log=off",  # like nginx's access_log off
             *self.extra,
         ]
 

@@ -14,11 +14,11 @@ from twisted.application import service, strports
 from twisted.internet import endpoints, task
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
 
 from h264edge.origin import OriginClient
 from h264edge.store import SliceStore
 from h264edge.store._store import ORPHAN_GRACE
+from h264edge.web.hot import EdgeSite
 from h264edge.web.resource import EdgeResource
 from h264edge.workers import LISTEN_FD, InheritedPort, WorkerPool, site_naming_process
 
@@ -53,6 +53,9 @@ class Options(usage.Options):
         ["seek-cache", None, "256M", "Memory for parsed MP4 seek indexes, plus a quarter more for recent seek answers."],
         ["max-moov", None, "64M", "Largest MP4 moov box the edge will parse for a seek."],
         ["workers", None, "1", "Processes serving the --listen port (TCP only) from one cache directory."],
+        ["hot-cache", None, "64M", "Memory for whole answers to plain GETs of small cached objects (up to 64K), "
+         "served without twisted.web's per-request machinery; 0 turns this hot path off."],
+        ["access-log", None, "", "Access log (combined format): a file path, 'off', or empty for the twistd log."],
     ]
     optFlags = [
         ["ignore-query", None, "Leave the query string out of the cache key (tracking parameters)."],
@@ -112,7 +115,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["origins"]:
             raise usage.UsageError("--origin=URL is required")
-        for name in ("max-size", "slice-size", "seek-cache", "max-moov"):
+        for name in ("max-size", "slice-size", "seek-cache", "max-moov", "hot-cache"):
             self[name] = parse_size(self[name])
         for name in ("default-ttl", "origin-timeout"):
             try:
@@ -229,10 +232,13 @@ def makeService(options: Options) -> service.MultiService:
         keep_query=not options["ignore-query"],
         pass_methods=options["pass-methods"],
         exact_seek=options["exact-seek"],
+        hot_bytes=options["hot-cache"],
     )
     shared = options["workers"] > 1 or options["listen-fd"] is not None
     IndexLoader(store, rescan_every=RESCAN_INTERVAL if shared else None).setServiceParent(top)
-    site = Site(resource)
+    access_log = options["access-log"]
+    site = EdgeSite(resource, resource.hot, logPath=access_log if access_log not in ("", "off") else None)
+    site.access_log = access_log != "off"
     site.displayTracebacks = False
     if options["listen-fd"] is not None:
         InheritedPort(options["listen-fd"], site_naming_process(site)).setServiceParent(top)

@@ -11,11 +11,11 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
 
 from h264edge.origin import OriginClient
 from h264edge.store import SliceStore
 from h264edge.testing import MemoryOrigin, listen_origin
+from h264edge.web.hot import EdgeSite
 from h264edge.web.resource import EdgeResource
 
 SLICE = 64 * 1024
@@ -41,8 +41,8 @@ class EdgeTestCase(TestCase):
         self.store = SliceStore(self.cache_dir, max_size=self.max_size, slice_size=self.slice_size, sync=False)
         self.origin_client = OriginClient(origins or [self.origin_url], timeout=5)
         self.edge = EdgeResource(self.store, self.origin_client, **kwargs)
-        site = Site(self.edge)
-        site.log = lambda request: None  # type: ignore[method-assign]
+        site = self.site = EdgeSite(self.edge, self.edge.hot)
+        site.access_log = False
         self.edge_port = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.edge_url = f"http://127.0.0.1:{self.edge_port.getHost().port}"
         port, pool, store = self.edge_port, self.origin_client.pool, self.store

@@ -456,6 +456,7 @@ class EvictionTests(StoreTestCase):
 
     def test_unreferenced_objects_hold_no_descriptor(self) -> None:
         store = self.open_store()
+        gc.collect()  # earlier tests' garbage may hold descriptors
         before = len(os.listdir("/proc/self/fd"))
         for n in range(50):
             self.fill(store, f"/{n}", 20, seed=n)

@@ -238,6 +238,11 @@ class CachedObject:
         return self._entry.meta
 
     @property
+    def identity(self) -> object:
+        """What L{SliceStore.peek_complete} reports for this object while this data file serves its key."""
+        return self._entry
+
+    @property
     def slice_size(self) -> int:
         return self._entry.slice_size
 
@@ -381,6 +386,7 @@ class SliceStore:
         if slice_size <= 0 or max_size < 0:
             raise ValueError("slice_size must be positive and max_size not negative")
         self.root = root
+        self._root_slash = os.path.join(root, "")
         self.max_size = max_size
         self.slice_size = slice_size
         self.used_bytes = 0
@@ -412,25 +418,48 @@ class SliceStore:
         The indexed object for C{key} (now most recently used), or None.  An object another process
         removed is None here too; one it cached is found on disk.
         """
-        entry = self._index.get(key)
-        if entry is not None and entry.on_disk:
-            entry = self._check_disk(entry)
+        entry = self._find(key)
         if entry is None:
-            entry = self._load_one(key)
-            if entry is None:
-                return None
+            return None
         try:
             obj = self._handle(entry)
         except StoreError as e:
             log.info("dropping {key!r}: {error}", key=key, error=e)
             self._drop(entry)
             return None
+        self._used(key, entry, obj.fileno())
+        return obj if entry.indexed else None
+
+    def peek_complete(self, key: str) -> tuple[object, ObjectMeta] | None:
+        """
+        C{(identity, meta)} of C{key}'s object if it is indexed and complete, else None: the same
+        disk checks as L{get} and the same LRU use, without opening the data file.  C{identity} is
+        the same object for as long as the same data file serves the key (handles share it, see
+        L{CachedObject.identity}), so a copy of the bytes taken earlier is still the object's bytes.
+        """
+        entry = self._find(key)
+        if entry is None or not entry.indexed or entry.present_count != entry.slice_count:
+            return None
+        self._used(key, entry, None)
+        return entry, entry.meta
+
+    def _find(self, key: str) -> _Entry | None:
+        """The entry of C{key} as the disk has it now: indexed, or loaded from a sidecar; None if neither."""
+        entry = self._index.get(key)
+        if entry is not None and entry.on_disk:
+            entry = self._check_disk(entry)
+        if entry is None:
+            entry = self._load_one(key)
+        return entry
+
+    def _used(self, key: str, entry: _Entry, fd: int | None) -> None:
+        """C{entry} is being served: most recently used; persist a due batch or the last use lazily."""
         self._index.move_to_end(key)
         self._rebuilt.discard(key)
         now = self._now()
         entry.last_used = now
         if entry.pending and now - entry.pending_since >= PERSIST_INTERVAL:
-            self._persist_or_log(entry, obj.fileno())
+            self._persist_or_log(entry, fd)
         elif entry.on_disk and now - entry.use_persisted >= LAST_USE_PERSIST_INTERVAL:
             entry.use_persisted = now
             try:
@@ -440,7 +469,6 @@ class SliceStore:
                 entry.stamp = _stamp(st)
             except OSError:
                 pass  # only the LRU order after a restart suffers
-        return obj if entry.indexed else None
 
     def create(self, meta: ObjectMeta, transient: bool = False) -> CachedObject:
         """
@@ -714,7 +742,8 @@ class SliceStore:
         return os.path.join(self.root, h[0:2], h[2:4])
 
     def _meta_path(self, h: str) -> str:
-        return os.path.join(self.root, h[0:2], h[2:4], f"{h}.meta")
+        # on every get() (the cross-process check): a plain format is a few times cheaper than os.path.join
+        return f"{self._root_slash}{h[0:2]}/{h[2:4]}/{h}.meta"
 
     def _data_path(self, entry: _Entry) -> str:
         return os.path.join(self._dir(entry.hash), f"{entry.hash}.{entry.token}.data")

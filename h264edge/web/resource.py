@@ -36,6 +36,7 @@ from h264edge.web.http import (
     range_applies,
     range_hint,
 )
+from h264edge.web.hot import HotAnswers
 from h264edge.web.producer import PlanProducer
 
 log = Logger()
@@ -106,6 +107,7 @@ class EdgeResource(Resource):
         pass_methods: Iterable[str] = (),
         exact_seek: bool = False,
         filler: Optional[Filler] = None,
+        hot_bytes: int = 0,
     ) -> None:
         super().__init__()
         self.store = store
@@ -118,6 +120,8 @@ class EdgeResource(Resource):
         self.pass_methods = tuple(m.upper() for m in pass_methods)
         self.exact_seek = exact_seek
         self._parsing: dict[tuple[Any, ...], SharedResult] = {}
+        #: answers to plain GETs of small complete objects, for L{EdgeSite}'s hot path (None: off)
+        self.hot = HotAnswers(store, hot_bytes, reactor) if hot_bytes > 0 else None
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -234,11 +238,15 @@ class EdgeResource(Resource):
             plan = plan.slice(*byte_range)
             request.setResponseCode(206)
             request.setHeader(b"Content-Range", f"bytes {byte_range[0]}-{byte_range[1]}/{total}".encode())
-        request.setHeader(b"X-Cache", self._cache_status(obj, plan, existed).encode())
+        cache_status = self._cache_status(obj, plan, existed)
+        request.setHeader(b"X-Cache", cache_status.encode())
         request.setHeader(b"Content-Length", str(plan.length).encode())
         if request.method == b"HEAD" or plan.length == 0:
             request.finish()
             return
+        if self.hot is not None and cache_status == "HIT" and byte_range is None and seek is None and not flv_offset \
+                and request.method == b"GET":
+            self.hot.record(request.uri, obj, request)
         producer = PlanProducer(request, plan, {target.key: obj}, {target.key: origin_path}, self.filler,
                                 on_early_failure=lambda failure: self._failed(failure, request))
         request.notifyFinish().addErrback(lambda _: producer.stopProducing())
