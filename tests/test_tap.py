@@ -3,12 +3,13 @@
 import os
 import subprocess
 import sys
+from typing import Any
 
 from twisted.application.service import IServiceCollection
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from h264edge.tap import Options, makeService, parse_size
+from h264edge.tap import IndexLoader, Options, makeService, parse_size
 
 
 class SizeTests(SynchronousTestCase):
@@ -50,7 +51,7 @@ class OptionsTests(SynchronousTestCase):
         text = str(Options())
         for name in ("--origin", "--cache-dir", "--max-size", "--listen", "--slice-size", "--default-ttl",
                      "--origin-timeout", "--seek-cache", "--max-moov", "--ignore-query", "--exact-seek",
-                     "--pass-method", "--no-sync"):
+                     "--pass-method", "--no-sync", "--workers", "--hot-cache", "--access-log"):
             self.assertIn(name, text)
 
 
@@ -61,6 +62,25 @@ class ServiceTests(SynchronousTestCase):
         top = makeService(options)
         self.assertTrue(IServiceCollection.providedBy(top))
         self.assertEqual(len(list(top)), 2)
+
+    def site_of(self, *argv: str) -> Any:
+        from h264edge.web.hot import EdgeSite
+
+        options = Options()
+        options.parseOptions(["--origin=http://127.0.0.1:1/", f"--cache-dir={self.mktemp()}", *argv])
+        [port] = [s for s in makeService(options) if not isinstance(s, IndexLoader)]
+        site = port.factory
+        self.assertIsInstance(site, EdgeSite)
+        return site
+
+    def test_hot_cache_and_access_log(self) -> None:
+        site = self.site_of()
+        self.assertEqual((site.hot.max_bytes, site.access_log, site.logPath), (64 * 2**20, True, None))
+        site = self.site_of("--hot-cache=0", "--access-log=off")
+        self.assertEqual((site.hot, site.access_log), (None, False))
+        path = self.mktemp()
+        site = self.site_of("--hot-cache=1M", f"--access-log={path}")
+        self.assertEqual((site.hot.max_bytes, site.access_log, site.logPath), (2**20, True, os.path.abspath(path)))
 
     def test_workers_build_a_pool_on_the_tcp_address(self) -> None:
         from h264edge.workers import WorkerPool
