@@ -11,7 +11,7 @@ import sys
 from typing import Any, Optional, Sequence
 
 from twisted.application import service, strports
-from twisted.internet import endpoints, task
+from twisted.internet import endpoints, task, threads
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -219,6 +219,7 @@ def makeService(options: Options) -> service.MultiService:
         max_size=options["max-size"],
         slice_size=options["slice-size"],
         sync=not options["no-sync"],
+        run_in_thread=threads.deferToThread,  # batches are fdatasync'ed off the reactor
         # several processes on one directory: a young unnamed data file may be another's fill
         orphan_grace=ORPHAN_GRACE if options["workers"] > 1 or options["listen-fd"] is not None else 0.0,
     )

@@ -27,6 +27,7 @@ class EdgeTestCase(TestCase):
     timeout = 120
     slice_size = SLICE
     max_size = 64 * 2**20
+    store_options: dict[str, Any] = {"sync": False}
 
     def setUp(self) -> None:
         self.origin = MemoryOrigin()
@@ -38,7 +39,8 @@ class EdgeTestCase(TestCase):
         self.client = treq.client.HTTPClient(Agent(reactor, pool=self.client_pool))
 
     def start_edge(self, origins: Optional[list[str]] = None, **kwargs: Any) -> None:
-        self.store = SliceStore(self.cache_dir, max_size=self.max_size, slice_size=self.slice_size, sync=False)
+        self.store = SliceStore(self.cache_dir, max_size=self.max_size, slice_size=self.slice_size,
+                                **self.store_options)
         self.origin_client = OriginClient(origins or [self.origin_url], timeout=5)
         self.edge = EdgeResource(self.store, self.origin_client, **kwargs)
         site = self.site = EdgeSite(self.edge, self.edge.hot)

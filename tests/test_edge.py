@@ -5,8 +5,9 @@ The edge cache end to end: a real origin on 127.0.0.1, a real store on disk, rea
 from __future__ import annotations
 
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 
+from h264edge.store import SliceStore
 from h264edge.testing import MemoryOrigin, listen_origin
 from tests.edgekit import SLICE, EdgeTestCase, header, random_bytes
 
@@ -508,3 +509,30 @@ class FullDiskTests(EdgeTestCase):
         self.patch(store_module.os, "pwrite", real_pwrite)
         response, body = await self.get("/f.bin")
         self.assertEqual((response.code, body), (200, BODY))
+
+
+class ThreadedSyncEdgeTests(EdgeTestCase):
+    """The server's store setting: fdatasync in a thread, sidecars written when it returns."""
+
+    store_options = {"sync": True, "run_in_thread": threads.deferToThread}
+
+    async def test_a_fill_survives_a_crash_once_its_sync_landed(self) -> None:
+        data = random_bytes(40 * SLICE + 100, seed=4)
+        self.origin.add("/v.mp4", data)
+        response, body = await self.get("/v.mp4")
+        self.assertEqual(body, data)
+        for _ in range(200):  # bounded: 10 s for the last batch's sync to land
+            if not self.store._dirty:
+                break
+            await self.settle()
+        # a crash: a new store on the directory, without close(); everything must be listed
+        crashed = SliceStore(self.cache_dir, max_size=self.max_size, slice_size=self.slice_size)
+        for _ in crashed.rebuild_steps():
+            pass
+        loaded = crashed.get("/v.mp4")
+        assert loaded is not None
+        self.assertTrue(loaded.complete)
+        self.assertEqual(loaded.read(0, len(data)), data)
+        await self.restart_edge()
+        response, body = await self.get("/v.mp4")
+        self.assertEqual((header(response, "X-Cache"), body, self.origin.requests), ("HIT", data, 1))

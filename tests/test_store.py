@@ -7,6 +7,7 @@ import gc
 import json
 import os
 
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from h264edge.store import CachedObject, ObjectMeta, SliceStore, StoreError
@@ -681,3 +682,110 @@ class SharedRootTests(StoreTestCase):
         self.assertRaises(StoreError, store.create, meta_for("/a", 48))
         self.assertEqual(len(store), 0)
         self.assertEqual(self.all_files(), [])
+
+
+class ManualThreads:
+    """A C{run_in_thread} whose jobs run only when the test says so (or fail)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[object, tuple[object, ...], Deferred[object]]] = []
+
+    def __call__(self, f: object, *args: object) -> Deferred[object]:
+        d: Deferred[object] = Deferred()
+        self.jobs.append((f, args, d))
+        return d
+
+    def run_next(self) -> None:
+        f, args, d = self.jobs.pop(0)
+        d.callback(f(*args))  # type: ignore[operator]
+
+    def fail_next(self, error: Exception) -> None:
+        _, _, d = self.jobs.pop(0)
+        d.errback(error)
+
+
+class ThreadedSyncTests(StoreTestCase):
+    """With C{run_in_thread}, batches are fdatasync'ed off the reactor; a sidecar lists only synced slices."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.threads = ManualThreads()
+
+    def commit(self, obj: CachedObject, indexes: range, size: int) -> None:
+        for index in indexes:
+            obj.write(index * SLICE, body(size)[index * SLICE : (index + 1) * SLICE])
+            obj.commit_slice(index)
+
+    def listed(self, key: str) -> list[int]:
+        other = SliceStore(self.root, 1 << 20, slice_size=SLICE, now=self.clock)
+        loaded = other.get(key)
+        return [] if loaded is None else [i for i in range(loaded.slice_count) if loaded.has_slice(i)]
+
+    def test_sidecar_waits_for_the_sync(self) -> None:
+        store = self.open_store(run_in_thread=self.threads)
+        size = SLICE * 40
+        obj = store.create(meta_for("/big", size))
+        self.commit(obj, range(16), size)
+        self.assertEqual(len(self.threads.jobs), 1)
+        self.assertEqual(self.listed("/big"), [])  # not before the data is on disk
+        self.commit(obj, range(16, 20), size)  # committed while the sync runs: not covered by it
+        self.threads.run_next()
+        self.assertEqual(self.listed("/big"), list(range(16)))
+        self.assertEqual(len(self.threads.jobs), 1)  # those 4 were due (16+ pending): synced next
+        self.threads.run_next()
+        self.assertEqual(self.listed("/big"), list(range(20)))
+        self.commit(obj, range(20, 40), size)  # due at 35 (16 pending), complete at 39 meanwhile
+        self.threads.run_next()
+        self.assertEqual(self.listed("/big"), list(range(36)))
+        self.threads.run_next()
+        self.assertEqual(self.listed("/big"), list(range(40)))
+        self.assertEqual(self.threads.jobs, [])
+
+    def test_batches_due_during_a_sync_follow_it(self) -> None:
+        store = self.open_store(run_in_thread=self.threads)
+        size = SLICE * 40
+        obj = store.create(meta_for("/big", size))
+        self.commit(obj, range(35), size)  # due at 16 and at 32: the second waits for the first
+        self.assertEqual(len(self.threads.jobs), 1)
+        self.threads.run_next()
+        self.assertEqual(len(self.threads.jobs), 1)  # the pending 19 start at once
+        self.threads.run_next()
+        self.assertEqual(self.listed("/big"), list(range(35)))
+
+    def test_failed_sync_drops_the_object(self) -> None:
+        store = self.open_store(run_in_thread=self.threads)
+        obj = store.create(meta_for("/a", 64))
+        self.commit(obj, range(4), 64)
+        self.threads.fail_next(OSError(errno.EIO, "I/O error"))
+        self.assertTrue(obj.evicted)
+        self.assertEqual(obj.missing_slices(0, 3), [0, 1, 2, 3])
+        self.assertIsNone(store.get("/a"))
+        self.assertEqual(self.all_files(), [])
+
+    def test_dropped_while_syncing(self) -> None:
+        store = self.open_store(run_in_thread=self.threads)
+        obj = store.create(meta_for("/a", 64))
+        self.commit(obj, range(4), 64)
+        self.assertTrue(store.remove("/a"))
+        self.threads.run_next()
+        self.assertEqual(self.all_files(), [])
+        self.assertIsNone(store.get("/a"))
+
+    def test_store_close_syncs_what_is_pending(self) -> None:
+        store = self.open_store(run_in_thread=self.threads)
+        size = SLICE * 40
+        obj = store.create(meta_for("/big", size))
+        self.commit(obj, range(20), size)
+        store.close()  # shutdown: everything committed is synced and listed, here and now
+        self.assertEqual(self.listed("/big"), list(range(20)))
+        self.threads.run_next()  # the batch's own sync finishing later changes nothing
+        self.assertEqual(self.listed("/big"), list(range(20)))
+
+    def test_real_threads(self) -> None:
+        from twisted.internet import threads
+
+        store = self.open_store(run_in_thread=threads.deferToThread)
+        obj = store.create(meta_for("/a", 64))
+        self.commit(obj, range(4), 64)
+        store.close()
+        self.assertEqual(self.listed("/a"), [0, 1, 2, 3])

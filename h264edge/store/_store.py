@@ -14,7 +14,11 @@ Trust rules:
     sidecar is then replaced atomically (tmp, fsync, rename).  Persisting is batched: when the object
     completes, every L{PERSIST_EVERY_SLICES} slices, when the oldest unpersisted slice is older than
     L{PERSIST_INTERVAL} seconds (checked at commit and at get()), at L{CachedObject.close} and at
-    L{SliceStore.close}.  A crash loses at most the unpersisted slices; they are refetched.  The
+    L{SliceStore.close}.  With C{run_in_thread} (the server's setting) a batch's fdatasync runs in a
+    thread and the sidecar, written when it returns, lists only the slices present when it began
+    (C{_Entry.listed}); the reactor keeps receiving and sending meanwhile.  Cold fills measured
+    5-10% faster than with the sync on the reactor thread, close to C{sync=False}.  L{SliceStore.close}
+    still syncs in the caller.  A crash loses at most the unpersisted slices; they are refetched.  The
     directory is not fsync'ed after the rename: a crash may bring back the previous sidecar, which
     lists a subset of the same file's synced slices, so it is still true.
   - A data file's bitmap only ever grows: a new representation (create()) gets a new data file.
@@ -63,11 +67,13 @@ import secrets
 import time
 import weakref
 from collections import OrderedDict
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import attrs
 from attrs import define
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from h264edge.errors import EdgeError
 from h264edge.store._sidecar import (
@@ -165,15 +171,20 @@ class _Entry:
     present_count: int = attrs.field(init=False, default=0)
     evicted: bool = attrs.field(init=False, default=False)
     on_disk: bool = attrs.field(init=False, default=False)  # we or a past run wrote its sidecar
-    pending: int = attrs.field(init=False, default=0)  # slices committed since the last persist
+    pending: int = attrs.field(init=False, default=0)  # committed slices the sidecar does not list yet
     pending_since: float = attrs.field(init=False, default=0.0)
     last_used: float = attrs.field(init=False, default=0.0)
     use_persisted: float = attrs.field(init=False, default=0.0)
     stamp: tuple[int, int, int] | None = attrs.field(init=False, default=None)  # sidecar as we last saw it
+    # slices known to be on disk (synced), which a sidecar may list; a subset of present
+    listed: bytearray = attrs.field(init=False, factory=bytearray)
+    syncing: bool = attrs.field(init=False, default=False)  # a data sync runs in a thread
+    sync_again: bool = attrs.field(init=False, default=False)  # and another batch became due meanwhile
     handle: weakref.ref[CachedObject] | None = attrs.field(init=False, default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self.present_count = int.from_bytes(self.present, "little").bit_count()
+        self.listed = bytearray(self.present)
 
     @property
     def indexed(self) -> bool:
@@ -203,10 +214,19 @@ class _Entry:
         merged = int.from_bytes(self.present, "little") | int.from_bytes(other, "little")
         self.present[:] = merged.to_bytes(len(self.present), "little")
         self.present_count = merged.bit_count()
+        self.list_also(other)  # another process's sidecar lists only what it synced
         return self.present_bytes - before
+
+    def list_also(self, synced: bytes | bytearray) -> None:
+        """The slices of bitmap C{synced} are on disk: a sidecar may list them from now on."""
+        merged = int.from_bytes(self.listed, "little") | int.from_bytes(synced, "little")
+        self.listed[:] = merged.to_bytes(len(self.listed), "little")
+        unlisted = int.from_bytes(self.present, "little") & ~merged
+        self.pending = unlisted.bit_count()
 
     def forget_slices(self) -> None:
         self.present[:] = bytes(len(self.present))
+        self.listed[:] = bytes(len(self.listed))
         self.present_count = 0
         self.pending = 0
 
@@ -360,7 +380,7 @@ class CachedObject:
         object's unlinked file.
         """
         if self._entry.indexed and self._entry.pending:
-            self._store._persist_or_log(self._entry, self._fd)
+            self._store._persist_soon(self._entry, self._fd)
 
 
 class SliceStore:
@@ -382,6 +402,7 @@ class SliceStore:
         now: Callable[[], float] = time.time,
         sync: bool = True,
         orphan_grace: float = 0.0,
+        run_in_thread: Callable[..., Deferred[Any]] | None = None,
     ) -> None:
         if slice_size <= 0 or max_size < 0:
             raise ValueError("slice_size must be positive and max_size not negative")
@@ -393,6 +414,7 @@ class SliceStore:
         self._now = now
         self._sync = sync
         self._orphan_grace = orphan_grace
+        self._run_in_thread = run_in_thread if sync else None
         self._index: OrderedDict[str, _Entry] = OrderedDict()
         self._by_hash: dict[str, _Entry] = {}
         self._dirty: set[_Entry] = set()  # indexed entries with slices not yet persisted
@@ -459,7 +481,7 @@ class SliceStore:
         now = self._now()
         entry.last_used = now
         if entry.pending and now - entry.pending_since >= PERSIST_INTERVAL:
-            self._persist_or_log(entry, fd)
+            self._persist_soon(entry, fd)
         elif entry.on_disk and now - entry.use_persisted >= LAST_USE_PERSIST_INTERVAL:
             entry.use_persisted = now
             try:
@@ -771,7 +793,7 @@ class SliceStore:
 
     def _committed(self, entry: _Entry, index: int, fd: int) -> None:
         self.used_bytes += entry.slice_length(index)
-        if self._sync:
+        if self._sync and self._run_in_thread is None:
             _start_writeback(fd, index * entry.slice_size, entry.slice_length(index))
         now = self._now()
         if not entry.pending:
@@ -783,8 +805,56 @@ class SliceStore:
             or entry.pending >= PERSIST_EVERY_SLICES
             or now - entry.pending_since >= PERSIST_INTERVAL
         ):
-            self._persist_or_drop(entry, fd)
+            if self._run_in_thread is None:
+                self._persist_or_drop(entry, fd)
+            else:
+                self._persist_soon(entry, fd)
         self._evict(entry)
+
+    def _persist_soon(self, entry: _Entry, fd: int | None) -> None:
+        """
+        Persist C{entry}'s pending slices; with C{run_in_thread}, the data sync runs in a thread and
+        the sidecar is written when it is done, listing only the slices present when it began (the
+        trust rule holds: nothing is listed before it is on disk).  A disk error then drops the
+        object (nobody is waiting to be told); one sync per object at a time.
+        """
+        if self._run_in_thread is None:
+            self._persist_or_log(entry, fd)
+            return
+        if entry.syncing:
+            entry.sync_again = True
+            return
+        obj = entry.handle() if entry.handle is not None else None
+        if obj is None:
+            self._persist_or_log(entry, fd)  # nobody holds a descriptor to sync with: rare, do it here
+            return
+        entry.syncing = True
+        entry.sync_again = False
+        snapshot = bytes(entry.present)
+
+        def synced(_: object) -> None:
+            entry.syncing = False
+            if not entry.indexed:
+                return  # dropped meanwhile
+            entry.list_also(snapshot)
+            try:
+                self._write_sidecar(entry, obj.fileno())
+            except _Superseded:
+                log.info("{key!r} was removed or replaced by another process", key=entry.meta.key)
+                self._drop(entry)
+                return
+            except OSError as e:
+                self._fail(entry, e)
+                return
+            if entry.sync_again and entry.pending:
+                self._persist_soon(entry, None)
+
+        def failed(failure: Failure) -> None:
+            entry.syncing = False
+            if entry.indexed:
+                self._fail(entry, failure.value)
+
+        self._run_in_thread(os.fdatasync, obj.fileno()).addCallbacks(synced, failed)
 
     def _sync_data(self, entry: _Entry, fd: int | None) -> None:
         if fd is None:
@@ -809,6 +879,11 @@ class SliceStore:
         """
         if entry.pending and self._sync:
             self._sync_data(entry, fd)
+        entry.list_also(entry.present)
+        self._write_sidecar(entry, fd)
+
+    def _write_sidecar(self, entry: _Entry, fd: int | None) -> None:
+        """Atomically write C{entry}'s sidecar listing the synced slices (see L{_persist})."""
         path = self._meta_path(entry.hash)
         if entry.on_disk:
             # merge what other processes persisted of this data file; stop if they removed or replaced it
@@ -827,7 +902,7 @@ class SliceStore:
                     raise _Superseded()
                 self._adopt(entry, sidecar, stamp)
         last_used = entry.last_used
-        raw = encode_sidecar(entry.meta, self.slice_size, entry.token, entry.present, last_used)
+        raw = encode_sidecar(entry.meta, self.slice_size, entry.token, entry.listed, last_used)
         # per process: two processes holding one data file may persist it at the same moment
         tmp = os.path.join(self._dir(entry.hash), f"{entry.hash}.{entry.token}.{os.getpid()}.tmp")
         try:
@@ -863,8 +938,8 @@ class SliceStore:
             entry.stamp = None
         if self._data_unlinked(entry, fd):
             raise _Superseded()  # removed while we wrote: _drop takes our sidecar back
-        entry.pending = 0
-        self._dirty.discard(entry)
+        if not entry.pending:
+            self._dirty.discard(entry)
         entry.on_disk = True
         entry.use_persisted = last_used
 
