@@ -10,6 +10,7 @@ whose body it streams with L{OriginReply.deliver}, pausing the socket when it mu
 from __future__ import annotations
 
 import re
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Iterable, Mapping, Optional
 
 import treq
@@ -23,7 +24,7 @@ from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseNeverReceived
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
 from h264edge.errors import OriginStatus, OriginUnavailable
@@ -147,6 +148,47 @@ class _OriginEndpoints:
         return _LargeReads(endpoint, self._read_size)
 
 
+class EncodedBody(OriginUnavailable):
+    """The origin answered with a Content-Encoding although the edge asked for identity only."""
+
+
+@implementer(IAgent)
+class _PlainAgent:
+    """
+    The agent under treq's wrappers.  treq always adds C{Accept-Encoding: gzip} (its
+    ContentDecoderAgent) and replays cookies the origin set: an edge must not do either, since a
+    gzip-decoded body no longer matches the origin's Content-Length and Content-Range, and one
+    viewer's cookies must not reach the origin on another's behalf.  So every request leaves with
+    C{Accept-Encoding: identity} only and no Cookie, and an answer that is encoded anyway is
+    refused (L{EncodedBody}) before treq could decode it: nothing of it is cached or served.
+    """
+
+    def __init__(self, agent: Any) -> None:
+        self._agent = agent
+
+    def request(self, method: bytes, uri: bytes, headers: Optional[Headers] = None, bodyProducer: Any = None) -> Any:
+        headers = headers.copy() if headers is not None else Headers()
+        headers.setRawHeaders(b"Accept-Encoding", [b"identity"])
+        headers.removeHeader(b"Cookie")
+        return self._agent.request(method, uri, headers, bodyProducer).addCallback(self._plain, uri)
+
+    @staticmethod
+    def _plain(response: Any, uri: bytes) -> Any:
+        for value in response.headers.getRawHeaders(b"Content-Encoding") or []:
+            if value.strip().lower() not in (b"", b"identity"):
+                discard_body(response)
+                raise EncodedBody(f"{uri.decode('ascii', 'replace')}: the origin sent Content-Encoding "
+                                  f"{value.decode('latin-1')!r} although asked for identity")
+        return response
+
+
+class _NoCookies(CookieJar):
+    """A cookie jar that keeps nothing: the edge is stateless towards its origins."""
+
+    def __init__(self) -> None:
+        super().__init__(DefaultCookiePolicy(allowed_domains=[]))
+
+
 _TRANSIENT = (
     ConnectError,
     DNSLookupError,
@@ -189,7 +231,7 @@ class OriginClient:
         pool.retryAutomatically = True  # GETs are idempotent: a stale keep-alive connection is retried once
         self.pool = pool
         agent = Agent.usingEndpointFactory(reactor, _OriginEndpoints(reactor, timeout, ORIGIN_READ_SIZE), pool=pool)
-        self._client = treq.client.HTTPClient(agent)  # type: ignore[arg-type]
+        self._client = treq.client.HTTPClient(_PlainAgent(agent), cookiejar=_NoCookies())  # type: ignore[arg-type]
         self.requests = 0  # statistics: origin requests sent
         self.passes = 2  # rounds over the origin list before giving up (a dropped connection gets a second try)
         self.retry_delay = 0.05

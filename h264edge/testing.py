@@ -29,6 +29,8 @@ class OriginFile:
     etag: Optional[str] = None
     last_modified: Optional[str] = field(factory=lambda: formatdate(1_700_000_000, usegmt=True))
     cache_control: Optional[str] = None
+    content_encoding: Optional[str] = None  # sent as Content-Encoding (the body is sent as given)
+    set_cookie: Optional[str] = None  # sent as Set-Cookie
 
     def __attrs_post_init__(self) -> None:
         if self.etag is None:
@@ -42,6 +44,7 @@ class OriginLog:
     range: Optional[str]
     code: int
     sent: int = 0
+    headers: dict[str, str] = field(factory=dict)  # the request's headers (lower-case names, last value)
 
 
 class MemoryOrigin(Resource):
@@ -92,6 +95,8 @@ class MemoryOrigin(Resource):
         path = request.uri.decode("latin-1")
         rng = request.getHeader(b"Range")
         entry = OriginLog(request.method.decode(), path, rng.decode() if rng else None, 200)
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            entry.headers[name.decode("latin-1").lower()] = b", ".join(values).decode("latin-1")
         self.log.append(entry)
         if self.drops_left > 0:  # before anything is sent
             self.drops_left -= 1
@@ -115,6 +120,10 @@ class MemoryOrigin(Resource):
         request.setHeader(b"Accept-Ranges", b"bytes")
         if f.cache_control:
             request.setHeader(b"Cache-Control", f.cache_control.encode())
+        if f.content_encoding:
+            request.setHeader(b"Content-Encoding", f.content_encoding.encode())
+        if f.set_cookie:
+            request.setHeader(b"Set-Cookie", f.set_cookie.encode())
         inm = request.getHeader(b"If-None-Match")
         if self.honour_conditionals and inm is not None and inm.decode() == f.etag:
             entry.code = 304

@@ -536,3 +536,29 @@ class ThreadedSyncEdgeTests(EdgeTestCase):
         await self.restart_edge()
         response, body = await self.get("/v.mp4")
         self.assertEqual((header(response, "X-Cache"), body, self.origin.requests), ("HIT", data, 1))
+
+
+class OriginHygieneTests(EdgeTestCase):
+    """The edge asks for identity bodies only and never replays cookies an origin set."""
+
+    async def test_identity_only_and_no_cookies(self) -> None:
+        self.origin.add("/a.bin", random_bytes(1000), set_cookie="session=viewer-a; Path=/")
+        self.origin.add("/b.bin", random_bytes(1000, seed=2))
+        await self.get("/a.bin")
+        await self.get("/b.bin", headers={"Cookie": "mine=1"})
+        for entry in self.origin.log:
+            self.assertEqual(entry.headers.get("accept-encoding"), "identity")
+            self.assertNotIn("cookie", entry.headers)
+
+    async def test_an_encoded_answer_is_refused_not_decoded(self) -> None:
+        import gzip
+
+        data = random_bytes(5000)
+        self.origin.add("/z.json", gzip.compress(data), content_encoding="gzip")
+        response, body = await self.get("/z.json")
+        self.assertEqual(response.code, 502)
+        self.assertIn(b"Content-Encoding", body)
+        self.assertIsNone(self.store.get("/z.json"))
+        self.origin.add("/z.json", data)  # the origin is fixed: served and cached as sent
+        response, body = await self.get("/z.json")
+        self.assertEqual((response.code, body), (200, data))
