@@ -189,7 +189,7 @@ class PlanProducer:
                     return
                 run = min(ready, remaining)
                 if self._socket is not None and run >= SENDFILE_MIN and self._start_run(obj, position, run):
-                    return
+                    continue  # the run goes on by itself, or it is already over (see _SendfileRun)
                 try:
                     data = obj.read(position, min(run, self.chunk))
                 except OSError as e:
@@ -337,9 +337,13 @@ class _SendfileRun:
             return
         if not self._primed:
             # registerProducer's own call: the transport's buffer may still hold the headers, so
-            # wait for doWrite, which calls us only once that buffer is empty.
+            # wait for doWrite, which calls us only once that buffer is empty.  It runs now rather
+            # than on the next writable event: a fresh socket takes the headers at once, and doWrite
+            # then calls us back to start sending, a reactor turn sooner (an error it meets is met
+            # again by the reactor's own doWrite, which startWriting asked for).
             self._primed = True
             self.transport.startWriting()
+            self.transport.doWrite()
             return
         transport = self.transport
         if self.owner._stopped or not transport.connected or transport.disconnecting:
