@@ -334,6 +334,25 @@ class OriginClient:
             raise OriginStatus(code)
         return OriginReply(code, hdrs, first, length, total, url, raw)
 
+    async def probe(self) -> dict[str, str]:
+        """
+        HEAD each origin's base URL once, at startup: what each said (any HTTP status means it is
+        reachable) or why it could not be reached.  The connection then waits in the pool, so the
+        first viewer's miss does not also pay for connecting.
+        """
+        results: dict[str, str] = {}
+        for base in self.bases:
+            try:
+                response = await self._client.request(
+                    "HEAD", base, unbuffered=True, allow_redirects=False, timeout=self.timeout, reactor=self.reactor
+                )
+            except Exception as e:  # a probe reports, it never fails the server
+                results[base] = f"unreachable ({'timeout' if _is_timeout(e) else e.__class__.__name__})"
+                continue
+            discard_body(response)
+            results[base] = f"HTTP {response.code}"
+        return results
+
     async def forward(
         self, method: str, path: str, headers: Mapping[str, str], body: bytes
     ) -> "treq.response._Response":

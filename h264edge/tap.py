@@ -11,7 +11,7 @@ import sys
 from typing import Any, Optional, Sequence
 
 from twisted.application import service, strports
-from twisted.internet import endpoints, task, threads
+from twisted.internet import defer, endpoints, task, threads
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -150,6 +150,27 @@ def tcp_listen_address(description: str) -> tuple[str, int, int]:
 RESCAN_INTERVAL = 300.0
 
 
+class OriginProbe(service.Service):
+    """At startup, asks each origin once (L{OriginClient.probe}) and logs whether it answers."""
+
+    def __init__(self, origin: OriginClient) -> None:
+        self.origin = origin
+
+    def startService(self) -> None:
+        super().startService()
+        d = defer.Deferred.fromCoroutine(self.origin.probe())
+        d.addCallback(self._report)
+        d.addErrback(lambda f: log.failure("origin probe failed", f))
+
+    def _report(self, results: dict[str, str]) -> None:
+        for base, result in results.items():
+            if result.startswith("HTTP"):
+                log.info("origin {base} answers ({result})", base=base, result=result)
+            else:
+                log.warn("origin {base} is {result}; misses will fail over or answer 502/504", base=base,
+                         result=result)
+
+
 class IndexLoader(service.Service):
     """
     Rebuilds the store's LRU index from disk in the background; the edge serves meanwhile.  With
@@ -237,6 +258,7 @@ def makeService(options: Options) -> service.MultiService:
     )
     shared = options["workers"] > 1 or options["listen-fd"] is not None
     IndexLoader(store, rescan_every=RESCAN_INTERVAL if shared else None).setServiceParent(top)
+    OriginProbe(origin).setServiceParent(top)
     access_log = options["access-log"]
     site = EdgeSite(resource, resource.hot, logPath=access_log if access_log not in ("", "off") else None)
     site.access_log = access_log != "off"

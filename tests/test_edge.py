@@ -562,3 +562,17 @@ class OriginHygieneTests(EdgeTestCase):
         self.origin.add("/z.json", data)  # the origin is fixed: served and cached as sent
         response, body = await self.get("/z.json")
         self.assertEqual((response.code, body), (200, data))
+
+    async def test_probe_reports_each_origin_and_leaves_a_pooled_connection(self) -> None:
+        from h264edge.origin import OriginClient
+
+        dead = listen_origin(MemoryOrigin())[0]
+        dead_url = f"http://127.0.0.1:{dead.getHost().port}/"
+        await dead.stopListening()
+        client = OriginClient([self.origin_url, dead_url], timeout=5)
+        self.addCleanup(client.pool.closeCachedConnections)
+        results = await client.probe()
+        self.assertEqual(results[self.origin_url], "HTTP 404")  # any status: it answers
+        self.assertTrue(results[dead_url].startswith("unreachable"), results)
+        self.assertEqual([(e.method, e.path) for e in self.origin.log], [("HEAD", "/")])
+        self.assertEqual(sum(len(c) for c in client.pool._connections.values()), 1)
