@@ -513,6 +513,17 @@ class RefusalTests(SynchronousTestCase):
         )
         self.assertIn("samples", str(error))
 
+    def test_stsc_entry_with_more_samples_than_the_track_is_malformed(self) -> None:
+        source = load("av_moov_end.mp4")
+        at = source.moov.index(b"stsc") + 12 + 4  # first entry's samples_per_chunk
+        for count in (0xFFFFFFFF, 0x80000000):
+            moov = bytearray(source.moov)
+            struct.pack_into(">I", moov, at, count)
+            error = self.assertRaises(
+                MalformedMP4, SeekIndex.from_moov, bytes(moov), source.moov_offset, len(source.data), None
+            )
+            self.assertIn("stsc", str(error))
+
     def test_sample_data_past_end_of_file_is_malformed(self) -> None:
         source = load("av_faststart.mp4")
         self.assertRaises(MalformedMP4, SeekIndex.from_moov, source.moov, source.moov_offset,

@@ -232,6 +232,26 @@ class ColdAndCachedSeekTests(SeekEdgeTestCase):
         self.assertEqual(response.length, len(body))
         self.check_cut("av_moov_end.mp4", body, 5.3)
 
+    async def test_big_moov_indexed_in_a_thread_gives_the_same_answer(self) -> None:
+        from h264edge.web import resource
+
+        path = self.put("av_moov_end.mp4")
+        _, here = await self.fetch(path + "?start=5.3")
+        self.edge.indexes = type(self.edge.indexes)(2**20)  # forget the parsed index
+        self.edge.seek_plans = type(self.edge.seek_plans)(2**20)
+        threads = []
+        real = resource.deferToThreadPool
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            threads.append(args[2])
+            return real(*args, **kwargs)
+
+        self.patch(resource, "THREAD_MOOV_BYTES", 0)
+        self.patch(resource, "deferToThreadPool", counting)
+        response, threaded = await self.fetch(path + "?start=5.3")
+        self.assertEqual(threads, [resource.mp4.SeekIndex.from_moov])
+        self.assertEqual((response.code, threaded), (200, here))
+
     async def test_repeated_seek_is_a_hit_without_origin_requests(self) -> None:
         path = self.put("av_moov_end.mp4")
         _, first = await self.fetch(path + "?start=9.1")

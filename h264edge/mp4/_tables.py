@@ -20,14 +20,26 @@ import struct
 import sys
 from array import array
 from bisect import bisect_left, bisect_right
-from itertools import accumulate, chain
-from operator import mul, sub
+from itertools import accumulate
+from operator import mul
 from typing import Callable, Union
 
 import numpy as np
 from attrs import frozen
 
 from h264edge.mp4._boxes import MalformedMP4, Node, UnsupportedMP4, full_box_header, make_full_box
+
+
+def _strictly_increasing(values: array) -> bool:
+    """Each value above the one before (numpy: ~1 ms for 500k, a Python loop took ~30 ms)."""
+    numbers = np.frombuffer(values, dtype=np.dtype(values.typecode))
+    return bool(np.all(numbers[1:] > numbers[:-1]))
+
+
+def _non_decreasing(values: array) -> bool:
+    numbers = np.frombuffer(values, dtype=np.dtype(values.typecode))
+    return bool(np.all(numbers[1:] >= numbers[:-1]))
+
 
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
 
@@ -254,7 +266,7 @@ class SampleTables:
             stss_at, entries = _table(moov, stss_node, "stss", 8, 4, 4)
             stss = _be_array("I", moov[stss_at : stss_at + 4 * entries])
             if entries and (
-                stss[0] < 1 or stss[-1] > sample_count or any(map(int.__ge__, stss[:-1], stss[1:]))
+                stss[0] < 1 or stss[-1] > sample_count or not _strictly_increasing(stss)
             ):
                 raise MalformedMP4(f"{track}: stss numbers are not increasing within 1..{sample_count}")
 
@@ -264,7 +276,7 @@ class SampleTables:
         if chunks == 0:
             raise MalformedMP4(f"{track}: no chunks for {sample_count} samples")
         offsets = _be_array("I" if width == 4 else "Q", moov[first : first + width * chunks])
-        increasing = not any(map(int.__gt__, offsets[:-1], offsets[1:]))
+        increasing = _non_decreasing(offsets)
 
         node = need(b"stsc")
         stsc_at, entries = _table(moov, node, "stsc", 8, 12, 4)
@@ -274,12 +286,17 @@ class SampleTables:
         per_chunk = stsc[1::3]
         if not entries or first_chunk[0] != 1:
             raise MalformedMP4(f"{track}: stsc must start at chunk 1")
-        if first_chunk[-1] > chunks or any(map(int.__ge__, first_chunk[:-1], first_chunk[1:])):
+        if first_chunk[-1] > chunks or not _strictly_increasing(first_chunk):
             raise MalformedMP4(f"{track}: stsc chunk numbers are not increasing within 1..{chunks}")
         if 0 in per_chunk:
             raise MalformedMP4(f"{track}: stsc has an entry with zero samples per chunk")
-        spans = map(sub, chain(first_chunk[1:], (chunks + 1,)), first_chunk)
-        stsc_first_sample = array("Q", accumulate(map(mul, spans, per_chunk), initial=0))
+        # samples per stsc entry, with numpy (a two-hour clip's audio has ~100k entries: ~10 ms in Python)
+        starts = np.frombuffer(first_chunk, dtype=np.dtype(first_chunk.typecode)).astype(np.uint64)
+        spans = np.diff(np.append(starts, np.uint64(chunks + 1)))
+        samples = spans * np.frombuffer(per_chunk, dtype=np.dtype(per_chunk.typecode)).astype(np.uint64)
+        if len(samples) and int(samples.max()) > sample_count:  # each product < 2**64; their sum then cannot wrap
+            raise MalformedMP4(f"{track}: an stsc entry maps more samples than stsz has ({sample_count})")
+        stsc_first_sample = array("Q", np.concatenate((np.zeros(1, np.uint64), np.cumsum(samples))).tobytes())
         if stsc_first_sample[-1] != sample_count:
             raise MalformedMP4(
                 f"{track}: stsc maps {stsc_first_sample[-1]} samples into {chunks} chunks, stsz has {sample_count}"

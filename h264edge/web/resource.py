@@ -13,6 +13,7 @@ from collections import OrderedDict
 from typing import Any, Iterable, Optional
 
 from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -42,6 +43,7 @@ from h264edge.web.producer import PlanProducer
 log = Logger()
 
 MAX_TOP_LEVEL_BOXES = 4096
+THREAD_MOOV_BYTES = 512 * 1024  # moov boxes at least this big are indexed in a thread
 
 
 class MoovTooLarge(mp4.UnsupportedMP4):
@@ -302,7 +304,14 @@ class EdgeResource(Resource):
                 if box.size > self.max_moov:
                     raise MoovTooLarge(f"the moov box is {box.size} bytes, over the {self.max_moov}-byte cap")
                 moov = await self.filler.read(obj, path, offset, box.size)
-                return mp4.SeekIndex.from_moov(moov, offset, size, ftyp)
+                if len(moov) < THREAD_MOOV_BYTES:
+                    return mp4.SeekIndex.from_moov(moov, offset, size, ftyp)
+                # a big moov takes tens of ms to index (~45 ms for a two-hour clip's 4.6 MB): in a thread,
+                # the reactor gets the GIL back every few ms and other viewers keep being served
+                reactor = self.filler.reactor
+                index: mp4.SeekIndex = await deferToThreadPool(
+                    reactor, reactor.getThreadPool(), mp4.SeekIndex.from_moov, moov, offset, size, ftyp)
+                return index
             elif box.type in (b"moof", b"mfra", b"sidx"):
                 raise mp4.UnsupportedMP4("fragmented MP4")
             offset += box.size
