@@ -6,9 +6,11 @@ C{--workers=N} the worker processes sharing its port and cache, see L{h264edge.w
 
 from __future__ import annotations
 
+import gc
 import re
 import sys
-from typing import Any, Optional, Sequence
+import time
+from typing import Any, Callable, Optional, Sequence
 
 from twisted.application import service, strports
 from twisted.internet import defer, endpoints, task, threads
@@ -148,6 +150,7 @@ def tcp_listen_address(description: str) -> tuple[str, int, int]:
 
 
 RESCAN_INTERVAL = 300.0
+LOAD_TIMESLICE = 0.002  # seconds of index loading per reactor turn
 
 
 class OriginProbe(service.Service):
@@ -183,6 +186,7 @@ class IndexLoader(service.Service):
         self.rescan_every = rescan_every
         self.clock = clock
         self._task: Optional[task.CooperativeTask] = None
+        self._coop: Optional[task.Cooperator] = None
         self._rescan: Optional[task.LoopingCall] = None
         self._scanning = False
 
@@ -198,15 +202,40 @@ class IndexLoader(service.Service):
 
     def _scan(self) -> Any:
         # small steps: each blocks the reactor for a few ms, so requests are answered while it loads
-        self._task = task.cooperate(self.store.rebuild_steps(batch=200))
+        self._task = self._cooperator().cooperate(self.store.rebuild_steps(batch=200))
         self._scanning = True
         d = self._task.whenDone()
         d.addBoth(self._scanned)
         d.addErrback(lambda f: None if f.check(task.TaskStopped) else log.failure("index rebuild failed", f))
         return d
 
+    def _cooperator(self) -> task.Cooperator:
+        """
+        Steps for at most ~2 ms per reactor turn (Twisted's global cooperator runs 10 ms slices:
+        requests answered while 100,000 objects loaded waited ~13 ms at the median).
+        """
+        if self._coop is None:
+            reactor = self.clock
+            if reactor is None:
+                from twisted.internet import reactor  # type: ignore[no-redef]
+
+            def slice_of_2ms() -> Callable[[], bool]:
+                end = time.monotonic() + LOAD_TIMESLICE
+                return lambda: time.monotonic() >= end
+
+            def schedule(work: Callable[[], None]) -> Any:
+                return reactor.callLater(0, work)
+
+            self._coop = task.Cooperator(terminationPredicateFactory=slice_of_2ms, scheduler=schedule)
+        return self._coop
+
     def _scanned(self, result: Any) -> Any:
         self._scanning = False
+        # The index is long-lived: keep the cyclic GC from walking it again and again (a full
+        # collection over 100,000 entries paused the reactor for 40-80 ms).  Objects frozen now are
+        # still freed by reference counting when the index drops them.
+        gc.collect(1)
+        gc.freeze()
         return result
 
     def _scan_again(self) -> None:
@@ -221,6 +250,8 @@ class IndexLoader(service.Service):
                 self._task.stop()
             except (task.TaskDone, task.TaskFailed, task.TaskStopped):
                 pass
+        if self._coop is not None and self._coop.running:
+            self._coop.stop()
         self.store.close()
         return super().stopService()
 

@@ -110,3 +110,34 @@ class PluginTests(SynchronousTestCase):
         )
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("--origin", result.stdout)
+
+
+class IndexLoaderTests(SynchronousTestCase):
+    def test_loads_in_slices_on_the_given_clock_and_orders_by_last_use(self) -> None:
+        from twisted.internet.task import Clock
+
+        from h264edge.store import ObjectMeta, SliceStore
+
+        root = self.mktemp()
+        now = [1000.0]
+        store = SliceStore(root, max_size=1 << 30, sync=False, now=lambda: now[0])
+        for i in range(300):
+            now[0] += 1
+            meta = ObjectMeta(key=f"/{(i * 7) % 300}", size=3, etag=None, last_modified=None,
+                              content_type="x", fetched_at=now[0], expires_at=now[0] + 60)
+            obj = store.create(meta)
+            obj.write(0, b"abc")
+            obj.commit_slice(0)
+            obj.close()
+        store.close()
+        clock = Clock()
+        loaded = SliceStore(root, max_size=1 << 30, sync=False)
+        loader = IndexLoader(loaded, clock=clock)
+        loader.startService()
+        turns = 0
+        while loaded.loading and turns < 10_000:  # bounded
+            clock.advance(0)
+            turns += 1
+        self.assertFalse(loaded.loading)
+        self.assertEqual(loaded.keys_lru(), [f"/{(i * 7) % 300}" for i in range(300)])
+        loader.stopService()
