@@ -39,14 +39,20 @@ def create(root: str, count: int) -> None:
 
 
 def rebuild(root: str) -> None:
+    import gc
+
     from h264edge.store import SliceStore
+    from h264edge.tap import LOAD_BATCH
 
     t_import = time.monotonic()
     store = SliceStore(root, max_size=1 << 40)
     steps = 0
     longest = 0.0
+    # as the server's IndexLoader does: its step size, no full GC collections while loading
+    threshold = gc.get_threshold()
+    gc.set_threshold(threshold[0], threshold[1], 1_000_000)
     t0 = last = time.monotonic()
-    for _ in store.rebuild_steps():
+    for _ in store.rebuild_steps(batch=LOAD_BATCH):
         now = time.monotonic()
         longest = max(longest, now - last)
         last = now

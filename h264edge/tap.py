@@ -151,6 +151,7 @@ def tcp_listen_address(description: str) -> tuple[str, int, int]:
 
 RESCAN_INTERVAL = 300.0
 LOAD_TIMESLICE = 0.002  # seconds of index loading per reactor turn
+LOAD_BATCH = 50  # sidecars per step (~1 ms): a step cannot be cut short
 
 
 class OriginProbe(service.Service):
@@ -187,6 +188,7 @@ class IndexLoader(service.Service):
         self.clock = clock
         self._task: Optional[task.CooperativeTask] = None
         self._coop: Optional[task.Cooperator] = None
+        self._gc_thresholds = gc.get_threshold()
         self._rescan: Optional[task.LoopingCall] = None
         self._scanning = False
 
@@ -202,7 +204,10 @@ class IndexLoader(service.Service):
 
     def _scan(self) -> Any:
         # small steps: each blocks the reactor for a few ms, so requests are answered while it loads
-        self._task = self._cooperator().cooperate(self.store.rebuild_steps(batch=200))
+        # no full collections while loading: each walks every entry loaded so far (40-80 ms at 100,000)
+        self._gc_thresholds = gc.get_threshold()
+        gc.set_threshold(self._gc_thresholds[0], self._gc_thresholds[1], 1_000_000)
+        self._task = self._cooperator().cooperate(self.store.rebuild_steps(batch=LOAD_BATCH))
         self._scanning = True
         d = self._task.whenDone()
         d.addBoth(self._scanned)
@@ -231,6 +236,7 @@ class IndexLoader(service.Service):
 
     def _scanned(self, result: Any) -> Any:
         self._scanning = False
+        gc.set_threshold(*self._gc_thresholds)
         # The index is long-lived: keep the cyclic GC from walking it again and again (a full
         # collection over 100,000 entries paused the reactor for 40-80 ms).  Objects frozen now are
         # still freed by reference counting when the index drops them.
