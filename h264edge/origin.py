@@ -282,6 +282,10 @@ class OriginClient:
                         timeout=self.timeout,
                         reactor=self.reactor,
                     )
+                except EncodedBody as e:
+                    failures.append(str(e))
+                    log.warn("{error}", error=e)
+                    continue
                 except _TRANSIENT as e:
                     timed_out = timed_out or _is_timeout(e)
                     failures.append(f"{base}: {'timeout' if _is_timeout(e) else e.__class__.__name__}")
@@ -346,6 +350,9 @@ class OriginClient:
                 response = await self._client.request(
                     "HEAD", base, unbuffered=True, allow_redirects=False, timeout=self.timeout, reactor=self.reactor
                 )
+            except EncodedBody:
+                results[base] = "HTTP, with an encoded body although asked for identity"
+                continue
             except Exception as e:  # a probe reports, it never fails the server
                 results[base] = f"unreachable ({'timeout' if _is_timeout(e) else e.__class__.__name__})"
                 continue

@@ -16,6 +16,7 @@ from twisted.application import service, strports
 from twisted.internet import defer, endpoints, task, threads
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
 
 from h264edge.origin import OriginClient
 from h264edge.store import SliceStore
@@ -154,6 +155,31 @@ LOAD_TIMESLICE = 0.002  # seconds of index loading per reactor turn
 LOAD_BATCH = 50  # sidecars per step (~1 ms): a step cannot be cut short
 
 
+class SyncThreads(service.Service):
+    """
+    The store's own threads for fdatasync: a slow disk then delays only other syncs, never the
+    reactor's shared pool (hostname lookups, MP4 indexing).  Stopping waits for syncs in flight.
+    """
+
+    def __init__(self, size: int = 4, reactor: Any = None) -> None:
+        self.pool = ThreadPool(minthreads=0, maxthreads=size, name="h264edge-sync")
+        self.reactor = reactor
+
+    def run(self, f: Callable[..., Any], *args: Any) -> "defer.Deferred[Any]":
+        reactor = self.reactor
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
+        return threads.deferToThreadPool(reactor, self.pool, f, *args)
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> Any:
+        self.pool.stop()
+        return super().stopService()
+
+
 class OriginProbe(service.Service):
     """At startup, asks each origin once (L{OriginClient.probe}) and logs whether it answers."""
 
@@ -189,6 +215,7 @@ class IndexLoader(service.Service):
         self._task: Optional[task.CooperativeTask] = None
         self._coop: Optional[task.Cooperator] = None
         self._gc_thresholds = gc.get_threshold()
+        self._frozen = False
         self._rescan: Optional[task.LoopingCall] = None
         self._scanning = False
 
@@ -237,11 +264,15 @@ class IndexLoader(service.Service):
     def _scanned(self, result: Any) -> Any:
         self._scanning = False
         gc.set_threshold(*self._gc_thresholds)
-        # The index is long-lived: keep the cyclic GC from walking it again and again (a full
-        # collection over 100,000 entries paused the reactor for 40-80 ms).  Objects frozen now are
-        # still freed by reference counting when the index drops them.
-        gc.collect(1)
-        gc.freeze()
+        if not self._frozen:
+            # The index is long-lived: keep the cyclic GC from walking it again and again (a full
+            # collection over 100,000 entries paused the reactor for 40-80 ms).  Once, after one
+            # full collection, so no garbage is frozen; rescans do not freeze again (what is alive
+            # then and dies later in a cycle would never be collected).  Frozen objects are still
+            # freed by reference counting when the index drops them.
+            self._frozen = True
+            gc.collect()
+            gc.freeze()
         return result
 
     def _scan_again(self) -> None:
@@ -272,12 +303,14 @@ def quiet_hachoir() -> None:
 def makeService(options: Options) -> service.MultiService:
     quiet_hachoir()
     top = service.MultiService()
+    sync_threads = SyncThreads()
+    sync_threads.setServiceParent(top)  # first in, last out: stops after the store closed
     store = SliceStore(
         options["cache-dir"],
         max_size=options["max-size"],
         slice_size=options["slice-size"],
         sync=not options["no-sync"],
-        run_in_thread=threads.deferToThread,  # batches are fdatasync'ed off the reactor
+        run_in_thread=sync_threads.run,  # batches are fdatasync'ed off the reactor
         # several processes on one directory: a young unnamed data file may be another's fill
         orphan_grace=ORPHAN_GRACE if options["workers"] > 1 or options["listen-fd"] is not None else 0.0,
     )

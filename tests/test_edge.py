@@ -559,6 +559,17 @@ class OriginHygieneTests(EdgeTestCase):
         self.assertEqual(response.code, 502)
         self.assertIn(b"Content-Encoding", body)
         self.assertIsNone(self.store.get("/z.json"))
+        # a second origin that behaves answers instead
+        good = MemoryOrigin()
+        good.add("/z.json", data)
+        port, good_url = listen_origin(good)
+        self.addCleanup(port.stopListening)
+        await self.restart_edge(origins=[self.origin_url, good_url])
+        response, body = await self.get("/z.json")
+        self.assertEqual((response.code, body), (200, data))
+        self.assertEqual(good.requests, 1)
+        await self.restart_edge()
+        self.store.remove("/z.json")
         self.origin.add("/z.json", data)  # the origin is fixed: served and cached as sent
         response, body = await self.get("/z.json")
         self.assertEqual((response.code, body), (200, data))

@@ -165,6 +165,35 @@ class HotEdgeTests(EdgeTestCase):
         self.assertEqual([a.body for a in piped], [self.data[:1], self.data, self.data])
         self.assertEqual([a.status for a in piped], [206, 200, 200])
 
+    async def test_bare_crlf_between_requests(self) -> None:
+        await self.warm()
+
+        def crlf_then_get() -> list[Response]:
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+            buffered = bytearray()
+            answers = []
+            try:
+                for _ in range(3):
+                    sock.sendall(b"\r\n")  # tolerated before a request (Twisted ignores one)
+                    time.sleep(0.05)
+                    sock.sendall(get("/small.bin"))
+                    answers.append(_read_response(sock, buffered))
+            finally:
+                sock.close()
+            return answers
+
+        answers = await deferToThread(crlf_then_get)
+        self.assertEqual([(a.status, a.body) for a in answers], [(200, self.data)] * 3)
+
+    async def test_browser_metadata_headers_keep_the_hot_path(self) -> None:
+        await self.warm()
+        hits = self.edge.hot.hits
+        answers = await deferToThread(exchange, self.port, [get(
+            "/small.bin", "Sec-Fetch-Mode: no-cors", "Sec-Fetch-Dest: video", 'Sec-Ch-Ua: "x";v="1"',
+            "Accept-Language: en", "Connection: keep-alive")] * 2)
+        self.assertEqual([a.body for a in answers], [self.data] * 2)
+        self.assertEqual(self.edge.hot.hits, hits + 2)
+
     async def test_purge_and_new_content(self) -> None:
         await self.warm()
         new = random_bytes(16 * 1024, seed=8)

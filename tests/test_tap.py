@@ -9,7 +9,7 @@ from twisted.application.service import IServiceCollection
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from h264edge.tap import IndexLoader, Options, OriginProbe, makeService, parse_size
+from h264edge.tap import IndexLoader, Options, OriginProbe, SyncThreads, makeService, parse_size
 
 
 class SizeTests(SynchronousTestCase):
@@ -61,14 +61,14 @@ class ServiceTests(SynchronousTestCase):
         options.parseOptions(["--origin=http://127.0.0.1:1/", f"--cache-dir={self.mktemp()}", "--listen=tcp:0"])
         top = makeService(options)
         self.assertTrue(IServiceCollection.providedBy(top))
-        self.assertEqual(len(list(top)), 3)  # index loader, origin probe, the listening port
+        self.assertEqual(len(list(top)), 4)  # sync threads, index loader, origin probe, the listening port
 
     def site_of(self, *argv: str) -> Any:
         from h264edge.web.hot import EdgeSite
 
         options = Options()
         options.parseOptions(["--origin=http://127.0.0.1:1/", f"--cache-dir={self.mktemp()}", *argv])
-        [port] = [s for s in makeService(options) if not isinstance(s, (IndexLoader, OriginProbe))]
+        [port] = [s for s in makeService(options) if not isinstance(s, (IndexLoader, OriginProbe, SyncThreads))]
         site = port.factory
         self.assertIsInstance(site, EdgeSite)
         return site

@@ -171,6 +171,7 @@ class _Entry:
     transient: bool = False
     present_count: int = attrs.field(init=False, default=0)
     evicted: bool = attrs.field(init=False, default=False)
+    failed: bool = attrs.field(init=False, default=False)  # a disk error: no byte of it may be used again
     on_disk: bool = attrs.field(init=False, default=False)  # we or a past run wrote its sidecar
     pending: int = attrs.field(init=False, default=0)  # committed slices the sidecar does not list yet
     pending_since: float = attrs.field(init=False, default=0.0)
@@ -180,6 +181,7 @@ class _Entry:
     # slices known to be on disk (synced), which a sidecar may list; a subset of present
     listed: bytearray = attrs.field(init=False, factory=bytearray)
     syncing: bool = attrs.field(init=False, default=False)  # a data sync runs in a thread
+    in_sync: int = attrs.field(init=False, default=0)  # pending slices that sync covers
     sync_again: bool = attrs.field(init=False, default=False)  # and another batch became due meanwhile
     handle: weakref.ref[CachedObject] | None = attrs.field(init=False, default=None, repr=False)
 
@@ -325,6 +327,7 @@ class CachedObject:
         @raise StoreError: the disk refused; the object is dropped and nothing of it is present.
         @raise ValueError: the bytes fall outside the object.
         """
+        self._check_failed()
         view = memoryview(data).cast("B")
         if offset < 0 or offset + len(view) > self._entry.meta.size:
             raise ValueError(f"write of {len(view)} bytes at {offset} outside {self._entry.meta.size}")
@@ -344,6 +347,7 @@ class CachedObject:
 
         @raise StoreError: persisting failed; the object is dropped and nothing of it is present.
         """
+        self._check_failed()
         entry = self._entry
         if not 0 <= index < entry.slice_count:
             raise ValueError(f"slice {index} outside 0..{entry.slice_count - 1}")
@@ -354,8 +358,13 @@ class CachedObject:
         if entry.indexed:
             self._store._committed(entry, index, self._fd)
 
+    def _check_failed(self) -> None:
+        if self._entry.failed:
+            raise StoreError(f"{self.meta.key!r} met a disk error and was dropped")
+
     def read(self, offset: int, length: int) -> bytes:
         """Read C{length} bytes at C{offset}; the caller only reads bytes it knows are present."""
+        self._check_failed()
         chunks = []
         try:
             while length > 0:
@@ -456,7 +465,9 @@ class SliceStore:
     def peek_complete(self, key: str) -> tuple[object, ObjectMeta] | None:
         """
         C{(identity, meta)} of C{key}'s object if it is indexed and complete, else None: the same
-        disk checks as L{get} and the same LRU use, without opening the data file.  C{identity} is
+        sidecar checks as L{get} (another process's purge or replacement) and the same LRU use, but
+        the data file is not opened (a sidecar whose data file is gone is found out by the next
+        L{get}; a caller holding a copy of the bytes still holds the right bytes).  C{identity} is
         the same object for as long as the same data file serves the key (handles share it, see
         L{CachedObject.identity}), so a copy of the bytes taken earlier is still the object's bytes.
         """
@@ -821,7 +832,7 @@ class SliceStore:
         entry.pending += 1
         if (
             entry.present_count == entry.slice_count
-            or entry.pending >= PERSIST_EVERY_SLICES
+            or entry.pending - entry.in_sync >= PERSIST_EVERY_SLICES
             or now - entry.pending_since >= PERSIST_INTERVAL
         ):
             if self._run_in_thread is None:
@@ -849,13 +860,18 @@ class SliceStore:
             return
         entry.syncing = True
         entry.sync_again = False
+        entry.in_sync = entry.pending
+        began = self._now()
         snapshot = bytes(entry.present)
 
         def synced(_: object) -> None:
             entry.syncing = False
+            entry.in_sync = 0
             if not entry.indexed:
                 return  # dropped meanwhile
             entry.list_also(snapshot)
+            if entry.pending:
+                entry.pending_since = began  # the oldest slice still unlisted came after this
             try:
                 self._write_sidecar(entry, obj.fileno())
             except _Superseded:
@@ -870,6 +886,7 @@ class SliceStore:
 
         def failed(failure: Failure) -> None:
             entry.syncing = False
+            entry.in_sync = 0
             if entry.indexed:
                 self._fail(entry, failure.value)
 
@@ -995,6 +1012,7 @@ class SliceStore:
         log.error("dropping {key!r} after a disk error: {error}", key=entry.meta.key, error=error)
         self._drop(entry)
         entry.forget_slices()
+        entry.failed = True  # a fill writing into it (its sync failed in a thread) stops at its next write
 
     def _drop(self, entry: _Entry) -> None:
         """Remove C{entry} from the index and its files from disk; open descriptors stay valid."""

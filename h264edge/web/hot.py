@@ -10,8 +10,8 @@ these hold, and hands every other byte to twisted.web unchanged:
 
   - the channel is idle: no request in flight, nothing buffered, not waiting for the transport;
   - the bytes received are exactly one complete request head, C{GET <target> HTTP/1.1}, whose
-    headers are all in L{PLAIN_HEADERS} (none of Range, If-*, Connection: close, a body...), so the
-    answer cannot depend on them;
+    headers are all in L{PLAIN_HEADERS} or browsers' C{Sec-*} metadata (none of Range, If-*,
+    Connection: close, a body...), so the answer cannot depend on them;
   - L{HotAnswers} holds a whole 200 answer for exactly that target, recorded by L{EdgeResource}
     from an answer it just sent through the normal road (a HIT of a complete object of at most
     L{HOT_OBJECT_MAX} bytes), and that answer is still true: the store reports the same data file
@@ -118,6 +118,10 @@ class HotAnswers:
         if before is None:
             return  # twisted.web always sets Date; without it we could not tell where it goes
         head.append(b"\r\n")
+        held = self._answers.get(target)
+        if held is not None and held.identity is obj.identity and held.meta is obj.meta \
+                and held.before_date == before and held.after_date.startswith(b"".join(head)):
+            return  # the same answer (a request the hot path did not take): no need to read it again
         body = obj.read(0, size)
         answer = _Answer(obj.meta.key, obj.identity, obj.meta, before, b"".join(head) + body, size)
         self._drop(target)
@@ -176,7 +180,7 @@ def plain_get_target(data: bytes) -> Optional[tuple[bytes, dict[bytes, bytes]]]:
     for line in match.group(2).split(b"\r\n")[:-1]:
         name, _, value = line.partition(b":")
         name = name.lower()
-        if name not in PLAIN_HEADERS or name in headers:
+        if (name not in PLAIN_HEADERS and not name.startswith(b"sec-")) or name in headers:
             return None
         value = value.strip(b" \t")
         if name == b"connection" and value.lower() != b"keep-alive":
@@ -216,7 +220,8 @@ def _channel_state_known() -> bool:
     channel = HTTPChannel()
     return all(
         hasattr(channel, name)
-        for name in ("requests", "_handlingRequest", "_dataBuffer", "_waitingForTransport", "_buffer", "line_mode")
+        for name in ("requests", "_handlingRequest", "_dataBuffer", "_waitingForTransport", "_buffer", "line_mode",
+                     "_HTTPChannel__first_line")
     )
 
 
@@ -237,6 +242,8 @@ class HotChannel(HTTPChannel):
             and not self._buffer
             and not self._dataBuffer
             and self.line_mode
+            # not after a bare CRLF (Twisted ignores one before a request and remembers it did)
+            and self._HTTPChannel__first_line == 1  # type: ignore[attr-defined]
             and self.persistent
             and not getattr(self, "paused", False)
             and self.transport is not None
