@@ -33,7 +33,8 @@ from typing import Any, Optional
 import attrs
 from twisted.internet import tcp
 from twisted.internet.interfaces import IReactorTime
-from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.web.http import HTTPChannel, combinedLogFormatter, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
@@ -215,6 +216,15 @@ def send_now(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
+def _log_escape(value: bytes | str) -> str:
+    """As twisted.web.http's access-log formatter escapes a field: repr-like, for double quotes."""
+    raw = value if isinstance(value, bytes) else value.encode("ascii")
+    text = repr(raw)[1:]  # without the b
+    if text.startswith("'"):
+        return text[1:-1].replace('"', '\\"').replace("\\'", "'")
+    return text[1:-1]
+
+
 def _channel_state_known() -> bool:
     """Whether this Twisted's HTTPChannel has the state L{HotChannel} reads to know it is idle."""
     channel = HTTPChannel()
@@ -230,6 +240,7 @@ class HotChannel(HTTPChannel):
 
     hot: Optional[HotAnswers] = None
     state_known = _channel_state_known()
+    log_ip: Optional[str] = None  # the peer's address as the access log writes it
 
     def dataReceived(self, data: bytes) -> None:
         hot = self.hot
@@ -255,8 +266,11 @@ class HotChannel(HTTPChannel):
                 if found is not None:
                     self.resetTimeout()
                     send_now(self.transport, found[0])
-                    if getattr(self.factory, "access_log", True):
-                        self.factory.log(_LoggedHit(self, parsed[0], parsed[1], found[1]))
+                    factory = self.factory
+                    if isinstance(factory, EdgeSite):
+                        factory.log_hot(self, parsed[0], parsed[1], found[1])
+                    elif factory is not None:
+                        factory.log(_LoggedHit(self, parsed[0], parsed[1], found[1]))
                     return
         super().dataReceived(data)
 
@@ -302,10 +316,40 @@ class EdgeSite(Site):
         self.hot = hot
         #: False: no access log at all (without a logPath, a Site logs to the twistd log)
         self.access_log = True
+        self._escaped: dict[bytes, str] = {}  # access-log fields already escaped
 
     def log(self, request: Any) -> None:
         if self.access_log:
             super().log(request)
+
+    def log_hot(self, channel: HotChannel, uri: bytes, headers: dict[bytes, bytes], length: int) -> None:
+        """
+        The access-log line of a hot answer: what L{combinedLogFormatter} writes, made here from
+        cached pieces when that is the site's formatter (the generic road cost half the hot path's
+        time: 16 KiB hits went from ~70k to ~36k answers/s with a log file).
+        """
+        if not self.access_log:
+            return
+        log_file = getattr(self, "_logFile", None)
+        stamp = getattr(self, "_logDateTime", None)
+        if log_file is None or stamp is None or getattr(self, "_logFormatter", None) is not combinedLogFormatter:
+            super().log(_LoggedHit(channel, uri, headers, length))  # type: ignore[arg-type]
+            return
+        ip = channel.log_ip
+        if ip is None:
+            transport: Any = channel.transport
+            peer = transport.getPeer() if transport is not None else None
+            ip = channel.log_ip = _log_escape(peer.host) if isinstance(peer, (IPv4Address, IPv6Address)) else "-"
+        escaped = self._escaped
+        if len(escaped) > 4096:
+            escaped.clear()
+        parts = []
+        for value in (uri, headers.get(b"referer", b"-"), headers.get(b"user-agent", b"-")):
+            text = escaped.get(value)
+            if text is None:
+                text = escaped[value] = _log_escape(value)
+            parts.append(text)
+        log_file.write(f'"{ip}" - - {stamp} "GET {parts[0]} HTTP/1.1" 200 {length} "{parts[1]}" "{parts[2]}"\n')
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
