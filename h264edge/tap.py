@@ -174,9 +174,19 @@ class SyncThreads(service.Service):
     def startService(self) -> None:
         super().startService()
         self.pool.start()
+        # also when the reactor stops without stopping the services (an embedding app): the pool's
+        # threads are not daemons, so a pool left running would keep the process from exiting
+        reactor = self.reactor
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
+        reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
+
+    def _stop_pool(self) -> None:
+        if self.pool.started:
+            self.pool.stop()
 
     def stopService(self) -> Any:
-        self.pool.stop()
+        self._stop_pool()
         return super().stopService()
 
 
