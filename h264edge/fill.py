@@ -393,11 +393,13 @@ class Filler:
             else:
                 keep.append((offset, d))
         state.waiters = keep
-        failure = state.failure or Failure(FillFailed("the origin fetch for these bytes failed"))
+        failure = None  # made only when a reader is failed (a Failure per wake-up cost ~1% of a cold fill)
         for d, ok in ready:
             if ok:
                 d.callback(None)
             else:
+                if failure is None:
+                    failure = state.failure or Failure(FillFailed("the origin fetch for these bytes failed"))
                 d.errback(failure)
         self._forget_if_idle(state)
 
