@@ -276,12 +276,15 @@ class IndexLoader(service.Service):
         gc.set_threshold(*self._gc_thresholds)
         if not self._frozen:
             # The index is long-lived: keep the cyclic GC from walking it again and again (a full
-            # collection over 100,000 entries paused the reactor for 40-80 ms).  Once, after one
-            # full collection, so no garbage is frozen; rescans do not freeze again (what is alive
-            # then and dies later in a cycle would never be collected).  Frozen objects are still
-            # freed by reference counting when the index drops them.
+            # collection over 100,000 entries paused the reactor for 40-80 ms).  Once only: rescans
+            # do not freeze again (what is alive then and dies later in a cycle is never collected).
+            # Not after a full collection, which is that pause again (10-20 ms even for an empty
+            # cache, at startup, when the first viewers arrive): the young generations are
+            # collected, and the cyclic garbage older than that (a few requests' worth, from while
+            # the load ran) stays frozen.  Frozen objects are still freed by reference counting when
+            # the index drops them.
             self._frozen = True
-            gc.collect()
+            gc.collect(1)
             gc.freeze()
         return result
 
