@@ -56,8 +56,8 @@ class Options(usage.Options):
         ["seek-cache", None, "256M", "Memory for parsed MP4 seek indexes, plus a quarter more for recent seek answers."],
         ["max-moov", None, "64M", "Largest MP4 moov box the edge will parse for a seek."],
         ["workers", None, "1", "Processes serving the --listen port (TCP only) from one cache directory."],
-        ["hot-cache", None, "64M", "Memory (per process) for whole answers to plain GETs of small cached objects (up to 64K), "
-         "served without twisted.web's per-request machinery; 0 turns this hot path off."],
+        ["hot-cache", None, "64M", "Memory (per process) for whole answers to plain GETs of small cached "
+         "objects (up to 64K), served without twisted.web's per-request machinery; 0 turns this hot path off."],
         ["access-log", None, "", "Access log (combined format): a file path, 'off', or empty for the twistd log."],
     ]
     optFlags = [

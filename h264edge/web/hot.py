@@ -140,7 +140,12 @@ class HotAnswers:
             return None
         now = self._clock.seconds()
         found = self.store.peek_complete(answer.key)
-        if found is None or found[0] is not answer.identity or found[1] is not answer.meta or not answer.meta.is_fresh(now):
+        if (
+            found is None
+            or found[0] is not answer.identity
+            or found[1] is not answer.meta
+            or not answer.meta.is_fresh(now)
+        ):
             self._drop(target)
             return None
         self._answers.move_to_end(target)
