@@ -160,6 +160,35 @@ class EndToEndTests(SynchronousTestCase):
         self.assertEqual([pid for pid in workers if alive(pid)], [])
         self.assertIn("worker 1 [", self.output(edge))  # the worker's log reached the parent's
 
+    def test_a_purge_in_one_process_reaches_the_others_hot_answers(self) -> None:
+        edge, edge_port = self.start_two_worker_edge()
+        path = "/f3.bin"
+        old = self.files[path]
+        answers: dict[str, int] = {}
+        for _ in range(60):  # bounded: until each process has answered it often enough to hold it in memory
+            status, data, pid = fetch(edge_port, path)
+            self.assertEqual((status, data), (200, old))
+            answers[pid] = answers.get(pid, 0) + 1
+            if len(answers) == 2 and min(answers.values()) >= 3:
+                break
+            time.sleep(0.02)
+        self.assertEqual(len(answers), 2, answers)
+        new = os.urandom(len(old) + 11)
+        with open(os.path.join(self.dir, "origin", path[1:]), "wb") as f:
+            f.write(new)
+        conn = http.client.HTTPConnection("127.0.0.1", edge_port, timeout=30)
+        try:
+            conn.request("PURGE", path)
+            self.assertEqual(conn.getresponse().status, 200)
+        finally:
+            conn.close()
+        after: set[str] = set()
+        for _ in range(30):
+            status, data, pid = fetch(edge_port, path)
+            self.assertEqual((status, data), (200, new))
+            after.add(pid)
+        self.assertEqual(len(after), 2, after)
+
     def test_a_killed_worker_is_replaced_and_the_parent_killed_takes_its_workers(self) -> None:
         edge, edge_port = self.start_two_worker_edge()
         first = self.wait_for_workers(edge.pid, set())
