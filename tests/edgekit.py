@@ -4,6 +4,9 @@ Shared set-up for tests that run a real edge against a real origin, both on 127.
 
 from __future__ import annotations
 
+import socket
+import struct
+import time
 from typing import Any, Optional
 
 import treq
@@ -94,3 +97,76 @@ def random_bytes(n: int, seed: int = 1) -> bytes:
     import random
 
     return random.Random(seed).randbytes(n)
+
+
+class RawResponse:
+    """One answer as it came: C{head} is the status line and headers, blank line included, byte for byte."""
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes, head: bytes = b"") -> None:
+        self.status, self.headers, self.body, self.head = status, headers, body, head
+
+    def header(self, name: str) -> Optional[str]:
+        return self.headers.get(name.lower())
+
+
+class RawClient:
+    """A blocking HTTP/1.1 client on one socket, for use in a thread."""
+
+    def __init__(self, port: int, rcvbuf: Optional[int] = None) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(30)
+        self.sock.connect(("127.0.0.1", port))
+        self.buffer = b""
+
+    def send(self, raw: bytes) -> None:
+        self.sock.sendall(raw)
+
+    def send_get(self, path: str, extra: str = "") -> None:
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: edge\r\n{extra}\r\n".encode())
+
+    def _fill(self, piece: int = 65536) -> None:
+        data = self.sock.recv(piece)
+        if not data:
+            raise EOFError("the server closed the connection")
+        self.buffer += data
+
+    def read_response(self, piece: int = 65536, delay: float = 0.0, head_only: bool = False) -> RawResponse:
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = 0 if head_only else int(headers.get("content-length", 0))
+        chunks = [self.buffer[:length]]
+        got = len(chunks[0])
+        self.buffer = self.buffer[length:]
+        while got < length:
+            data = self.sock.recv(min(piece, length - got))
+            if not data:
+                raise EOFError(f"short body: {got} of {length}")
+            chunks.append(data)
+            got += len(data)
+            if delay:
+                time.sleep(delay)
+        return RawResponse(status, headers, b"".join(chunks), head + b"\r\n\r\n")
+
+    def read_some_then_close(self, count: int, reset: bool) -> int:
+        got = 0
+        while got < count:
+            data = self.sock.recv(65536)
+            if not data:
+                break
+            got += len(data)
+        if reset:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+        return got
+
+    def close(self) -> None:
+        self.sock.close()

@@ -20,75 +20,37 @@ from twisted.web.http_headers import Headers
 
 from h264edge.store import ObjectMeta, SliceStore
 from h264edge.web.hot import HOT_OBJECT_MAX, HotAnswers, plain_get_target
-from tests.edgekit import EdgeTestCase, random_bytes
+from tests.edgekit import EdgeTestCase, RawClient, RawResponse, random_bytes
 
 
-@attrs.define
-class Response:
-    head: bytes
-    body: bytes
-
-    @property
-    def status(self) -> int:
-        return int(self.head.split(b" ", 2)[1])
-
-    def header(self, name: str) -> Optional[str]:
-        match = re.search(rb"\r\n" + name.encode() + rb": ([^\r]*)\r\n", self.head, re.I)
-        return match.group(1).decode() if match else None
-
-    @property
-    def without_date(self) -> bytes:
-        return re.sub(rb"\r\nDate: [^\r]*", b"", self.head) + self.body
-
-
-def _read_response(sock: socket.socket, buffered: bytearray, head_only: bool = False) -> Response:
-    while b"\r\n\r\n" not in buffered:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed before a whole head: {bytes(buffered)!r}")
-        buffered += chunk
-    end = buffered.index(b"\r\n\r\n") + 4
-    head = bytes(buffered[:end])
-    del buffered[:end]
-    match = re.search(rb"\r\nContent-Length: (\d+)", head, re.I)
-    length = 0 if head_only or match is None else int(match.group(1))
-    while len(buffered) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed inside a body")
-        buffered += chunk
-    body = bytes(buffered[:length])
-    del buffered[:length]
-    return Response(head, body)
+def without_date(answer: RawResponse) -> bytes:
+    return re.sub(rb"\r\nDate: [^\r]*", b"", answer.head) + answer.body
 
 
 def exchange(port: int, requests: list[bytes], *, pipeline: bool = False, split: bool = False,
-             receive_buffer: int = 0, pause: float = 0.0) -> list[Response]:
+             receive_buffer: Optional[int] = None, pause: float = 0.0) -> list[RawResponse]:
     """
     Send each raw request on ONE connection and read its answer (all at once when C{pipeline}; a head
     in two writes when C{split}; reading only after C{pause} seconds); runs in a thread.
     """
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    if receive_buffer:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-    buffered = bytearray()
+    client = RawClient(port, rcvbuf=receive_buffer)
     answers = []
     try:
         if pipeline:
-            sock.sendall(b"".join(requests))
+            client.send(b"".join(requests))
         for raw in requests:
             if not pipeline:
                 if split:
-                    sock.sendall(raw[:7])
+                    client.send(raw[:7])
                     time.sleep(0.02)
-                    sock.sendall(raw[7:])
+                    client.send(raw[7:])
                 else:
-                    sock.sendall(raw)
+                    client.send(raw)
             if pause:
                 time.sleep(pause)
-            answers.append(_read_response(sock, buffered, head_only=raw.startswith(b"HEAD ")))
+            answers.append(client.read_response(head_only=raw.startswith(b"HEAD ")))
     finally:
-        sock.close()
+        client.close()
     return answers
 
 
@@ -111,7 +73,7 @@ class HotEdgeTests(EdgeTestCase):
     def port(self) -> int:
         return int(self.edge_port.getHost().port)
 
-    async def warm(self, path: str = "/small.bin") -> list[Response]:
+    async def warm(self, path: str = "/small.bin") -> list[RawResponse]:
         """MISS, then a HIT by the normal road (which records the answer), then one from the hot path."""
         answers = await deferToThread(exchange, self.port, [get(path)] * 3)
         self.assertEqual([a.header("X-Cache") for a in answers], ["MISS", "HIT", "HIT"])
@@ -121,13 +83,13 @@ class HotEdgeTests(EdgeTestCase):
         answers = await self.warm()
         self.assertEqual(self.edge.hot.hits, 1)
         self.assertEqual(answers[2].body, self.data)
-        self.assertEqual(answers[2].without_date, answers[1].without_date)
+        self.assertEqual(without_date(answers[2]), without_date(answers[1]))
         self.assertIsNotNone(answers[2].header("Date"))
         self.assertEqual(self.origin.requests, 1)
         more = await deferToThread(exchange, self.port, [get("/small.bin", "User-Agent: x", "Accept: */*",
                                                              "Connection: keep-alive")] * 5)
         self.assertEqual(self.edge.hot.hits, 6)
-        self.assertEqual({a.without_date for a in more}, {answers[1].without_date})
+        self.assertEqual({without_date(a) for a in more}, {without_date(answers[1])})
 
     async def test_requests_that_change_the_answer_take_the_normal_road(self) -> None:
         await self.warm()
@@ -168,18 +130,17 @@ class HotEdgeTests(EdgeTestCase):
     async def test_bare_crlf_between_requests(self) -> None:
         await self.warm()
 
-        def crlf_then_get() -> list[Response]:
-            sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-            buffered = bytearray()
+        def crlf_then_get() -> list[RawResponse]:
+            client = RawClient(self.port)
             answers = []
             try:
                 for _ in range(3):
-                    sock.sendall(b"\r\n")  # tolerated before a request (Twisted ignores one)
+                    client.send(b"\r\n")  # tolerated before a request (Twisted ignores one)
                     time.sleep(0.05)
-                    sock.sendall(get("/small.bin"))
-                    answers.append(_read_response(sock, buffered))
+                    client.send(get("/small.bin"))
+                    answers.append(client.read_response())
             finally:
-                sock.close()
+                client.close()
             return answers
 
         answers = await deferToThread(crlf_then_get)
@@ -236,7 +197,7 @@ class HotEdgeTests(EdgeTestCase):
         self.site.buildProtocol = keep  # type: ignore[method-assign]
         await deferToThread(exchange, self.port, [get("/full.bin")] * 2)
 
-        def shrink_then_exchange() -> list[Response]:
+        def shrink_then_exchange() -> list[RawResponse]:
             return exchange(self.port, [get("/full.bin")] * 4, receive_buffer=4096, pause=0.1)
 
         # the server's send buffer too: most of each answer waits in the transport

@@ -5,10 +5,8 @@ and slow viewers, over real sockets (raw clients run in a thread so they can blo
 
 from __future__ import annotations
 
-import socket
-import struct
 import time
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
@@ -21,75 +19,10 @@ from zope.interface import implementer
 from h264edge.plan import Literal, Plan, Span
 from h264edge.web import producer
 from h264edge.web.producer import PlanProducer
-from tests.edgekit import SLICE, EdgeTestCase, header, random_bytes
+from tests.edgekit import SLICE, EdgeTestCase, RawClient, RawResponse, header, random_bytes
 
 BODY = random_bytes(10 * SLICE + 1234, seed=7)
 BIG = random_bytes(8 * 2**20 + 4321, seed=8)
-
-
-class RawResponse:
-    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        self.status, self.headers, self.body = status, headers, body
-
-
-class RawClient:
-    """A blocking HTTP/1.1 client on one socket, for use in a thread."""
-
-    def __init__(self, port: int, rcvbuf: Optional[int] = None) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(30)
-        self.sock.connect(("127.0.0.1", port))
-        self.buffer = b""
-
-    def send_get(self, path: str, extra: str = "") -> None:
-        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: edge\r\n{extra}\r\n".encode())
-
-    def _fill(self, piece: int = 65536) -> None:
-        data = self.sock.recv(piece)
-        if not data:
-            raise EOFError("the server closed the connection")
-        self.buffer += data
-
-    def read_response(self, piece: int = 65536, delay: float = 0.0) -> RawResponse:
-        while b"\r\n\r\n" not in self.buffer:
-            self._fill()
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        length = int(headers["content-length"])
-        chunks = [self.buffer[:length]]
-        got = len(chunks[0])
-        self.buffer = self.buffer[length:]
-        while got < length:
-            data = self.sock.recv(min(piece, length - got))
-            if not data:
-                raise EOFError(f"short body: {got} of {length}")
-            chunks.append(data)
-            got += len(data)
-            if delay:
-                time.sleep(delay)
-        return RawResponse(status, headers, b"".join(chunks))
-
-    def read_some_then_close(self, count: int, reset: bool) -> int:
-        got = 0
-        while got < count:
-            data = self.sock.recv(65536)
-            if not data:
-                break
-            got += len(data)
-        if reset:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.sock.close()
-        return got
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class SendfileTestCase(EdgeTestCase):

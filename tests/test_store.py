@@ -705,7 +705,10 @@ class ManualThreads:
 
 
 class ThreadedSyncTests(StoreTestCase):
-    """With C{run_in_thread}, batches are fdatasync'ed off the reactor; a sidecar lists only synced slices."""
+    """
+    With C{run_in_thread}, batches are fdatasync'ed off the reactor; a sidecar lists only synced slices.
+    Jobs run when the test says, to pin the order; tests.test_edge.ThreadedSyncEdgeTests runs real threads.
+    """
 
     def setUp(self) -> None:
         super().setUp()
@@ -784,12 +787,3 @@ class ThreadedSyncTests(StoreTestCase):
         self.assertEqual(self.listed("/big"), list(range(20)))
         self.threads.run_next()  # the batch's own sync finishing later changes nothing
         self.assertEqual(self.listed("/big"), list(range(20)))
-
-    def test_real_threads(self) -> None:
-        from twisted.internet import threads
-
-        store = self.open_store(run_in_thread=threads.deferToThread)
-        obj = store.create(meta_for("/a", 64))
-        self.commit(obj, range(4), 64)
-        store.close()
-        self.assertEqual(self.listed("/a"), [0, 1, 2, 3])

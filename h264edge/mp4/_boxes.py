@@ -58,26 +58,33 @@ class BoxHeader:
         return self.offset + self.size
 
 
-def _header_at(data: bytes | memoryview, at: int, limit: int, where: str) -> tuple[bytes, int, int]:
-    """(type, size, header_size) of the box starting at C{data[at]}, which must end by C{limit}."""
-    if limit - at < 8:
-        raise MalformedMP4(f"{limit - at} stray bytes at offset {at} {where}, too few for a box header")
+def _read_header(data: bytes | memoryview, at: int, readable: int, room: int, where: str) -> tuple[bytes, int, int]:
+    """
+    (type, size, header_size) of the box whose header starts at C{data[at]}: C{readable} bytes of
+    C{data} from there may be read, and the box must fit in the C{room} bytes from there (C{where}
+    says where that is, for the error messages).
+    """
+    if readable < 8:
+        raise MalformedMP4(f"{readable} bytes {where}, too few for a box header")
     size, box_type = struct.unpack_from(">I4s", data, at)
     header = 8
     if size == 1:
-        if limit - at < 16:
-            raise MalformedMP4(f"box {box_type!r} at offset {at} {where} has a truncated 64-bit size")
+        if readable < 16:
+            raise MalformedMP4(f"box {box_type!r} {where} has a truncated 64-bit size")
         (size,) = struct.unpack_from(">Q", data, at + 8)
         header = 16
     elif size == 0:
-        size = limit - at
+        size = room
     if size < header:
-        raise MalformedMP4(f"box {box_type!r} at offset {at} {where} claims {size} bytes, less than its header")
-    if at + size > limit:
-        raise MalformedMP4(
-            f"box {box_type!r} at offset {at} {where} claims {size} bytes but only {limit - at} remain"
-        )
+        raise MalformedMP4(f"box {box_type!r} {where} claims {size} bytes, less than its header")
+    if size > room:
+        raise MalformedMP4(f"box {box_type!r} {where} claims {size} bytes but only {room} remain")
     return bytes(box_type), size, header
+
+
+def _header_at(data: bytes | memoryview, at: int, limit: int, where: str) -> tuple[bytes, int, int]:
+    """(type, size, header_size) of the box starting at C{data[at]}, which must end by C{limit}."""
+    return _read_header(data, at, limit - at, limit - at, f"at offset {at} {where}")
 
 
 def parse_box_header(data: bytes, offset: int, file_size: int) -> BoxHeader:
@@ -89,26 +96,9 @@ def parse_box_header(data: bytes, offset: int, file_size: int) -> BoxHeader:
     """
     if offset < 0 or offset >= file_size:
         raise MalformedMP4(f"box offset {offset} is outside a file of {file_size} bytes")
-    available = min(len(data), file_size - offset)
-    if available < 8:
-        raise MalformedMP4(f"only {available} bytes at offset {offset}, too few for a box header")
-    size, box_type = struct.unpack_from(">I4s", data, 0)
-    header = 8
-    if size == 1:
-        if available < 16:
-            raise MalformedMP4(f"box {box_type!r} at offset {offset} has a truncated 64-bit size")
-        (size,) = struct.unpack_from(">Q", data, 8)
-        header = 16
-    elif size == 0:
-        size = file_size - offset
-    if size < header:
-        raise MalformedMP4(f"box {box_type!r} at offset {offset} claims {size} bytes, less than its header")
-    if offset + size > file_size:
-        raise MalformedMP4(
-            f"box {box_type!r} at offset {offset} claims {size} bytes, past the end of a "
-            f"{file_size}-byte file"
-        )
-    return BoxHeader(bytes(box_type), offset, size, header)
+    room = file_size - offset
+    box_type, size, header = _read_header(data, 0, min(len(data), room), room, f"at file offset {offset}")
+    return BoxHeader(box_type, offset, size, header)
 
 
 @frozen

@@ -31,7 +31,6 @@ from collections import OrderedDict
 from typing import Any, Optional
 
 import attrs
-from twisted.internet import tcp
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.web.http import HTTPChannel, combinedLogFormatter, datetimeToString
@@ -39,6 +38,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
 from h264edge.store import CachedObject, ObjectMeta, SliceStore
+from h264edge.web.producer import plain_tcp, queued
 
 HOT_OBJECT_MAX = 64 * 1024
 MAX_HEAD = 8192
@@ -201,14 +201,7 @@ def send_now(transport: Any, data: bytes) -> None:
     before it: one C{send} instead of Twisted's register-for-writable, wait, send, unregister (a
     third of the cost of a small answer).  Any other case, and the rest, goes to C{transport.write}.
     """
-    if (
-        type(transport) is tcp.Server
-        and transport.connected
-        and not transport.disconnecting
-        and not getattr(transport, "TLS", False)
-        and not transport.dataBuffer
-        and not getattr(transport, "_tempDataBuffer", True)
-    ):
+    if plain_tcp(transport) and not queued(transport):
         try:
             sent = transport.socket.send(data)
         except (BlockingIOError, InterruptedError):

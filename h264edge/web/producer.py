@@ -52,6 +52,22 @@ class SendfileCounters:
 counters = SendfileCounters()
 
 
+def plain_tcp(transport: Any) -> bool:
+    """A live plain (not TLS) TCP connection, whose socket may be written directly."""
+    return bool(
+        isinstance(transport, tcp.Connection)
+        and not getattr(transport, "TLS", False)
+        and not ISSLTransport.providedBy(transport)
+        and transport.connected
+        and not transport.disconnecting
+    )
+
+
+def queued(transport: Any) -> bool:
+    """Whether C{transport} (a L{plain_tcp} one) still holds bytes written earlier."""
+    return bool(transport.dataBuffer or getattr(transport, "_tempDataBuffer", None))
+
+
 def sendfile_socket(request: Request) -> Optional[int]:
     """
     The socket descriptor C{request}'s body may be sendfile'd into, or C{None} if it must be written.
@@ -63,15 +79,11 @@ def sendfile_socket(request: Request) -> Optional[int]:
     if not hasattr(os, "sendfile") or request.method == b"HEAD":
         return None
     channel = request.channel
-    transport = getattr(channel, "transport", None)
+    transport: Any = getattr(channel, "transport", None)
     if (
-        not isinstance(transport, tcp.Connection)
-        or getattr(transport, "TLS", False)
-        or ISSLTransport.providedBy(transport)
+        not plain_tcp(transport)
         or transport.producer is not channel
         or not transport.streamingProducer
-        or not transport.connected
-        or transport.disconnecting
         or not request.responseHeaders.hasHeader(b"Content-Length")
     ):
         return None
@@ -146,16 +158,14 @@ class PlanProducer:
         that turn was a tenth of it.  Plain TCP only, and only while the channel holds the
         transport (a sendfile run flushes for itself).
         """
-        transport = getattr(self.request.channel, "transport", None)
+        transport: Any = getattr(self.request.channel, "transport", None)
         if (
             self._socket is not None
             and self._run is None
             and not self._stopped
-            and isinstance(transport, tcp.Connection)
-            and transport.connected
-            and not transport.disconnecting
+            and plain_tcp(transport)
             and transport.producer is self.request.channel
-            and (transport.dataBuffer or getattr(transport, "_tempDataBuffer", None))
+            and queued(transport)
         ):
             transport.doWrite()
 
