@@ -268,6 +268,16 @@ class Filler:
                 return max(0, index * ss + written - offset)
         return 0
 
+    def arriving(self, obj: CachedObject, offset: int) -> bool:
+        """
+        Whether the bytes at C{offset} are owned by an origin body already being received: its answer
+        was checked against the object (status, size, validators), so they come unless the connection
+        fails; the other case is a fetch whose answer may yet say the object changed.
+        """
+        state = self._states.get(id(obj))
+        fetch = state.inflight.get(offset // obj.slice_size) if state is not None else None
+        return fetch is not None and fetch.transport is not None and not fetch.finished
+
     def ensure(self, obj: CachedObject, path: str, first: int, last: int) -> None:
         """Start fetches for the slices of bytes C{first}..C{last} that are missing and not in flight."""
         if obj.meta.size == 0:

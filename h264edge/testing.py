@@ -57,6 +57,7 @@ class MemoryOrigin(Resource):
     @ivar aborts_left: how many requests are aborted that way before the origin behaves again.
     @ivar drops_left: drop this many connections before answering anything.
     @ivar dribble: (bytes, seconds): send the body in pieces of that many bytes, one per interval.
+    @ivar hold_body: send the headers at once and the body's first byte this many seconds later.
     """
 
     isLeaf = True
@@ -75,6 +76,7 @@ class MemoryOrigin(Resource):
         self.abort_after: Optional[int] = None
         self.aborts_left = 0
         self.dribble: Optional[tuple[int, float]] = None
+        self.hold_body = 0.0
         self.honour_conditionals = True
         self.drops_left = 0  # drop this many requests' connections before any answer
         self.drop_every: Optional[int] = None  # drop every answer after this many body bytes
@@ -174,6 +176,8 @@ class MemoryOrigin(Resource):
                     call.cancel()
 
         request.notifyFinish().addBoth(cancel)
+        if self.hold_body and limit:
+            request.write(b"")  # the headers alone
 
         def step() -> None:
             nonlocal position
@@ -193,7 +197,10 @@ class MemoryOrigin(Resource):
                 return
             pending[:] = [self.reactor.callLater(interval, step)]
 
-        step()
+        if self.hold_body and limit:
+            pending[:] = [self.reactor.callLater(self.hold_body, step)]
+        else:
+            step()
 
 
 def listen_origin(resource: Resource, reactor: Any = None) -> tuple[IListeningPort, str]:

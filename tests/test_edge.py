@@ -53,6 +53,23 @@ class MissAndHitTests(EdgeTestCase):
         self.assertEqual(self.origin.requests, 1)
         self.assertEqual(self.origin.bytes_sent, len(BODY))
 
+    async def test_a_miss_sends_its_headers_before_the_body_arrives(self) -> None:
+        self.origin.add("/slow.bin", BODY)
+        self.origin.hold_body = 1.0  # the origin answers at once, its first body byte comes 1 s later
+        response = await self.client.request("GET", self.edge_url + "/slow.bin", unbuffered=True)
+        self.assertEqual(self.origin.log[-1].sent, 0, "the headers waited for the origin's body")
+        self.assertEqual((response.code, header(response, "X-Cache")), (200, "MISS"))
+        self.assertEqual(await response.content(), BODY)
+
+    async def test_a_partial_hit_keeps_its_headers_until_the_origin_answered(self) -> None:
+        self.origin.add("/p.bin", BODY)
+        await self.get("/p.bin", {"Range": f"bytes={SLICE}-{SLICE + 10}"})  # slice 1 only
+        self.origin.hold_body = 1.0
+        response = await self.client.request("GET", self.edge_url + "/p.bin", unbuffered=True)
+        # the missing slices' answer could still have said the object changed: no early headers
+        self.assertTrue(any(entry.sent > 0 for entry in self.origin.log[1:]), "headers before any body")
+        self.assertEqual((response.code, await response.content()), (200, BODY))
+
     async def test_empty_object(self) -> None:
         self.origin.add("/empty.bin", b"")
         response, body = await self.get("/empty.bin")
@@ -181,6 +198,18 @@ class FailureTests(EdgeTestCase):
         await self.restart_edge()
         response, body = await self.get("/a.bin")
         self.assertEqual((header(response, "X-Cache"), body), ("HIT", BODY))
+
+    async def test_body_that_never_comes_after_early_headers_aborts_short(self) -> None:
+        self.origin.add("/a.bin", BODY)
+        self.origin.abort_after = 0  # every answer: headers, then the connection drops
+        self.origin.aborts_left = 100
+        response = await self.client.request("GET", self.edge_url + "/a.bin", unbuffered=True)
+        self.assertEqual(response.code, 200)  # sent once the origin's answer was checked
+        with self.assertRaises(Exception):
+            await response.content()  # the resumptions failed too: short of Content-Length, never wrong
+        self.assertGreater(self.origin.requests, 2)
+        obj = self.store.get("/a.bin")
+        self.assertTrue(obj is None or obj.available_from(0) == 0)
 
     async def test_connection_dropped_before_the_first_answer_is_retried(self) -> None:
         self.origin.add("/d.bin", BODY)
