@@ -697,7 +697,12 @@ class ManualThreads:
 
     def run_next(self) -> None:
         f, args, d = self.jobs.pop(0)
-        d.callback(f(*args))  # type: ignore[operator]
+        try:
+            result = f(*args)  # type: ignore[operator]
+        except Exception:
+            d.errback()  # as deferToThread does
+            return
+        d.callback(result)
 
     def fail_next(self, error: Exception) -> None:
         _, _, d = self.jobs.pop(0)
@@ -742,6 +747,52 @@ class ThreadedSyncTests(StoreTestCase):
         self.threads.run_next()
         self.assertEqual(self.listed("/big"), list(range(40)))
         self.assertEqual(self.threads.jobs, [])
+        self.assertEqual(self.tmp_files(), [])
+
+    def tmp_files(self) -> list[str]:
+        return [name for name in self.all_files() if name.endswith(".tmp")]
+
+    def test_refresh_during_a_sync_keeps_the_new_metadata(self) -> None:
+        store = self.open_store(run_in_thread=self.threads)
+        size = SLICE * 40
+        obj = store.create(meta_for("/big", size))
+        self.commit(obj, range(16), size)  # a batch: its sidecar is written in the thread, with this metadata
+        store.refresh(obj, meta_for("/big", size, expires_at=9000.0))  # persisted here and now
+        self.threads.run_next()
+        loaded = SliceStore(self.root, 1 << 20, slice_size=SLICE, now=self.clock).get("/big")
+        assert loaded is not None
+        self.assertEqual(loaded.meta.expires_at, 9000.0)
+        self.assertEqual(self.listed("/big"), list(range(16)))
+        self.assertEqual(self.tmp_files(), [])
+
+    def test_another_process_persisting_during_a_sync_is_merged(self) -> None:
+        store = self.open_store(run_in_thread=self.threads)
+        size = SLICE * 40
+        obj = store.create(meta_for("/big", size))
+        self.commit(obj, range(16), size)
+        self.threads.run_next()  # on disk: another process can find it
+        self.commit(obj, range(16, 32), size)  # the next batch, in the thread
+        other = self.open_store().get("/big")
+        assert other is not None
+        self.commit(other, range(35, 40), size)
+        other.close()  # the other process lists its slices
+        self.threads.run_next()
+        self.assertEqual(self.listed("/big"), list(range(32)) + list(range(35, 40)))
+        self.assertEqual(self.tmp_files(), [])
+
+    def test_sidecar_write_failing_in_the_thread_drops_the_object(self) -> None:
+        store = self.open_store(run_in_thread=self.threads)
+        obj = store.create(meta_for("/a", 64))
+        self.commit(obj, range(4), 64)
+
+        def full(fd: int) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        self.patch(os, "fsync", full)  # the sidecar's: the data's is fdatasync
+        self.threads.run_next()
+        self.assertTrue(obj.evicted)
+        self.assertIsNone(store.get("/a"))
+        self.assertEqual(self.all_files(), [])
 
     def test_batches_due_during_a_sync_follow_it(self) -> None:
         store = self.open_store(run_in_thread=self.threads)
