@@ -214,6 +214,57 @@ class HotEdgeTests(EdgeTestCase):
         self.assertEqual([a.body for a in answers], [self.data] * 3)
 
 
+class FirstReadTests(EdgeTestCase):
+    """A new connection's first request is read as the connection is accepted (HotChannel.connectionMade)."""
+
+    @property
+    def port(self) -> int:
+        return int(self.edge_port.getHost().port)
+
+    async def test_request_sent_with_the_connection_is_read_at_accept(self) -> None:
+        from h264edge.web.hot import HotChannel
+
+        self.origin.add("/a.bin", random_bytes(1000, seed=3))
+        inside = []
+        made, received = HotChannel.connectionMade, HotChannel.dataReceived
+
+        def connection_made(channel: HotChannel) -> None:
+            channel.accepting = True  # type: ignore[attr-defined]
+            made(channel)
+            channel.accepting = False  # type: ignore[attr-defined]
+
+        def data_received(channel: HotChannel, data: bytes) -> None:
+            inside.append(getattr(channel, "accepting", False))
+            received(channel, data)
+
+        self.patch(HotChannel, "connectionMade", connection_made)
+        self.patch(HotChannel, "dataReceived", data_received)
+        # connect and send while the reactor is not running: the edge accepts with the request there
+        quiet = socket.create_connection(("127.0.0.1", self.port))  # sends nothing: the read finds nothing
+        closed = socket.create_connection(("127.0.0.1", self.port))
+        closed.close()  # gone before it was accepted: its end is seen on a later poll
+        client = RawClient(self.port)
+        client.send_get("/a.bin")
+        answer = await deferToThread(client.read_response)
+        client.close()
+        self.assertEqual((answer.status, answer.body), (200, self.origin.files["/a.bin"].data))
+        self.assertEqual(inside, [True])
+        again = await deferToThread(exchange, self.port, [get("/a.bin")])
+        self.assertEqual(again[0].status, 200)
+        quiet.sendall(get("/a.bin"))  # a request sent later on an idle connection still gets read
+        answer = await deferToThread(RawClient.read_response, _Wrapped(quiet))
+        quiet.close()
+        self.assertEqual(answer.status, 200)
+
+
+class _Wrapped(RawClient):
+    """A RawClient around a socket already connected."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+
 class AccessLogTests(EdgeTestCase):
     async def test_hot_answers_are_logged(self) -> None:
         self.origin.add("/small.bin", random_bytes(1000))

@@ -33,12 +33,15 @@ from typing import Any, Optional
 import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.logger import Logger
 from twisted.web.http import HTTPChannel, combinedLogFormatter, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
 from h264edge.store import CachedObject, ObjectMeta, SliceStore
 from h264edge.web.producer import plain_tcp, queued
+
+log = Logger()
 
 HOT_OBJECT_MAX = 64 * 1024
 MAX_HEAD = 8192
@@ -239,6 +242,20 @@ class HotChannel(HTTPChannel):
     hot: Optional[HotAnswers] = None
     state_known = _channel_state_known()
     log_ip: Optional[str] = None  # the peer's address as the access log writes it
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # A viewer sends its request right after connecting: read it now, rather than after the
+        # reactor's next poll (~0.1 ms off the first byte of every new connection).  Nothing there
+        # yet is fine (the read would block: it returns at once); an end or error is left for the
+        # reactor, which sees it again on its next poll.
+        transport: Any = self.transport
+        if plain_tcp(transport):
+            try:
+                transport.doRead()
+            except Exception:
+                log.failure("reading a new connection's first request")
+                transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         hot = self.hot
