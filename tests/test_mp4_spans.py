@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from h264edge.mp4 import SeekIndex, SeekOutOfRange, plan_for_seek
-from h264edge.mp4._boxes import make_box, make_full_box
+from h264edge.mp4._boxes import make_full_box
 from h264edge.mp4._index import Container, Item, SeekIndex as _SeekIndex, _cuts, _TrackCut
 from h264edge.mp4._tables import SampleTables, _be_bytes
 from h264edge.plan import Literal, Plan, Span

@@ -252,6 +252,7 @@ class RestartTests(StoreTestCase):
         store.close()
         again = self.open_store()
         fresh = again.create(meta_for("/a", 40, etag='"v2"'))
+        fresh.write(0, body(16))  # its data file is made
         rebuild(again)
         self.assertIs(again.get("/a"), fresh)
         self.assertEqual(fresh.missing_slices(0, 2), [0, 1, 2])
@@ -263,6 +264,7 @@ class RestartTests(StoreTestCase):
         self.fill(store, "/keep", 20)
         self.fill(store, "/nodata", 20)
         orphan = store.create(meta_for("/nosidecar", 40))  # never persisted: data without sidecar
+        orphan.write(0, body(16))
         store.close()
         del orphan
         for f in self.all_files():
@@ -679,8 +681,27 @@ class SharedRootTests(StoreTestCase):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         self.patch(os, "ftruncate", full)
-        self.assertRaises(StoreError, store.create, meta_for("/a", 48))
+        obj = store.create(meta_for("/a", 48))  # the data file is made at the first write
+        self.assertEqual(self.all_files(), [])
+        self.assertRaises(StoreError, obj.write, 0, body(16))
+        self.assertTrue(obj.evicted)
+        self.assertRaises(StoreError, obj.write, 0, body(16))  # and stays failed
+        self.assertRaises(StoreError, obj.commit_slice, 0)
         self.assertEqual(len(store), 0)
+        self.assertIsNone(store.get("/a"))
+        self.assertEqual(self.all_files(), [])
+        self.assertRaises(StoreError, store.create, meta_for("/empty", 0))  # made at once: it is complete
+        self.assertEqual((len(store), self.all_files()), (0, []))
+
+    def test_new_object_dropped_before_its_first_byte_still_streams(self) -> None:
+        store = self.open_store()
+        obj = store.create(meta_for("/a", 48))
+        self.assertTrue(store.remove("/a"))  # a purge between the origin's answer and its body
+        obj.write(0, body(48))
+        for index in range(3):
+            obj.commit_slice(index)
+        self.assertEqual(obj.read(0, 48), body(48))  # its viewers get every byte
+        self.assertIsNone(store.get("/a"))  # nothing is kept
         self.assertEqual(self.all_files(), [])
 
 

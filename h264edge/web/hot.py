@@ -39,7 +39,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
 from h264edge.store import CachedObject, ObjectMeta, SliceStore
-from h264edge.web.producer import plain_tcp, queued
+from h264edge.tcpio import plain_tcp, send_now
 
 log = Logger()
 
@@ -196,25 +196,6 @@ def plain_get_target(data: bytes) -> Optional[tuple[bytes, dict[bytes, bytes]]]:
             return None
         headers[name] = value
     return match.group(1), headers
-
-
-def send_now(transport: Any, data: bytes) -> None:
-    """
-    Write C{data} to C{transport}, sending what the socket takes right away when nothing is queued
-    before it: one C{send} instead of Twisted's register-for-writable, wait, send, unregister (a
-    third of the cost of a small answer).  Any other case, and the rest, goes to C{transport.write}.
-    """
-    if plain_tcp(transport) and not queued(transport):
-        try:
-            sent = transport.socket.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            sent = 0  # let the transport meet the error and close the connection its own way
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
 
 
 def _log_escape(value: bytes | str) -> str:

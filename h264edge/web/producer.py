@@ -17,9 +17,8 @@ import os
 from typing import Any, Callable, Mapping, Optional
 
 from attrs import define
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPullProducer, IPushProducer, ISSLTransport
+from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
@@ -28,6 +27,7 @@ from zope.interface import implementer
 from h264edge.fill import Filler
 from h264edge.plan import Literal, Plan
 from h264edge.store import CachedObject
+from h264edge.tcpio import plain_tcp, queued
 
 log = Logger()
 
@@ -50,22 +50,6 @@ class SendfileCounters:
 
 
 counters = SendfileCounters()
-
-
-def plain_tcp(transport: Any) -> bool:
-    """A live plain (not TLS) TCP connection, whose socket may be written directly."""
-    return bool(
-        isinstance(transport, tcp.Connection)
-        and not getattr(transport, "TLS", False)
-        and not ISSLTransport.providedBy(transport)
-        and transport.connected
-        and not transport.disconnecting
-    )
-
-
-def queued(transport: Any) -> bool:
-    """Whether C{transport} (a L{plain_tcp} one) still holds bytes written earlier."""
-    return bool(transport.dataBuffer or getattr(transport, "_tempDataBuffer", None))
 
 
 def sendfile_socket(request: Request) -> Optional[int]:
