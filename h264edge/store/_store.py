@@ -5,7 +5,7 @@ The disk store: sparse data files cut in fixed slices, JSON sidecars, an in-memo
 Layout, for an object whose key hashes (SHA-256, hex) to C{h}::
 
     root/h[0:2]/h[2:4]/h.meta              sidecar (JSON): metadata, slice size, data token, bitmap
-    root/h[0:2]/h[2:4]/h.<token>.data      sparse data file, truncated to the object's size at create
+    root/h[0:2]/h[2:4]/h.<token>.data      sparse data file, made (truncated to the object's size) at its first write
     root/h[0:2]/h[2:4]/h.<token>.<pid>-<n>.tmp a sidecar being written (removed by the rebuild if left over)
 
 Trust rules:
@@ -14,8 +14,9 @@ Trust rules:
     sidecar is then replaced atomically (tmp, fsync, rename).  Persisting is batched: when the object
     completes, every L{PERSIST_EVERY_SLICES} slices, when the oldest unpersisted slice is older than
     L{PERSIST_INTERVAL} seconds (checked at commit and at get()), at L{CachedObject.close} and at
-    L{SliceStore.close}.  With C{run_in_thread} (the server's setting) a batch's fdatasync runs in a
-    thread and the sidecar, written when it returns, lists only the slices present when it began
+    L{SliceStore.close}.  With C{run_in_thread} (the server's setting) a batch's fdatasync, then the
+    new sidecar's tmp file and its fsync, run in a thread; the sidecar, renamed into place on the
+    reactor when both are done, lists only the slices present when the sync began
     (C{_Entry.listed}); the reactor keeps receiving and sending meanwhile.  Cold fills measured
     5-10% faster than with the sync on the reactor thread, close to C{sync=False}.  L{SliceStore.close}
     still syncs in the caller.  A crash loses at most the unpersisted slices; they are refetched.  The
