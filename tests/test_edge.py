@@ -540,6 +540,33 @@ class FullDiskTests(EdgeTestCase):
         self.assertEqual((response.code, body), (200, BODY))
 
 
+    async def test_while_the_disk_refuses_misses_answer_503(self) -> None:
+        import errno
+
+        import h264edge.store._store as store_module
+
+        self.origin.add("/a.bin", BODY)
+        self.origin.add("/b.bin", BODY)
+        real_pwrite = store_module.os.pwrite
+
+        def full(fd: int, data: bytes, offset: int) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(store_module.os, "pwrite", full)
+        # the first miss learns it after its headers went out early: a cut answer, never wrong bytes
+        response = await self.client.get(self.edge_url + "/a.bin")
+        self.assertEqual(response.code, 200)
+        with self.assertRaises(Exception):
+            await response.content()
+        # from then on a miss keeps its headers until its bytes are written: a clean error instead
+        response, body = await self.get("/b.bin")
+        self.assertEqual(response.code, 503)
+        self.assertIn(b"cache storage error", body)
+        self.patch(store_module.os, "pwrite", real_pwrite)
+        response, body = await self.get("/b.bin")
+        self.assertEqual((response.code, body), (200, BODY))
+
+
 class ThreadedSyncEdgeTests(EdgeTestCase):
     """The server's store setting: fdatasync in a thread, sidecars written when it returns."""
 

@@ -94,6 +94,7 @@ log = Logger()
 PERSIST_EVERY_SLICES = 16
 PERSIST_INTERVAL = 5.0
 LAST_USE_PERSIST_INTERVAL = 60.0
+DISK_TROUBLE_MEMORY = 60.0  # seconds after a disk error during which L{SliceStore.disk_trouble} is true
 ORPHAN_GRACE = 600.0  # with several processes: a data file younger than this may be a fill in flight
 
 _HEX = frozenset("0123456789abcdef")
@@ -478,6 +479,7 @@ class SliceStore:
         self._rebuilt: set[str] = set()  # loaded by the rebuild and not used since
         self._loading = True
         self._tmp_serial = 0
+        self._disk_error_at = float("-inf")
         os.makedirs(root, exist_ok=True)
 
     # -- public ---------------------------------------------------------------------------------
@@ -485,6 +487,15 @@ class SliceStore:
     @property
     def loading(self) -> bool:
         return self._loading
+
+    @property
+    def disk_trouble(self) -> bool:
+        """
+        Whether the disk refused us in the last L{DISK_TROUBLE_MEMORY} seconds (full, read-only, I/O
+        errors): a miss then keeps its headers until its first bytes are written, so that a write
+        that fails still gets the viewer a clean 503 rather than a cut answer.
+        """
+        return self._now() - self._disk_error_at < DISK_TROUBLE_MEMORY
 
     def __len__(self) -> int:
         return len(self._index)
@@ -611,6 +622,7 @@ class SliceStore:
                 self._fail(entry, e)
             else:
                 entry.failed = True
+                self._disk_error_at = self._now()
             raise StoreError(f"creating {entry.meta.key!r}: {e.strerror}", e.errno) from e
         return fd
 
@@ -1111,6 +1123,7 @@ class SliceStore:
     def _fail(self, entry: _Entry, error: Exception) -> None:
         """A disk error on C{entry}: drop it and forget every slice, so none is ever served."""
         log.error("dropping {key!r} after a disk error: {error}", key=entry.meta.key, error=error)
+        self._disk_error_at = self._now()
         self._drop(entry)
         entry.forget_slices()
         entry.failed = True  # a fill writing into it (its sync failed in a thread) stops at its next write

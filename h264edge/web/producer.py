@@ -263,13 +263,19 @@ class PlanProducer:
 
     def _wait(self, obj: CachedObject, path: str, position: int) -> None:
         d = self._waiting = self.filler.wait(obj, path, position)
-        if not d.called and not self.request.startedWriting and self.filler.arriving(obj, position):
+        if (
+            not d.called
+            and not self.request.startedWriting
+            and self.filler.arriving(obj, position)
+            and not self.filler.store.disk_trouble
+        ):
             # A miss: the origin's answer was checked and its body is on the way.  The viewer gets
             # the headers now rather than with the first body bytes (0.2-0.7 ms later: the body's
             # first write into the store).  A body that then fails before its first byte resumes
             # from the origin like any other; if that fails too, the connection is aborted short of
             # its Content-Length instead of answering 502.  (A fetch still waiting for its answer,
-            # which may say the object changed, keeps the headers back.)
+            # which may say the object changed, keeps the headers back; so does a miss while the
+            # disk has been refusing writes: its first write may fail too, and then it gets a 503.)
             self.request.write(b"")
             self._flush_now()
 
