@@ -786,6 +786,41 @@ class ThreadedSyncTests(StoreTestCase):
         self.assertEqual(self.listed("/big"), list(range(16)))
         self.assertEqual(self.tmp_files(), [])
 
+    def test_a_rebuild_removing_the_threads_tmp_file_is_not_a_disk_error(self) -> None:
+        store = self.open_store(run_in_thread=self.threads)
+        size = SLICE * 40
+        obj = store.create(meta_for("/big", size))
+        self.commit(obj, range(16), size)
+        f, args, d = self.threads.jobs.pop(0)
+        inode = f(*args)  # the sync and the tmp sidecar, in the thread
+        self.assertEqual(len(self.tmp_files()), 1)
+        for _ in store.rebuild_steps():  # a rescan while serving: every *.tmp is a leftover to it
+            pass
+        self.assertEqual(self.tmp_files(), [])
+        d.callback(inode)
+        self.assertFalse(obj.evicted)
+        self.assertFalse(store.disk_trouble)
+        self.assertEqual(self.listed("/big"), list(range(16)))
+        self.commit(obj, range(16, 40), size)
+        while self.threads.jobs:
+            self.threads.run_next()
+        self.assertEqual(self.listed("/big"), list(range(40)))
+
+    def test_a_use_during_the_sync_is_not_set_back(self) -> None:
+        store = self.open_store(run_in_thread=self.threads)
+        size = SLICE * 40
+        obj = store.create(meta_for("/big", size))
+        self.commit(obj, range(16), size)
+        self.threads.run_next()  # on disk, last used when created
+        self.clock.advance(100)
+        self.commit(obj, range(16, 32), size)  # the next batch: its sidecar records that same use
+        self.clock.advance(1)
+        self.assertIs(store.get("/big"), obj)  # a use 101 s later, recorded on the sidecar at once
+        self.assertEqual(os.stat(self.sidecar_path("/big")).st_mtime, self.clock())
+        self.threads.run_next()
+        self.assertEqual(os.stat(self.sidecar_path("/big")).st_mtime, self.clock())
+        self.assertEqual(self.listed("/big"), list(range(32)))
+
     def test_another_process_persisting_during_a_sync_is_merged(self) -> None:
         store = self.open_store(run_in_thread=self.threads)
         size = SLICE * 40

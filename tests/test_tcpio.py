@@ -10,10 +10,11 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from h264edge.tcpio import write_at_once
+from h264edge.tcpio import queued, write_at_once
 
 
 class WriteAtOnceTests(TestCase):
+    timeout = 60
     async def connected(self) -> tuple[Protocol, socket.socket]:
         server = socket.socket()
         server.bind(("127.0.0.1", 0))
@@ -39,9 +40,13 @@ class WriteAtOnceTests(TestCase):
         protocol, peer = await self.connected()
         transport = protocol.transport
         assert transport is not None
+        # small buffers: the socket cannot take the big write at once, so the rest must queue
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)  # type: ignore[attr-defined]
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         write_at_once(transport)
-        big = bytes(range(256)) * (32 * 1024)  # 8 MiB: more than the socket buffers take at once
+        big = bytes(range(256)) * (8 * 1024)  # 2 MiB
         transport.write(big)
+        self.assertTrue(queued(transport))
         transport.writeSequence([b"after", b"-the-rest"])  # queued behind big's remainder, not sent first
         transport.write(b"!")
         expected = big + b"after-the-rest!"

@@ -54,7 +54,8 @@ What can happen is lost work (a slice fetched twice, an object refetched after a
 wrong bytes and never an error for a reader.
 
 The index holds one small L{_Entry} per object (metadata, bitmap) and no descriptor.  get() and
-create() hand out a L{CachedObject} handle owning one descriptor of the data file; while any code
+create() hand out a L{CachedObject} handle owning one descriptor of the data file (a new object's
+from its first write, read or fileno(), when its data file is made); while any code
 references that handle, get() returns the same instance, and the descriptor is closed only when
 the handle is garbage collected.  So descriptors scale with objects in use, not objects cached, and
 an evicted (unlinked) object stays readable for whoever still holds it: a descriptor number taken
@@ -272,8 +273,8 @@ class CachedObject:
     instance is garbage collected, so a descriptor number obtained from L{fileno} can never come to
     name another file while its holder still has the object.
 
-    A new object's data file is made at its first write (or L{fileno}), not by L{SliceStore.create}:
-    a miss's headers go out before that (see L{SliceStore.create}).
+    A new object's data file is made at its first L{write}, L{read}, L{commit_slice} or L{fileno},
+    not by L{SliceStore.create}: a miss's headers go out before that (see L{SliceStore.create}).
     """
 
     _store: SliceStore = attrs.field(repr=False)
@@ -554,14 +555,17 @@ class SliceStore:
         if entry.pending and now - entry.pending_since >= PERSIST_INTERVAL:
             self._persist_soon(entry, fd)
         elif entry.on_disk and now - entry.use_persisted >= LAST_USE_PERSIST_INTERVAL:
-            entry.use_persisted = now
-            try:
-                path = self._meta_path(entry.hash)
-                os.utime(path, (now, now))
-                st = os.stat(path)
-                entry.stamp = _stamp(st)
-            except OSError:
-                pass  # only the LRU order after a restart suffers
+            self._touch(entry, now)
+
+    def _touch(self, entry: _Entry, when: float) -> None:
+        """Record a use of C{entry} at C{when} as its sidecar's mtime (the lazy LRU touch)."""
+        entry.use_persisted = when
+        try:
+            path = self._meta_path(entry.hash)
+            os.utime(path, (when, when))
+            entry.stamp = _stamp(os.stat(path))
+        except OSError:
+            pass  # only the LRU order after a restart suffers
 
     def create(self, meta: ObjectMeta, transient: bool = False) -> CachedObject:
         """
@@ -572,7 +576,8 @@ class SliceStore:
         object as soon as the origin's answer is checked, and its headers go out before the body's
         first bytes (see L{PlanProducer}).  Making a file and its directory pair cost 0.1-0.9 ms of
         that time to first byte here, more than nginx's whole miss.  A disk that refuses then fails
-        the fill at its first write (the viewer's answer is cut short), and drops the object.
+        the fill at its first write and drops the object; the viewer's answer is cut short, or,
+        while L{disk_trouble} holds (the headers then wait for the first write), it is a 503.
 
         @raise StoreError: the data file of an empty object (made here: it is complete) could not be made.
         """
@@ -931,8 +936,9 @@ class SliceStore:
         Persist C{entry}'s pending slices; with C{run_in_thread}, the data sync and then the new
         sidecar's write run in a thread, and the sidecar, put in place when both are done, lists only
         the slices present when the sync began (the trust rule holds: nothing is listed before it
-        is on disk).  A disk error then drops the
-        object (nobody is waiting to be told); one sync per object at a time.
+        is on disk).  A disk error then drops the object (nobody is waiting to be told); one sync
+        per object at a time.  A tmp sidecar whose thread finishes after the reactor stopped stays
+        behind; the next rebuild removes it.
         """
         if self._run_in_thread is None:
             self._persist_or_log(entry, fd)
@@ -974,8 +980,18 @@ class SliceStore:
             if entry.pending:
                 entry.pending_since = began  # the oldest slice still unlisted came after this
             try:
-                if entry.meta is meta and bytes(entry.listed) == merged and not self._merge_others(entry):
+                if (
+                    entry.meta is meta
+                    and bytes(entry.listed) == merged
+                    and not self._merge_others(entry)
+                    # a rebuild (ours while serving, or another process's rescan) takes *.tmp files
+                    # for leftovers: one may have gone between the thread and this turn
+                    and os.path.exists(tmp)
+                ):
+                    newer_use = entry.use_persisted  # a use get() recorded on the sidecar meanwhile
                     self._install(entry, tmp, inode, last_used, obj.fileno())
+                    if newer_use > last_used:
+                        self._touch(entry, newer_use)
                 else:  # refreshed, persisted or merged with another process's meanwhile: write it anew
                     _unlink(tmp)
                     self._write_sidecar(entry, obj.fileno())

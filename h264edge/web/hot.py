@@ -228,8 +228,9 @@ class HotChannel(HTTPChannel):
         super().connectionMade()
         # A viewer sends its request right after connecting: read it now, rather than after the
         # reactor's next poll (~0.1 ms off the first byte of every new connection).  Nothing there
-        # yet is fine (the read would block: it returns at once); an end or error is left for the
-        # reactor, which sees it again on its next poll.
+        # yet is fine (the read would block: it returns at once).  What it returns on an end or an
+        # error is dropped: the reactor's next poll finds the socket at its end and closes it (a
+        # reset read here is then seen as a plain end).
         transport: Any = self.transport
         if plain_tcp(transport):
             try:
