@@ -309,12 +309,14 @@ class Filler:
         state = self._state(obj, path)
         index = offset // obj.slice_size
         owner = state.inflight.get(index)
-        if owner is not None and index - owner.position // obj.slice_size > self.steal_distance:
+        if owner is None:
+            self.ensure(obj, path, offset, offset)
+        elif index - owner.position // obj.slice_size > self.steal_distance:
             self._steal(state, owner, index)
-        self.ensure(obj, path, offset, offset)
         d: Deferred[None] = Deferred()
         state.waiters.append((offset, d))
-        self._wake(state)
+        if index not in state.inflight:
+            self._wake(state)  # nothing fetches it (no fetch could start): the reader fails now
         return d
 
     async def read(self, obj: CachedObject, path: str, offset: int, length: int) -> bytes:
