@@ -262,6 +262,52 @@ class FillTests(SendfileTestCase):
         self.assertEqual(self.origin.bytes_sent, len(BODY))
 
 
+    async def test_a_miss_at_the_fill_frontier_streams_in_one_run(self) -> None:
+        self.origin.add("/f.bin", BODY)
+        self.origin.dribble = (16 * 1024, 0.002)  # 41 pieces: the viewer keeps catching up with the fill
+        runs, before = producer.counters.runs, self.sendfile_bytes()
+        response, body = await self.get("/f.bin")
+        self.assertEqual((header(response, "X-Cache"), body), ("MISS", BODY))
+        self.assertEqual(self.sendfile_bytes() - before, len(BODY))
+        # the run waits at the frontier for the next piece instead of ending and starting anew
+        self.assertLessEqual(producer.counters.runs - runs, 2)
+
+    async def test_a_fill_failing_at_the_frontier_cuts_the_answer_short(self) -> None:
+        import treq
+
+        self.origin.add("/x.bin", BODY)
+        self.origin.dribble = (16 * 1024, 0.002)
+        self.origin.abort_after = 3 * SLICE + 5000
+        self.origin.aborts_left = 100  # every resumption fails too
+        response = await self.client.get(self.edge_url + "/x.bin", unbuffered=True)
+        chunks: list[bytes] = []
+        with self.assertRaises(Exception):
+            await treq.collect(response, chunks.append)
+        got = b"".join(chunks)
+        self.assertTrue(BODY.startswith(got), "wrong bytes")
+        self.assertGreater(len(got), 2 * SLICE)
+        self.assertLess(len(got), len(BODY))
+        self.assertGreater(self.origin.requests, 2)  # the fill tried to resume while the viewer waited
+
+    async def test_viewer_leaving_at_the_fill_frontier_is_quiet(self) -> None:
+        self.origin.add("/v.bin", BODY)
+        self.origin.dribble = (16 * 1024, 0.005)
+
+        def leave() -> int:
+            client = RawClient(self.port)
+            client.send_get("/v.bin")
+            return client.read_some_then_close(3 * 16384, reset=False)
+
+        self.assertGreater(await self.in_thread(leave), 0)
+        for _ in range(100):  # the fill goes on for the cache (bounded: 5 s)
+            if not self.edge.filler.busy:
+                break
+            await self.settle()
+        self.assertEqual(self.warnings, [])
+        response, body = await self.get("/v.bin")
+        self.assertEqual((header(response, "X-Cache"), body), ("HIT", BODY))
+
+
 class PlanResource(Resource):
     """Answers with a fixed plan over one cached key, through L{PlanProducer}."""
 

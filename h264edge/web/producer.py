@@ -241,6 +241,16 @@ class PlanProducer:
         self._run.begin()
         return True
 
+    def _span_left(self) -> Optional[tuple[CachedObject, str, int, int]]:
+        """The object, origin path, position and length of what a run has left of its span (None: nothing)."""
+        if self._part >= len(self.parts):
+            return None
+        part = self.parts[self._part]
+        left = part.length - self._done_in_part
+        if left == 0 or isinstance(part, Literal):
+            return None
+        return self.objects[part.key], self.paths[part.key], part.offset + self._done_in_part, left
+
     def _sent_by_run(self, count: int) -> None:
         self._done_in_part += count
         self.sent += count
@@ -356,6 +366,7 @@ class _SendfileRun:
         self.remaining = length
         self._primed = False
         self._over = False
+        self._parked = False
 
     def begin(self) -> None:
         self.transport.unregisterProducer()
@@ -379,8 +390,10 @@ class _SendfileRun:
         if self.owner._stopped or not transport.connected or transport.disconnecting:
             self.cancel()  # the connection is closing: whoever closes it stops the owner
             return
+        if self._parked:
+            return
         budget = SENDFILE_BUDGET
-        while self.remaining:
+        while self.remaining or self._follow():
             want = min(self.remaining, budget, SENDFILE_CHUNK)
             try:
                 sent = os.sendfile(self.sock_fd, self.file_fd, self.offset, want)
@@ -407,8 +420,48 @@ class _SendfileRun:
         if self.remaining:
             transport.startWriting()
             return
+        if self._parked or self._over:
+            return  # the fill wakes us (see _follow), or the answer was aborted
         self._end()
         self.owner._run_ended()
+
+    def _follow(self) -> bool:
+        """
+        All the bytes the run was given went out: take on what is readable next in the same span, or,
+        at the frontier of a fill (a miss), park and wait for it, keeping the transport's producer
+        slot.  A cold miss otherwise started a new run (the slot swapped twice, the checks redone)
+        for every origin read.  False when the span is done: the run ends.
+        """
+        left = self.owner._span_left()
+        if left is None or self.owner._stopped:
+            return False
+        obj, path, position, length = left
+        ready = self.owner.filler.readable(obj, position, length)
+        if ready:
+            self.remaining = min(ready, length)
+            return True
+        d = self.owner.filler.wait(obj, path, position)
+        if d.called:  # at once: only a failure can be (nothing was readable just now)
+            failed: list[Failure] = []
+            d.addErrback(failed.append)
+            if failed:
+                self._end()
+                self.owner._abort(failed[0])
+            return False
+        self._parked = True
+        d.addCallbacks(self._unpark, self._park_failed)
+        return False
+
+    def _unpark(self, _: object) -> None:
+        self._parked = False
+        if not self._over:
+            self.resumeProducing()
+
+    def _park_failed(self, failure: Failure) -> None:
+        self._parked = False
+        if not self._over:
+            self._end()
+            self.owner._abort(failure)
 
     def stopProducing(self) -> None:
         """The connection is lost; the transport drops its reference to us itself."""
