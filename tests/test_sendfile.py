@@ -261,16 +261,16 @@ class FillTests(SendfileTestCase):
         self.assertGreaterEqual(self.sendfile_bytes() - before, 5 * SLICE)
         self.assertEqual(self.origin.bytes_sent, len(BODY))
 
-
     async def test_a_miss_at_the_fill_frontier_streams_in_one_run(self) -> None:
         self.origin.add("/f.bin", BODY)
         self.origin.dribble = (16 * 1024, 0.002)  # 41 pieces: the viewer keeps catching up with the fill
-        runs, before = producer.counters.runs, self.sendfile_bytes()
+        runs, parks, before = producer.counters.runs, producer.counters.parks, self.sendfile_bytes()
         response, body = await self.get("/f.bin")
         self.assertEqual((header(response, "X-Cache"), body), ("MISS", BODY))
         self.assertEqual(self.sendfile_bytes() - before, len(BODY))
         # the run waits at the frontier for the next piece instead of ending and starting anew
         self.assertLessEqual(producer.counters.runs - runs, 2)
+        self.assertGreater(producer.counters.parks - parks, 0)
 
     async def test_a_fill_failing_at_the_frontier_cuts_the_answer_short(self) -> None:
         import treq
@@ -279,6 +279,7 @@ class FillTests(SendfileTestCase):
         self.origin.dribble = (16 * 1024, 0.002)
         self.origin.abort_after = 3 * SLICE + 5000
         self.origin.aborts_left = 100  # every resumption fails too
+        runs, parks = producer.counters.runs, producer.counters.parks
         response = await self.client.get(self.edge_url + "/x.bin", unbuffered=True)
         chunks: list[bytes] = []
         with self.assertRaises(Exception):
@@ -288,17 +289,21 @@ class FillTests(SendfileTestCase):
         self.assertGreater(len(got), 2 * SLICE)
         self.assertLess(len(got), len(BODY))
         self.assertGreater(self.origin.requests, 2)  # the fill tried to resume while the viewer waited
+        self.assertLessEqual(producer.counters.runs - runs, 2)
+        self.assertGreater(producer.counters.parks - parks, 0)  # the failure met a waiting run
 
-    async def test_viewer_leaving_at_the_fill_frontier_is_quiet(self) -> None:
+    async def _leave_at_the_fill_frontier(self, reset: bool) -> None:
         self.origin.add("/v.bin", BODY)
         self.origin.dribble = (16 * 1024, 0.005)
+        parks = producer.counters.parks
 
         def leave() -> int:
             client = RawClient(self.port)
             client.send_get("/v.bin")
-            return client.read_some_then_close(3 * 16384, reset=False)
+            return client.read_some_then_close(3 * 16384, reset=reset)
 
         self.assertGreater(await self.in_thread(leave), 0)
+        self.assertGreater(producer.counters.parks - parks, 0)
         for _ in range(100):  # the fill goes on for the cache (bounded: 5 s)
             if not self.edge.filler.busy:
                 break
@@ -306,6 +311,12 @@ class FillTests(SendfileTestCase):
         self.assertEqual(self.warnings, [])
         response, body = await self.get("/v.bin")
         self.assertEqual((header(response, "X-Cache"), body), ("HIT", BODY))
+
+    async def test_viewer_closing_at_the_fill_frontier_is_quiet(self) -> None:
+        await self._leave_at_the_fill_frontier(reset=False)
+
+    async def test_viewer_resetting_at_the_fill_frontier_is_quiet(self) -> None:
+        await self._leave_at_the_fill_frontier(reset=True)
 
 
 class PlanResource(Resource):

@@ -33,7 +33,10 @@ log = Logger()
 
 CHUNK = 64 * 1024  # copy-path reads: small enough that 1,000 slow viewers stay cheap
 SENDFILE_MIN = 16 * 1024
-"""Readable runs shorter than this are copied: one reactor turn to borrow the socket costs more."""
+"""
+Readable runs shorter than this are copied: one reactor turn to borrow the socket costs more.  (A
+run already holding the socket takes on any size, see L{_SendfileRun._follow}.)
+"""
 SENDFILE_CHUNK = 2 * 2**20
 """Bytes asked of one os.sendfile call (as nginx's sendfile_max_chunk): the socket buffer refills sooner."""
 SENDFILE_BUDGET = 8 * 2**20
@@ -47,6 +50,7 @@ class SendfileCounters:
     answers: int = 0  # answers that sent at least one run by sendfile
     runs: int = 0
     bytes: int = 0
+    parks: int = 0  # times a run waited at a fill's frontier, keeping the socket
 
 
 counters = SendfileCounters()
@@ -417,8 +421,8 @@ class _SendfileRun:
             self.owner._sent_by_run(sent)
             if budget <= 0:
                 break  # our turn is over
-        if self.remaining:
-            transport.startWriting()
+        if self.remaining or (budget <= 0 and self.owner._span_left() is not None):
+            transport.startWriting()  # the next writable event goes on (and takes on more, see _follow)
             return
         if self._parked or self._over:
             return  # the fill wakes us (see _follow), or the answer was aborted
@@ -449,13 +453,20 @@ class _SendfileRun:
                 self.owner._abort(failed[0])
             return False
         self._parked = True
+        counters.parks += 1
         d.addCallbacks(self._unpark, self._park_failed)
         return False
 
     def _unpark(self, _: object) -> None:
         self._parked = False
-        if not self._over:
-            self.resumeProducing()
+        if self._over:
+            return
+        if queued(self.transport):
+            # nothing writes to the transport while a run holds it; if that ever changes, the
+            # bytes queued before go first: doWrite calls us once its buffer is empty
+            self.transport.startWriting()
+            return
+        self.resumeProducing()
 
     def _park_failed(self, failure: Failure) -> None:
         self._parked = False
