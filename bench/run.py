@@ -322,7 +322,8 @@ def fig_miss(b: Bench) -> None:
     rate = b.row("5c", "cold miss throughput", "MB/s", target=("ratio>=", 1.0))
     # nginx's proxy_cache never fsyncs what it caches; h264edge fdatasyncs before it lists a slice
     nosync = b.row("5d", "cold miss throughput, h264edge --no-sync (nginx's durability: no fsync)", "MB/s")
-    runs = max(b.runs, 1 if b.quick else 5)
+    # 9 by default: the cold-miss medians spread most from run to run (5 gave ratios of 0.8-1.1)
+    runs = max(b.runs, 1 if b.quick else 9)
     for run in range(runs):
         for side in ("nginx", "edge", "edge --no-sync"):
             server = (servers.ProxyNginx(b.dir("proxy"), b.origin) if side == "nginx"
