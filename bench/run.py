@@ -596,7 +596,7 @@ def write_report(b: Bench, path: str, info: dict, started: float, loads: tuple) 
         f"- software: nginx {info['nginx']} (Debian nginx-extras), Python {info['python']}",
         f"- h264edge commit: {info['commit']} (the working tree as it was during the run)",
         f"- load average at start / end: {loads[0]} / {loads[1]} (other sessions share these 2 cores)",
-        f"- command: `{' '.join(['python', 'bench/run.py'] + sys.argv[1:])}`; runs per figure: {b.runs}",
+        f"- command: `{' '.join(['python', 'bench/run.py'] + sys.argv[1:])}`; runs per figure: {b.runs} (cold figures: 9 for 5, 2 for 6a, 1 for the Zipf workload)",
         "- every server has ONE process (nginx `worker_processes 1`, h264edge one twistd), all on 127.0.0.1; "
         "cells are median [min-max] over runs (figure 2: over all its samples)",
         "",
