@@ -773,11 +773,16 @@ class ThreadedSyncTests(StoreTestCase):
     def tmp_files(self) -> list[str]:
         return [name for name in self.all_files() if name.endswith(".tmp")]
 
-    def test_refresh_during_a_sync_keeps_the_new_metadata(self) -> None:
+    def big_with_a_batch(self) -> tuple[SliceStore, CachedObject, int]:
+        """A 40-slice object with its first 16 slices committed: a batch whose sync waits in the thread."""
         store = self.open_store(run_in_thread=self.threads)
         size = SLICE * 40
         obj = store.create(meta_for("/big", size))
-        self.commit(obj, range(16), size)  # a batch: its sidecar is written in the thread, with this metadata
+        self.commit(obj, range(16), size)
+        return store, obj, size
+
+    def test_refresh_during_a_sync_keeps_the_new_metadata(self) -> None:
+        store, obj, size = self.big_with_a_batch()  # its sidecar is written in the thread, with this metadata
         store.refresh(obj, meta_for("/big", size, expires_at=9000.0))  # persisted here and now
         self.threads.run_next()
         loaded = SliceStore(self.root, 1 << 20, slice_size=SLICE, now=self.clock).get("/big")
@@ -787,10 +792,7 @@ class ThreadedSyncTests(StoreTestCase):
         self.assertEqual(self.tmp_files(), [])
 
     def test_a_rebuild_removing_the_threads_tmp_file_is_not_a_disk_error(self) -> None:
-        store = self.open_store(run_in_thread=self.threads)
-        size = SLICE * 40
-        obj = store.create(meta_for("/big", size))
-        self.commit(obj, range(16), size)
+        store, obj, size = self.big_with_a_batch()
         f, args, d = self.threads.jobs.pop(0)
         inode = f(*args)  # the sync and the tmp sidecar, in the thread
         self.assertEqual(len(self.tmp_files()), 1)
@@ -807,10 +809,7 @@ class ThreadedSyncTests(StoreTestCase):
         self.assertEqual(self.listed("/big"), list(range(40)))
 
     def test_a_use_during_the_sync_is_not_set_back(self) -> None:
-        store = self.open_store(run_in_thread=self.threads)
-        size = SLICE * 40
-        obj = store.create(meta_for("/big", size))
-        self.commit(obj, range(16), size)
+        store, obj, size = self.big_with_a_batch()
         self.threads.run_next()  # on disk, last used when created
         self.clock.advance(100)
         self.commit(obj, range(16, 32), size)  # the next batch: its sidecar records that same use
@@ -822,10 +821,7 @@ class ThreadedSyncTests(StoreTestCase):
         self.assertEqual(self.listed("/big"), list(range(32)))
 
     def test_another_process_persisting_during_a_sync_is_merged(self) -> None:
-        store = self.open_store(run_in_thread=self.threads)
-        size = SLICE * 40
-        obj = store.create(meta_for("/big", size))
-        self.commit(obj, range(16), size)
+        store, obj, size = self.big_with_a_batch()
         self.threads.run_next()  # on disk: another process can find it
         self.commit(obj, range(16, 32), size)  # the next batch, in the thread
         other = self.open_store().get("/big")

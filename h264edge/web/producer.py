@@ -445,12 +445,10 @@ class _SendfileRun:
             self.remaining = min(ready, length)
             return True
         d = self.owner.filler.wait(obj, path, position)
-        if d.called:  # at once: only a failure can be (nothing was readable just now)
-            failed: list[Failure] = []
-            d.addErrback(failed.append)
-            if failed:
-                self._end()
-                self.owner._abort(failed[0])
+        if d.called:
+            # at once: only a failure can be (nothing was readable just now).  The run ends; the
+            # owner's pump waits for the same bytes, meets the same failure and aborts its own way.
+            d.addErrback(lambda _: None)
             return False
         self._parked = True
         counters.parks += 1
