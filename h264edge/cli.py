@@ -1,9 +1,11 @@
 # -*- test-case-name: tests.test_cli -*-
 """
-C{h264edge demo}: an edge in front of a local origin that serves generated sample clips.
+The C{h264edge} command: C{serve} (the server, as C{twistd -n h264edge}), C{demo}, C{prewarm},
+C{purge} and C{check-config}.
 
-Nothing to start by hand: the sample clips are made with ffmpeg on first run, a Twisted static file
-server plays the origin on 127.0.0.1, and the edge listens beside it.  C{--check} makes a few requests
+C{h264edge demo} runs an edge in front of a local origin that serves generated sample clips:
+nothing to start by hand; the clips are made with ffmpeg on first run, a Twisted static file server
+plays the origin on 127.0.0.1, and the edge listens beside it.  C{--check} makes a few requests
 through the edge, checks the answers with ffprobe, and exits (used by the tests and by newcomers).
 """
 
@@ -85,7 +87,7 @@ def _check(edge_url: str, reactor: Any, flv_offset: int) -> "Any":
 
 
 def demo(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="h264edge demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="h264edge demo", description=DEMO_HELP)
     parser.add_argument("--dir", default="h264edge-demo", help="where the sample origin files and cache go")
     parser.add_argument("--port", type=int, default=8080, help="edge port on 127.0.0.1 (0 = any free port)")
     parser.add_argument("--origin-port", type=int, default=0, help="origin port on 127.0.0.1 (0 = any)")
@@ -143,13 +145,90 @@ def demo(argv: list[str]) -> int:
     return result["code"] or 0
 
 
+DEMO_HELP = (
+    "Run an edge in front of a local origin serving generated sample clips (made with ffmpeg on the "
+    "first run), both on 127.0.0.1, and print URLs to try. With --check, request the samples through "
+    "the edge, check them with ffprobe, and exit."
+)
+
+COMMANDS = {
+    "serve": "run the edge server (twistd -n h264edge OPTIONS; 'h264edge serve --help' lists the options)",
+    "demo": "an edge and a sample origin on 127.0.0.1, to try it out",
+    "check-config": "check the server's options (and --config file) without starting it",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    from h264edge import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="h264edge",
+        description="An edge cache server for H.264/MP4 video, with ?start= seeking.",
+        epilog="Run 'h264edge COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"h264edge {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in COMMANDS.items():
+        commands.add_parser(name, help=text, add_help=False)
+    return parser
+
+
+def serve(argv: list[str]) -> int:
+    """The server in the foreground: twistd's own code, with the h264edge plugin and these options."""
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["twistd", "--nodaemon", "--pidfile=", "h264edge", *argv]
+    run()
+    return 0
+
+
+def check_config(argv: list[str]) -> int:
+    """Parse the server's options (and --config) and check the directories and files they name."""
+    from twisted.python import usage
+
+    from h264edge.lifecycle import StartupRefused
+    from h264edge.tap import Options, check_writable_dir, check_writable_file
+
+    options = Options()
+    if argv[:1] in (["-h"], ["--help"]):
+        print("usage: h264edge check-config [SERVER OPTIONS...]\n\n"
+              "Checks the options 'h264edge serve' would get (including a --config file) and the "
+              "directories and files they name, without starting anything; exits 1 on the first problem.")
+        return 0
+    try:
+        options.parseOptions(argv)
+        check_writable_dir("cache-dir", options["cache-dir"])
+        if options["access-log"] not in ("", "off"):
+            check_writable_file("access-log", options["access-log"])
+    except usage.UsageError as e:
+        print(f"h264edge: {e}", file=sys.stderr)
+        return 1
+    except StartupRefused as e:
+        print(e, file=sys.stderr)
+        return 1
+    print("configuration ok:")
+    for name in sorted(options):
+        if name not in ("listen-fd", "tcp-listen", "config") or options[name] is not None:
+            print(f"  {name} = {options[name]!r}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["demo"]:
-        return demo(argv[1:])
-    print("usage: h264edge demo [--check] [--port N] [--dir DIR]\n"
-          "       twistd -n h264edge --origin=URL ...   (the server; see twistd h264edge --help)")
-    return 2 if argv and argv[0] not in ("-h", "--help") else 0
+    parser = _parser()
+    if not argv:
+        parser.print_help()
+        return 2
+    command, rest = argv[0], argv[1:]
+    if command == "serve":
+        return serve(rest)
+    if command == "demo":
+        return demo(rest)
+    if command == "check-config":
+        return check_config(rest)
+    parser.parse_args(argv)  # --help, --version, or an unknown command (exits 2 with a usage line)
+    parser.print_help()
+    return 2
 
 
 if __name__ == "__main__":

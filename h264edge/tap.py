@@ -7,8 +7,12 @@ C{--workers=N} the worker processes sharing its port and cache, see L{h264edge.w
 from __future__ import annotations
 
 import gc
+import math
+import os
 import re
+import signal
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -16,14 +20,19 @@ from twisted.application import service, strports
 from twisted.internet import defer, endpoints, task, threads
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.internet.testing import MemoryReactor
 from twisted.python.threadpool import ThreadPool
+from urllib.parse import urlsplit
+
+from h264edge.config import ConfigError, config_arguments, config_path, load_config
+from h264edge.lifecycle import EdgeService, SignalHandlers, StartupRefused, forward_signal
 
 from h264edge.origin import OriginClient
 from h264edge.store import SliceStore
 from h264edge.store._store import ORPHAN_GRACE
 from h264edge.web.hot import EdgeSite
 from h264edge.web.resource import EdgeResource
-from h264edge.workers import LISTEN_FD, InheritedPort, WorkerPool, site_naming_process
+from h264edge.workers import LISTEN_FD, STOP_TIMEOUT, InheritedPort, WorkerPool, site_naming_process
 
 log = Logger()
 
@@ -40,16 +49,29 @@ def parse_size(value: str) -> int:
     return int(float(number) * _UNITS[unit.upper()])
 
 
+REPEATABLE = {"origin": "origins", "pass-method": "pass-methods"}  # option -> the list it fills
+
+
 class Options(usage.Options):
+    """
+    C{twistd h264edge}'s options, also read from C{--config FILE} (TOML, see L{h264edge.config}).
+
+    Under twistd (or C{h264edge serve}) a bad value ends the process with one line naming the
+    option (L{StartupRefused}); on its own, L{parseOptions} raises L{usage.UsageError} as usual.
+    """
+
     synopsis = "--origin=URL [--origin=URL2 ...] [options]"
     longdesc = (
         "Serve H.264/MP4 (and any other) files from ORIGIN through a local disk cache, with "
-        "pseudo-streaming seeks: clip.mp4?start=SECONDS[&end=SECONDS] and clip.flv?start=BYTES."
+        "pseudo-streaming seeks: clip.mp4?start=SECONDS[&end=SECONDS] and clip.flv?start=BYTES. "
+        "Every option can also be given in a TOML file (--config); the command line wins."
     )
-    optParameters = [
+    optParameters: list[list[Any]] = [
+        ["config", None, None, "TOML file of options (keys are the long option names); the command line wins."],
         ["cache-dir", "d", "/var/cache/h264edge", "Directory of the disk cache (created if missing)."],
         ["max-size", "s", "10G", "Bytes of disk the cache may use (K/M/G/T suffixes)."],
-        ["listen", "l", "tcp:8080", "Where to listen for viewers (a Twisted endpoint description)."],
+        ["listen", "l", "tcp:8080", "Where to listen for viewers (a Twisted endpoint description: tcp:8080, "
+         "tcp:80:interface=192.0.2.1, systemd:domain=INET:index=0)."],
         ["slice-size", None, "1M", "Cache objects are kept in slices of this many bytes."],
         ["default-ttl", None, "3600", "Seconds an answer stays fresh when the origin says nothing."],
         ["origin-timeout", None, "10", "Seconds to wait for an origin to connect or answer."],
@@ -59,8 +81,9 @@ class Options(usage.Options):
         ["hot-cache", None, "64M", "Memory (per process) for whole answers to plain GETs of small cached "
          "objects (up to 64K), served without twisted.web's per-request machinery; 0 turns this hot path off."],
         ["access-log", None, "", "Access log (combined format): a file path, 'off', or empty for the twistd log."],
+        ["drain-timeout", None, "30", "Seconds viewers get to finish their answers after SIGTERM."],
     ]
-    optFlags = [
+    optFlags: list[list[Any]] = [
         ["ignore-query", None, "Leave the query string out of the cache key (tracking parameters)."],
         ["exact-seek", None, "Start MP4 seeks exactly at start= (lead-in hidden by an edit list)."],
         ["no-sync", None, "Do not fdatasync before recording slices as present (faster; unsafe on power loss)."],
@@ -75,9 +98,18 @@ class Options(usage.Options):
 
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         """
-        Also keeps the command line for worker processes, and takes the hidden C{--listen-fd=N}
-        that the first process gives its workers (the inherited listening socket).
+        Also reads C{--config}, keeps the command line for worker processes, and takes the hidden
+        C{--listen-fd=N} that the first process gives its workers (the inherited listening socket).
         """
+        try:
+            self._parse(options)
+        except (usage.UsageError, ConfigError) as e:
+            if getattr(self, "parent", None) is None:
+                raise usage.UsageError(str(e)) from None
+            # under twistd: one line, not the whole --help text before it
+            raise StartupRefused(f"h264edge: {e}  (twistd h264edge --help lists the options)") from None
+
+    def _parse(self, options: Optional[Sequence[str]]) -> None:
         argv = list(sys.argv[1:] if options is None else options)
         self.raw_argv = []
         for arg in argv:
@@ -88,7 +120,18 @@ class Options(usage.Options):
                     raise usage.UsageError(f"{arg!r}: not a descriptor number") from None
             else:
                 self.raw_argv.append(arg)
-        super().parseOptions(self.raw_argv)
+        from_file: list[str] = []
+        path = config_path(self.raw_argv)
+        if path is not None:
+            from_file = config_arguments(load_config(path), path, self._parameters(), self._flags(), REPEATABLE,
+                                         given=self.raw_argv)
+        super().parseOptions(from_file + self.raw_argv)
+
+    def _parameters(self) -> list[str]:
+        return [str(p[0]) for p in self.optParameters] + list(REPEATABLE)
+
+    def _flags(self) -> list[str]:
+        return [str(f[0]) for f in self.optFlags]
 
     def worker_argv(self) -> list[str]:
         """The command running one worker: these options without --workers, on the inherited socket."""
@@ -103,11 +146,18 @@ class Options(usage.Options):
                 args.append(arg)
         return [sys.executable, "-m", "twisted", "--log-format=text", "h264edge", *args, f"--listen-fd={LISTEN_FD}"]
 
+    def opt_version(self) -> None:
+        """Print h264edge's version (and Twisted's) and exit."""
+        from twisted import __version__ as twisted_version
+
+        from h264edge import __version__
+
+        print(f"h264edge {__version__} (Twisted {twisted_version})")
+        sys.exit(0)
+
     def opt_origin(self, url: str) -> None:
         """Origin base URL; give it several times for failover in order."""
-        if not url.startswith(("http://", "https://")):
-            raise usage.UsageError(f"--origin={url!r} must be an http:// or https:// URL")
-        self["origins"].append(url)
+        self["origins"].append(check_origin(url))
 
     def opt_pass_method(self, method: str) -> None:
         """Forward this HTTP method to the origin uncached (repeatable)."""
@@ -119,22 +169,74 @@ class Options(usage.Options):
         if not self["origins"]:
             raise usage.UsageError("--origin=URL is required")
         for name in ("max-size", "slice-size", "seek-cache", "max-moov", "hot-cache"):
-            self[name] = parse_size(self[name])
-        for name in ("default-ttl", "origin-timeout"):
-            try:
-                self[name] = float(self[name])
-            except ValueError:
-                raise usage.UsageError(f"--{name} must be a number of seconds") from None
+            self[name] = _option_size(name, self[name])
+        self["default-ttl"] = parse_seconds("default-ttl", self["default-ttl"])
+        self["origin-timeout"] = parse_seconds("origin-timeout", self["origin-timeout"], positive=True)
+        self["drain-timeout"] = parse_seconds("drain-timeout", self["drain-timeout"])
         if self["slice-size"] < 64 * 1024:
             raise usage.UsageError("--slice-size must be at least 64K")
+        if self["max-size"] < self["slice-size"]:
+            raise usage.UsageError(f"--max-size={self['max-size']} is smaller than one slice (--slice-size="
+                                   f"{self['slice-size']}): nothing could be cached")
         try:
             self["workers"] = int(self["workers"])
         except ValueError:
             raise usage.UsageError("--workers must be a whole number") from None
         if not 1 <= self["workers"] <= 256:
             raise usage.UsageError("--workers must be between 1 and 256")
+        check_endpoint("listen", self["listen"])
         if self["workers"] > 1 and self["listen-fd"] is None:
             self["tcp-listen"] = tcp_listen_address(self["listen"])
+
+
+def _option_size(name: str, value: Any) -> int:
+    try:
+        return parse_size(str(value))
+    except usage.UsageError as e:
+        raise usage.UsageError(f"--{name}: {e}") from None
+
+
+def parse_seconds(name: str, value: Any, positive: bool = False) -> float:
+    """An option's value in seconds: a finite number, at least 0 (above 0 if C{positive})."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--{name}={value!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
+        raise usage.UsageError(f"--{name}={value} must be a number of seconds {'above' if positive else 'at least'} 0")
+    return seconds
+
+
+def check_origin(url: str) -> str:
+    """An C{--origin} URL: http or https, with a host name and a valid port; else a usage error."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise usage.UsageError(f"--origin={url!r}: {e}") from None
+    if parts.scheme not in ("http", "https"):
+        raise usage.UsageError(f"--origin={url!r} must be an http:// or https:// URL")
+    if not parts.hostname:
+        raise usage.UsageError(f"--origin={url!r} has no host name (example: http://origin.example:8000/)")
+    if port == 0:
+        raise usage.UsageError(f"--origin={url!r}: port 0 is not a port")
+    if parts.query or parts.fragment:
+        raise usage.UsageError(f"--origin={url!r}: a base URL has no query string or fragment")
+    return url
+
+
+def check_endpoint(name: str, description: str) -> None:
+    """A listening endpoint description that Twisted can build; C{8080} gets a suggestion."""
+    if re.fullmatch(r"\d{1,5}", description.strip()):
+        raise usage.UsageError(f"--{name}={description} is not an endpoint description; did you mean "
+                               f"--{name}=tcp:{description.strip()}?")
+    if description.startswith("systemd:"):
+        return  # needs the sockets systemd passes at start: checked then (see listening_service)
+    try:
+        endpoints.serverFromString(MemoryReactor(), description)
+    except Exception as e:
+        raise usage.UsageError(f"--{name}={description}: {e} (examples: tcp:8080, tcp:80:interface=192.0.2.1)") \
+            from None
 
 
 def tcp_listen_address(description: str) -> tuple[str, int, int]:
@@ -313,9 +415,116 @@ def quiet_hachoir() -> None:
     hachoir.core.config.quiet = True
 
 
+def check_writable_dir(name: str, path: str) -> None:
+    """C{path} is (or can be made) a directory this process can create files in; else L{StartupRefused}."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".h264edge-check-"):
+            pass
+    except OSError as e:
+        raise StartupRefused(f"h264edge: --{name}={path}: cannot write there ({e.strerror})") from None
+
+
+def check_writable_file(name: str, path: str) -> None:
+    """C{path} can be opened for appending (a log file); else L{StartupRefused}."""
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise StartupRefused(f"h264edge: --{name}={path}: cannot write there ({e.strerror})") from None
+
+
+def listening_service(description: str, factory: Any) -> service.Service:
+    """
+    The service listening on C{description} for C{factory}; a C{systemd:} description whose socket
+    systemd did not pass is refused with one line.
+    """
+    passed = {name: os.environ.get(name) for name in ("LISTEN_FDS", "LISTEN_FDNAMES")}  # Twisted consumes them
+    try:
+        endpoint = endpoints.serverFromString(_reactor(), description)
+    except (IndexError, KeyError):
+        why = "no sockets passed" if passed["LISTEN_FDS"] is None else (
+            f"LISTEN_FDS={passed['LISTEN_FDS']} without LISTEN_FDNAMES (Twisted needs both; systemd sets "
+            "both, systemd-socket-activate needs --fdname)" if passed["LISTEN_FDNAMES"] is None else
+            f"LISTEN_FDS={passed['LISTEN_FDS']}, LISTEN_FDNAMES={passed['LISTEN_FDNAMES']}")
+        raise StartupRefused(f"h264edge: --listen={description}: no such socket from systemd ({why})") from None
+    except Exception as e:
+        raise StartupRefused(f"h264edge: --listen={description}: {e}") from None
+    svc = strports.StreamServerEndpointService(endpoint, factory)  # type: ignore[attr-defined]
+    svc._raiseSynchronously = True  # a port in use fails the start, as twistd's strports do
+    return svc
+
+
+def _reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+class Reloader:
+    """
+    SIGHUP: read the options again (the same command line, the config file as it is now) and apply
+    what can change while serving; log every change, and each one that needs a restart.
+
+    @ivar appliers: option name -> function taking the new value, for the options that reload.
+    """
+
+    def __init__(self, options: Options) -> None:
+        self.argv = list(options.raw_argv)
+        if options["listen-fd"] is not None:
+            self.argv.append(f"--listen-fd={options['listen-fd']}")
+        self.current = dict(options)
+        self.appliers: dict[str, Callable[[Any], None]] = {}
+        self.workers: Optional[WorkerPool] = None
+
+    def on(self, name: str, apply: Callable[[Any], None]) -> None:
+        self.appliers[name] = apply
+
+    def reload(self) -> dict[str, str]:
+        """Apply the options as they read now; C{{option: "applied" | "needs a restart"}} of what changed."""
+        if self.workers is not None:
+            forward_signal(_transports(self.workers), signal.SIGHUP)
+        fresh = Options()
+        try:
+            fresh.parseOptions(self.argv)
+        except usage.UsageError as e:
+            log.error("reload refused, nothing changed: {error}", error=str(e))
+            return {}
+        outcome: dict[str, str] = {}
+        for name in sorted(set(fresh) | set(self.current)):
+            old, new = self.current.get(name), fresh.get(name)
+            if old == new or name in ("tcp-listen",):
+                continue
+            apply = self.appliers.get(name)
+            if apply is None:
+                log.warn("reload: --{name} changed ({old!r} -> {new!r}) but needs a restart", name=name, old=old, new=new)
+                outcome[name] = "needs a restart"
+                continue
+            try:
+                apply(new)
+            except Exception:
+                log.failure("reload: applying --{name} failed", name=name)
+                outcome[name] = "failed"
+                continue
+            log.info("reload: --{name} {old!r} -> {new!r}", name=name, old=old, new=new)
+            self.current[name] = new
+            outcome[name] = "applied"
+        if not outcome:
+            log.info("reload: nothing changed")
+        return outcome
+
+
+def _transports(pool: WorkerPool) -> list[Any]:
+    return [worker.transport for worker in pool.workers.values() if worker.transport is not None]
+
+
 def makeService(options: Options) -> service.MultiService:
     quiet_hachoir()
-    top = service.MultiService()
+    check_writable_dir("cache-dir", options["cache-dir"])
+    access_log = options["access-log"]
+    if access_log not in ("", "off"):
+        check_writable_file("access-log", access_log)
+    top = EdgeService(drain_timeout=options["drain-timeout"])
     sync_threads = SyncThreads()
     sync_threads.setServiceParent(top)  # first in, last out: stops after the store closed
     store = SliceStore(
@@ -342,16 +551,35 @@ def makeService(options: Options) -> service.MultiService:
     shared = options["workers"] > 1 or options["listen-fd"] is not None
     IndexLoader(store, rescan_every=RESCAN_INTERVAL if shared else None).setServiceParent(top)
     OriginProbe(origin).setServiceParent(top)
-    access_log = options["access-log"]
     site = EdgeSite(resource, resource.hot, logPath=access_log if access_log not in ("", "off") else None)
     site.access_log = access_log != "off"
     site.displayTracebacks = False
+    top.drains.append(site.drain)
+
+    reloader = Reloader(options)
+    reloader.on("origins", lambda bases: setattr(origin, "bases", [b if b.endswith("/") else b + "/" for b in bases]))
+    reloader.on("default-ttl", lambda ttl: setattr(resource.filler, "default_ttl", ttl))
+    reloader.on("max-size", store.resize)
+    reloader.on("drain-timeout", lambda seconds: setattr(top, "drain_timeout", seconds))
+
     if options["listen-fd"] is not None:
-        InheritedPort(options["listen-fd"], site_naming_process(site)).setServiceParent(top)
+        top.add_listener(InheritedPort(options["listen-fd"], site_naming_process(site)), "--listen-fd")
     elif options["workers"] > 1:
         interface, port, backlog = options["tcp-listen"]
-        WorkerPool(interface, port, site_naming_process(site), options.worker_argv(), options["workers"],
-                   backlog=backlog).setServiceParent(top)
+        pool = WorkerPool(interface, port, site_naming_process(site), options.worker_argv(), options["workers"],
+                          backlog=backlog)
+        pool.stop_timeout = options["drain-timeout"] + STOP_TIMEOUT
+        top.add_listener(pool, f"--listen={options['listen']}")
+        reloader.workers = pool
     else:
-        strports.service(options["listen"], site).setServiceParent(top)  # type: ignore[arg-type]
+        top.add_listener(listening_service(options["listen"], site), f"--listen={options['listen']}")
+
+    def reopen_logs() -> None:
+        site.reopen_log()
+        if reloader.workers is not None:
+            forward_signal(_transports(reloader.workers), signal.SIGUSR1)
+        log.info("log files reopened")
+
+    SignalHandlers({signal.SIGUSR1: reopen_logs, signal.SIGHUP: reloader.reload}).setServiceParent(top)
+    top.reloader = reloader  # type: ignore[attr-defined]
     return top

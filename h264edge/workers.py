@@ -29,7 +29,9 @@ from twisted.application import service
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.server import Request, Site
+from twisted.web.server import Site
+
+from h264edge.web.answers import EdgeRequest
 
 log = Logger()
 
@@ -81,7 +83,7 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-class ServedByRequest(Request):
+class ServedByRequest(EdgeRequest):
     """A request whose answer names the process that served it (C{X-Served-By: <pid>})."""
 
     def process(self) -> None:
@@ -196,6 +198,7 @@ class WorkerPool(service.Service):
         self.workers: dict[int, _WorkerProtocol] = {}
         self._quick_deaths: dict[int, int] = {}
         self._restarts: dict[int, Any] = {}
+        self.stop_timeout = STOP_TIMEOUT  # seconds from SIGTERM to SIGKILL (the edge's drain and more)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -260,7 +263,7 @@ class WorkerPool(service.Service):
         for worker in list(self.workers.values()):
             waits.append(worker.ended)
             self._signal(worker, "TERM")
-            kill = self.reactor.callLater(STOP_TIMEOUT, self._signal, worker, "KILL")
+            kill = self.reactor.callLater(self.stop_timeout, self._signal, worker, "KILL")
             worker.ended.addBoth(_cancel_call, kill)
         if self.port is not None:
             port, self.port = self.port, None

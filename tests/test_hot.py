@@ -280,8 +280,13 @@ class AccessLogTests(EdgeTestCase):
         with open(path) as f:
             lines = f.read().splitlines()
         self.assertEqual(len(lines), 3)
-        self.assertEqual(len(set(re.sub(r"\[[^]]*\]", "", line) for line in lines)), 1, lines)
-        self.assertIn('"GET /small.bin HTTP/1.1" 200 1000 "http://r/" "probe/1"', lines[2])
+        # a miss, a hit by the normal road, a hot hit: the same line but for the time and the cache status
+        shapes = [re.sub(r"\[[^]]*\]| time=\S+ ttfb=\S+", "", line) for line in lines]
+        self.assertEqual(shapes[1], shapes[2], lines)
+        self.assertEqual(shapes[0], shapes[1].replace("cache=HIT", "cache=MISS"), lines)
+        self.assertTrue(lines[2].startswith('127.0.0.1 - - ['), lines[2])
+        self.assertIn('"GET /small.bin HTTP/1.1" 200 1000 "http://r/" "probe/1" cache=HIT time=0.000 ttfb=0.000 cut=0',
+                      lines[2])
 
 
 @attrs.define

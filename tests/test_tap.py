@@ -9,6 +9,7 @@ from twisted.application.service import IServiceCollection
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
+from h264edge.lifecycle import SignalHandlers
 from h264edge.tap import IndexLoader, Options, OriginProbe, SyncThreads, makeService, parse_size
 
 
@@ -61,14 +62,16 @@ class ServiceTests(SynchronousTestCase):
         options.parseOptions(["--origin=http://127.0.0.1:1/", f"--cache-dir={self.mktemp()}", "--listen=tcp:0"])
         top = makeService(options)
         self.assertTrue(IServiceCollection.providedBy(top))
-        self.assertEqual(len(list(top)), 4)  # sync threads, index loader, origin probe, the listening port
+        # sync threads, index loader, origin probe, the listening port, the signal handlers
+        self.assertEqual(len(list(top)), 5)
 
     def site_of(self, *argv: str) -> Any:
         from h264edge.web.hot import EdgeSite
 
         options = Options()
         options.parseOptions(["--origin=http://127.0.0.1:1/", f"--cache-dir={self.mktemp()}", *argv])
-        [port] = [s for s in makeService(options) if not isinstance(s, (IndexLoader, OriginProbe, SyncThreads))]
+        [port] = [s for s in makeService(options)
+                  if not isinstance(s, (IndexLoader, OriginProbe, SyncThreads, SignalHandlers))]
         site = port.factory
         self.assertIsInstance(site, EdgeSite)
         return site

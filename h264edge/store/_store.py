@@ -644,6 +644,13 @@ class SliceStore:
         if entry.indexed:
             self._persist_or_drop(entry, obj.fileno())
 
+    def resize(self, max_size: int) -> None:
+        """A new byte budget (a configuration reload): least recently used objects go now if over it."""
+        if max_size < 0:
+            raise ValueError("max_size must not be negative")
+        self.max_size = max_size
+        self._evict(None)
+
     def remove(self, key: str) -> bool:
         """Drop C{key} (PURGE); True if there was something to drop."""
         return self._discard_key(key)

@@ -7,6 +7,7 @@ No Twisted here: strings in, values or L{BadRequest} out, so every rule is teste
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from typing import Optional, Sequence
@@ -240,3 +241,89 @@ def range_applies(if_range: Optional[str], etag: Optional[str], last_modified: O
 
 def allowed_methods(pass_methods: Sequence[str]) -> str:
     return ", ".join(["GET", "HEAD", *pass_methods])
+
+
+# -- clients behind proxies ------------------------------------------------------------------------
+
+_MAX_FORWARDED_HOPS = 32
+
+
+def parse_networks(values: Sequence[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """C{--trusted-proxy} values (addresses or CIDR networks) as networks; ValueError names a bad one."""
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address or network") from None
+    return tuple(networks)
+
+
+def _address(text: str) -> Optional[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    text = text.strip()
+    if text.startswith("[") and "]" in text:  # [v6]:port
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:  # v4:port
+        text = text.partition(":")[0]
+    if not text or len(text) > 45:
+        return None
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def forwarded_client(
+    peer: str,
+    forwarded_for: Optional[str],
+    trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> Optional[str]:
+    """
+    The client's address: C{peer}, unless C{peer} is a trusted proxy; then the right-most address
+    of its C{X-Forwarded-For} that is not a trusted proxy (each proxy appends the address it got
+    the request from, so only the part right of the last untrusted hop is true).  None when that
+    address cannot be known (a trusted proxy sent a malformed or empty list): never a guess that
+    might be a trusted or loopback address.
+    """
+    if not trusted or not _is_in(_address(peer), trusted):
+        return peer
+    if forwarded_for is None:
+        return peer  # the proxy talks for itself
+    hops = forwarded_for.split(",")
+    if len(hops) > _MAX_FORWARDED_HOPS:
+        hops = hops[-_MAX_FORWARDED_HOPS:]
+    client = None
+    for hop in reversed(hops):
+        address = _address(hop)
+        if address is None:
+            return None
+        client = str(address)
+        if not _is_in(address, trusted):
+            return client
+    return client
+
+
+def _is_in(
+    address: Optional[ipaddress.IPv4Address | ipaddress.IPv6Address],
+    networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> bool:
+    if address is None:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address.version == network.version and address in network for network in networks)
+
+
+def trusted_peer(peer: str, trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    """Whether the address C{peer} is in one of the C{trusted} networks."""
+    return _is_in(_address(peer), trusted)
+
+
+def is_loopback(address: Optional[str]) -> bool:
+    """Whether C{address} is a loopback address (127.0.0.0/8, ::1, or v4-mapped loopback)."""
+    parsed = _address(address) if address else None
+    if parsed is None:
+        return False
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        parsed = parsed.ipv4_mapped
+    return parsed.is_loopback
