@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from h264edge.errors import EdgeError, ObjectChanged, OriginStatus, OriginUnavailable
 from h264edge.freshness import freshness
+from h264edge.observer import NULL_OBSERVER, EdgeObserver
 from h264edge.origin import OriginClient, OriginReply
 from h264edge.store import CachedObject, ObjectMeta, SliceStore, StoreError
 
@@ -100,6 +101,8 @@ def meta_from_reply(key: str, reply: OriginReply, now: float, default_ttl: float
 
 class Filler:
     """Fetches what readers need from the origin, once, into the store."""
+
+    observer: EdgeObserver = NULL_OBSERVER
 
     def __init__(
         self,
@@ -430,6 +433,7 @@ class _Fetch:
         self.idle: Any = None
         self.reply: Optional[OriginReply] = None
         self.finished = False
+        self.began = filler.reactor.seconds()
 
     # the IProtocol that receives the origin body
     def makeConnection(self, transport: Any) -> None:
@@ -484,6 +488,7 @@ class _Fetch:
             return
         self._arm_idle()
         self.filler.origin_bytes += len(data)
+        self.filler.observer.origin_bytes(self.reply.url if self.reply is not None else "", len(data))
         state, obj = self.state, self.state.obj
         ss, size = obj.slice_size, obj.meta.size
         view = memoryview(data)
@@ -521,9 +526,13 @@ class _Fetch:
             self.finished = True
             self._cancel_idle()
             reply = self.reply
+            self.filler.observer.fill_done(obj.meta.key, reply.url if reply else "", self._age())
             more = reply is None or reply.length is None or position < reply.first + reply.length
             if self.transport is not None and more:
                 self.transport.stopProducing()
+
+    def _age(self) -> float:
+        return float(self.filler.reactor.seconds() - self.began)
 
     def abandon(self) -> None:
         """Nobody needs our slices any more: release them (their partial bytes are dropped) and stop."""
@@ -555,6 +564,7 @@ class _Fetch:
             self.finished = True
             self.filler._forget_if_idle(self.state)
             return
+        self.filler.observer.origin_failed(self.reply.url if self.reply is not None else "", "body_cut")
         self.resume(reason)
 
     def resume(self, why: Failure) -> None:
@@ -596,6 +606,7 @@ class _Fetch:
             self.transport.stopProducing()
         state = self.state
         log.warn("fill of {key} failed: {why}", key=state.obj.meta.key, why=failure.getErrorMessage())
+        self.filler.observer.fill_failed(state.obj.meta.key, failure.getErrorMessage())
         if failure.check(StoreError, OriginStatus) and self.filler.store.get(state.obj.meta.key) is state.obj:
             self.filler.store.remove(state.obj.meta.key)  # a full disk, or the object is gone at the origin
         for index in list(self.owned):

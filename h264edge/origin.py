@@ -28,6 +28,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
 from h264edge.errors import OriginStatus, OriginUnavailable
+from h264edge.observer import NULL_OBSERVER, EdgeObserver
 from h264edge.tcpio import write_at_once
 
 log = Logger()
@@ -211,6 +212,8 @@ class OriginClient:
     object's answer and is raised as L{OriginStatus}; when every origin failed, L{OriginUnavailable}.
     """
 
+    observer: EdgeObserver = NULL_OBSERVER
+
     def __init__(
         self,
         bases: Iterable[str],
@@ -276,6 +279,7 @@ class OriginClient:
             for base in self.bases:
                 url = self.url_for(base, path)
                 self.requests += 1
+                began = self.reactor.seconds()
                 try:
                     response = await self._client.request(
                         method,
@@ -287,16 +291,20 @@ class OriginClient:
                         reactor=self.reactor,
                     )
                 except EncodedBody as e:
+                    self.observer.origin_failed(base, "encoded")
                     failures.append(str(e))
                     log.warn("{error}", error=e)
                     continue
                 except _TRANSIENT as e:
                     timed_out = timed_out or _is_timeout(e)
+                    self.observer.origin_failed(base, "timeout" if _is_timeout(e) else "connect")
                     failures.append(f"{base}: {'timeout' if _is_timeout(e) else e.__class__.__name__}")
                     log.warn("origin {url} failed: {error}", url=url, error=e)
                     continue
                 code = response.code
+                self.observer.origin_answered(base, code, self.reactor.seconds() - began)
                 if code >= 500:
+                    self.observer.origin_failed(base, "status_5xx")
                     discard_body(response)
                     failures.append(f"{base}: {code}")
                     log.warn("origin {url} answered {code}", url=url, code=code)

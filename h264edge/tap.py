@@ -10,6 +10,7 @@ import gc
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.internet.testing import MemoryReactor
 from twisted.python.threadpool import ThreadPool
+from twisted.web.server import Site
 from urllib.parse import urlsplit
 
 from h264edge.config import ConfigError, config_arguments, config_path, load_config
@@ -30,7 +32,10 @@ from h264edge.lifecycle import EdgeService, SignalHandlers, StartupRefused, forw
 from h264edge.origin import OriginClient
 from h264edge.store import SliceStore
 from h264edge.store._store import ORPHAN_GRACE
+from h264edge.metrics import HISTORY_STEP, EdgeMetrics
+from h264edge.web.admin import admin_resource, read_token_file
 from h264edge.web.hot import EdgeSite
+from h264edge.web.http import TOKEN_CHARS, parse_networks
 from h264edge.web.resource import EdgeResource
 from h264edge.workers import LISTEN_FD, STOP_TIMEOUT, InheritedPort, WorkerPool, site_naming_process
 
@@ -49,7 +54,8 @@ def parse_size(value: str) -> int:
     return int(float(number) * _UNITS[unit.upper()])
 
 
-REPEATABLE = {"origin": "origins", "pass-method": "pass-methods"}  # option -> the list it fills
+REPEATABLE = {"origin": "origins", "pass-method": "pass-methods", "trusted-proxy": "trusted-proxies"}
+"""Options that may be given several times -> the list they fill."""
 
 
 class Options(usage.Options):
@@ -82,6 +88,11 @@ class Options(usage.Options):
          "objects (up to 64K), served without twisted.web's per-request machinery; 0 turns this hot path off."],
         ["access-log", None, "", "Access log (combined format): a file path, 'off', or empty for the twistd log."],
         ["drain-timeout", None, "30", "Seconds viewers get to finish their answers after SIGTERM."],
+        ["admin-listen", None, "", "Where the admin listener (/metrics, /status, /healthz, /readyz, /purge) "
+         "listens: an endpoint description such as tcp:9080:interface=127.0.0.1; empty: none."],
+        ["admin-token", None, None, "Token purges must send (Authorization: Bearer TOKEN), on the admin "
+         "listener and on the viewer port; --admin-token-file keeps it out of the process list."],
+        ["admin-token-file", None, None, "File whose first line is the admin token (read again on SIGHUP)."],
     ]
     optFlags: list[list[Any]] = [
         ["ignore-query", None, "Leave the query string out of the cache key (tracking parameters)."],
@@ -93,6 +104,7 @@ class Options(usage.Options):
         super().__init__()
         self["origins"] = []
         self["pass-methods"] = []
+        self["trusted-proxies"] = []
         self["listen-fd"] = None
         self.raw_argv: list[str] = []
 
@@ -165,6 +177,14 @@ class Options(usage.Options):
             raise usage.UsageError(f"--pass-method={method!r} is not a method name")
         self["pass-methods"].append(method.upper())
 
+    def opt_trusted_proxy(self, address: str) -> None:
+        """A proxy (address or CIDR network) whose X-Forwarded-For names the client (repeatable)."""
+        try:
+            parse_networks([address])
+        except ValueError as e:
+            raise usage.UsageError(f"--trusted-proxy={address}: {e}") from None
+        self["trusted-proxies"].append(address)
+
     def postOptions(self) -> None:
         if not self["origins"]:
             raise usage.UsageError("--origin=URL is required")
@@ -185,6 +205,12 @@ class Options(usage.Options):
         if not 1 <= self["workers"] <= 256:
             raise usage.UsageError("--workers must be between 1 and 256")
         check_endpoint("listen", self["listen"])
+        if self["admin-listen"]:
+            check_endpoint("admin-listen", self["admin-listen"])
+        if self["admin-token"] is not None and self["admin-token-file"] is not None:
+            raise usage.UsageError("--admin-token and --admin-token-file: give one of them")
+        if self["admin-token"] is not None and not TOKEN_CHARS.fullmatch(self["admin-token"]):
+            raise usage.UsageError("--admin-token: use 1-4096 letters, digits and -._~+/ (then = only)")
         if self["workers"] > 1 and self["listen-fd"] is None:
             self["tcp-listen"] = tcp_listen_address(self["listen"])
 
@@ -293,10 +319,14 @@ class SyncThreads(service.Service):
 
 
 class OriginProbe(service.Service):
-    """At startup, asks each origin once (L{OriginClient.probe}) and logs whether it answers."""
+    """
+    At startup, asks each origin once (L{OriginClient.probe}) and logs whether it answers; at the
+    end, closes the origin connections kept for reuse.
+    """
 
-    def __init__(self, origin: OriginClient) -> None:
+    def __init__(self, origin: OriginClient, metrics: Optional[EdgeMetrics] = None) -> None:
         self.origin = origin
+        self.metrics = metrics
 
     def startService(self) -> None:
         super().startService()
@@ -304,8 +334,15 @@ class OriginProbe(service.Service):
         d.addCallback(self._report)
         d.addErrback(lambda f: log.failure("origin probe failed", f))
 
+    def stopService(self) -> Any:
+        """The edge stops: its idle connections to origins close now, not when the process ends."""
+        super().stopService()
+        return self.origin.pool.closeCachedConnections()
+
     def _report(self, results: dict[str, str]) -> None:
         for base, result in results.items():
+            if self.metrics is not None:
+                self.metrics.origin_probed(base, result)
             if result.startswith("HTTP"):
                 log.info("origin {base} answers ({result})", base=base, result=result)
             else:
@@ -394,6 +431,12 @@ class IndexLoader(service.Service):
         if not self._scanning:
             self._scan()
 
+    def scan_now(self) -> "defer.Deferred[Any]":
+        """Scan the cache directory again now (or wait for the scan under way); fires when done."""
+        if self._scanning and self._task is not None:
+            return self._task.whenDone().addErrback(lambda _: None)
+        return defer.maybeDeferred(self._scan)
+
     def stopService(self) -> Any:
         if self._rescan is not None and self._rescan.running:
             self._rescan.stop()
@@ -434,7 +477,40 @@ def check_writable_file(name: str, path: str) -> None:
         raise StartupRefused(f"h264edge: --{name}={path}: cannot write there ({e.strerror})") from None
 
 
-def listening_service(description: str, factory: Any) -> service.Service:
+def admin_token(options: Any) -> Optional[str]:
+    """The purge token of C{--admin-token} or of C{--admin-token-file} (read now), if any."""
+    if options.get("admin-token-file") is None:
+        token: Optional[str] = options.get("admin-token")
+        return token
+    path = options["admin-token-file"]
+    try:
+        token = read_token_file(path)
+    except OSError as e:
+        raise StartupRefused(f"h264edge: --admin-token-file={path}: {e.strerror}") from None
+    if not TOKEN_CHARS.fullmatch(token):
+        raise StartupRefused(f"h264edge: --admin-token-file={path}: its first line is not a token "
+                             "(1-4096 letters, digits and -._~+/, then = only)")
+    return token
+
+
+def edge_metrics(options: Options, store: SliceStore, origin: OriginClient, site: EdgeSite,
+                 resource: EdgeResource) -> EdgeMetrics:
+    """The metrics of this process, told by the site, the origin client, the fill and the store."""
+    multiprocess_dir = None
+    if options["workers"] > 1 and options["listen-fd"] is None:
+        multiprocess_dir = tempfile.mkdtemp(prefix="h264edge-metrics-")  # the workers inherit its name
+    elif options["listen-fd"] is not None:
+        multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    metrics = EdgeMetrics(store, lambda: origin.bases, multiprocess_dir=multiprocess_dir,
+                          collector=options["listen-fd"] is None)
+    site.metrics = metrics
+    metrics.connection_counts.append(site.drain.open)
+    store.observer = origin.observer = resource.filler.observer = metrics
+    resource.on_purge = metrics.purges
+    return metrics
+
+
+def listening_service(description: str, factory: Any, option: str = "listen") -> service.Service:
     """
     The service listening on C{description} for C{factory}; a C{systemd:} description whose socket
     systemd did not pass is refused with one line.
@@ -447,9 +523,9 @@ def listening_service(description: str, factory: Any) -> service.Service:
             f"LISTEN_FDS={passed['LISTEN_FDS']} without LISTEN_FDNAMES (Twisted needs both; systemd sets "
             "both, systemd-socket-activate needs --fdname)" if passed["LISTEN_FDNAMES"] is None else
             f"LISTEN_FDS={passed['LISTEN_FDS']}, LISTEN_FDNAMES={passed['LISTEN_FDNAMES']}")
-        raise StartupRefused(f"h264edge: --listen={description}: no such socket from systemd ({why})") from None
+        raise StartupRefused(f"h264edge: --{option}={description}: no such socket from systemd ({why})") from None
     except Exception as e:
-        raise StartupRefused(f"h264edge: --listen={description}: {e}") from None
+        raise StartupRefused(f"h264edge: --{option}={description}: {e}") from None
     svc = strports.StreamServerEndpointService(endpoint, factory)  # type: ignore[attr-defined]
     svc._raiseSynchronously = True  # a port in use fails the start, as twistd's strports do
     return svc
@@ -475,7 +551,9 @@ class Reloader:
             self.argv.append(f"--listen-fd={options['listen-fd']}")
         self.current = dict(options)
         self.appliers: dict[str, Callable[[Any], None]] = {}
+        self.always: list[Callable[[], None]] = []  # run on every reload that parses (files to read again)
         self.workers: Optional[WorkerPool] = None
+        self.fresh: Any = options
 
     def on(self, name: str, apply: Callable[[Any], None]) -> None:
         self.appliers[name] = apply
@@ -487,7 +565,10 @@ class Reloader:
         fresh = Options()
         try:
             fresh.parseOptions(self.argv)
-        except usage.UsageError as e:
+            self.fresh = fresh
+            for again in self.always:
+                again()
+        except (usage.UsageError, StartupRefused) as e:
             log.error("reload refused, nothing changed: {error}", error=str(e))
             return {}
         outcome: dict[str, str] = {}
@@ -512,6 +593,42 @@ class Reloader:
         if not outcome:
             log.info("reload: nothing changed")
         return outcome
+
+
+class MetricsUpkeep(service.Service):
+    """
+    Moves the tallies into the metrics every second and, where the figures are served, samples the
+    rates the status page charts; with --workers, the first process removes the shared metrics
+    directory when it stops.
+    """
+
+    def __init__(self, metrics: EdgeMetrics, remove_dir: Optional[str] = None, clock: Any = None) -> None:
+        self.metrics = metrics
+        self.remove_dir = remove_dir
+        self.clock = clock
+        self._loops: list[task.LoopingCall] = []
+
+    def startService(self) -> None:
+        super().startService()
+        calls = [(self.metrics.flush, 1.0)]
+        if self.metrics.collector:
+            calls.append((self.metrics.sample, HISTORY_STEP))
+        for function, interval in calls:
+            loop = task.LoopingCall(function)
+            if self.clock is not None:
+                loop.clock = self.clock
+            loop.start(interval, now=True).addErrback(lambda f: log.failure("metrics upkeep failed", f))
+            self._loops.append(loop)
+
+    def stopService(self) -> Any:
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops.clear()
+        self.metrics.flush()
+        if self.remove_dir is not None:
+            shutil.rmtree(self.remove_dir, ignore_errors=True)
+        return super().stopService()
 
 
 def _transports(pool: WorkerPool) -> list[Any]:
@@ -549,18 +666,44 @@ def makeService(options: Options) -> service.MultiService:
         hot_bytes=options["hot-cache"],
     )
     shared = options["workers"] > 1 or options["listen-fd"] is not None
-    IndexLoader(store, rescan_every=RESCAN_INTERVAL if shared else None).setServiceParent(top)
-    OriginProbe(origin).setServiceParent(top)
+    loader = IndexLoader(store, rescan_every=RESCAN_INTERVAL if shared else None)
+    loader.setServiceParent(top)
     site = EdgeSite(resource, resource.hot, logPath=access_log if access_log not in ("", "off") else None)
     site.access_log = access_log != "off"
     site.displayTracebacks = False
+    site.trusted_proxies = resource.purge_auth.trusted_proxies = parse_networks(options["trusted-proxies"])
+    resource.purge_auth.token = admin_token(options)
     top.drains.append(site.drain)
+    metrics = None
+    if options["admin-listen"]:
+        metrics = edge_metrics(options, store, origin, site, resource)
+        metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") if options["workers"] > 1 else None
+        MetricsUpkeep(metrics, remove_dir=metrics_dir).setServiceParent(top)
+        if options["listen-fd"] is None:  # a worker's figures are served by the first process
+            admin = Site(admin_resource(resource, metrics, loader.scan_now if shared else None))
+            admin.log = lambda request: None  # type: ignore[method-assign]  # scrapes are not viewers
+            admin.displayTracebacks = False
+            top.add_listener(listening_service(options["admin-listen"], admin, "admin-listen"),
+                             f"--admin-listen={options['admin-listen']}")
+    OriginProbe(origin, metrics).setServiceParent(top)
 
     reloader = Reloader(options)
     reloader.on("origins", lambda bases: setattr(origin, "bases", [b if b.endswith("/") else b + "/" for b in bases]))
     reloader.on("default-ttl", lambda ttl: setattr(resource.filler, "default_ttl", ttl))
     reloader.on("max-size", store.resize)
     reloader.on("drain-timeout", lambda seconds: setattr(top, "drain_timeout", seconds))
+
+    def new_token(_: Any) -> None:
+        resource.purge_auth.token = admin_token(reloader.fresh)
+
+    reloader.on("admin-token", new_token)
+    reloader.on("admin-token-file", new_token)
+    reloader.always.append(lambda: new_token(None))  # the file's content may have changed, not its name
+
+    def new_proxies(addresses: list[str]) -> None:
+        site.trusted_proxies = resource.purge_auth.trusted_proxies = parse_networks(addresses)
+
+    reloader.on("trusted-proxies", new_proxies)
 
     if options["listen-fd"] is not None:
         top.add_listener(InheritedPort(options["listen-fd"], site_naming_process(site)), "--listen-fd")
@@ -582,4 +725,5 @@ def makeService(options: Options) -> service.MultiService:
 
     SignalHandlers({signal.SIGUSR1: reopen_logs, signal.SIGHUP: reloader.reload}).setServiceParent(top)
     top.reloader = reloader  # type: ignore[attr-defined]
+    top.resource = resource  # type: ignore[attr-defined]
     return top

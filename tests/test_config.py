@@ -28,6 +28,10 @@ SAMPLES: dict[str, tuple[list[str], str]] = {
     "hot-cache": (["--hot-cache=0"], "hot-cache = 0"),
     "access-log": (["--access-log=off"], 'access-log = "off"'),
     "drain-timeout": (["--drain-timeout=5"], "drain-timeout = 5"),
+    "admin-listen": (["--admin-listen=tcp:9080"], 'admin-listen = "tcp:9080"'),
+    "admin-token": (["--admin-token=abc"], 'admin-token = "abc"'),
+    "admin-token-file": ([], ""),  # exclusive with admin-token: see test_admin_token_file
+    "trusted-proxy": (["--trusted-proxy=10.0.0.0/8", "--trusted-proxy=::1"], 'trusted-proxy = ["10.0.0.0/8", "::1"]'),
     "ignore-query": (["--ignore-query"], "ignore-query = true"),
     "exact-seek": (["--exact-seek"], "exact-seek = true"),
     "no-sync": (["--no-sync"], "no-sync = true"),
@@ -62,6 +66,11 @@ class ConfigFileTests(SynchronousTestCase):
             from_file.pop(name)
             from_argv.pop(name)
         self.assertEqual(dict(from_file), dict(from_argv))
+
+    def test_admin_token_file(self) -> None:
+        path = self.write('origin = ["http://o/"]\nadmin-token-file = "/etc/t"')
+        self.assertEqual(self.parse(f"--config={path}")["admin-token-file"], "/etc/t")
+        self.assertRaises(usage.UsageError, self.parse, f"--config={path}", "--admin-token=x")
 
     def test_underscored_keys_are_the_same_options(self) -> None:
         path = self.write('origin = ["http://o/"]\ncache_dir = "/c"')

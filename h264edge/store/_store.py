@@ -79,6 +79,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from h264edge.errors import EdgeError
+from h264edge.observer import NULL_OBSERVER, EdgeObserver
 from h264edge.store._sidecar import (
     MAX_SIDECAR_BYTES,
     BadSidecar,
@@ -453,6 +454,8 @@ class SliceStore:
     (L{ORPHAN_GRACE}) so that a rebuild does not take another process's fill for an orphan.
     """
 
+    observer: EdgeObserver = NULL_OBSERVER
+
     def __init__(
         self,
         root: str,
@@ -593,6 +596,7 @@ class SliceStore:
         entry.handle = weakref.ref(obj)
         entry.last_used = entry.use_persisted = self._now()
         if not transient:
+            self.observer.admitted(meta.key, meta.size)
             self._index[meta.key] = entry
             self._by_hash[h] = entry
             if obj.complete:  # empty object: nothing will ever commit, record it now
@@ -654,6 +658,13 @@ class SliceStore:
     def remove(self, key: str) -> bool:
         """Drop C{key} (PURGE); True if there was something to drop."""
         return self._discard_key(key)
+
+    def remove_matching(self, wanted: Callable[[str], bool]) -> int:
+        """
+        Drop every indexed key for which C{wanted(key)} holds (a purge by prefix); how many went.
+        Objects another process cached since this one last scanned the directory are not seen.
+        """
+        return sum(self._discard_key(key) for key in [key for key in self._index if wanted(key)])
 
     def close(self) -> None:
         """Persist every slice not yet recorded on disk (shutdown)."""
@@ -1191,6 +1202,7 @@ class SliceStore:
             if victim.on_disk and self._used_elsewhere(victim):
                 self._index.move_to_end(victim.meta.key)
                 continue
+            self.observer.evicted(victim.meta.key, victim.present_bytes)
             self._drop(victim)
 
     def _used_elsewhere(self, entry: _Entry) -> bool:

@@ -63,6 +63,7 @@ class Draining:
     def __init__(self) -> None:
         self._channels: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self.draining = False
+        self.finished = False
         self._after: list[Any] = []
 
     def track(self, channel: Any) -> None:
@@ -88,13 +89,14 @@ class Draining:
         return busy, idle
 
     def after(self, function: Any) -> None:
-        """Call C{function} when the drain is over (at once if not draining)."""
-        if self.draining:
+        """Call C{function} when the drain is over (at once if not draining, or if it is over)."""
+        if self.draining and not self.finished:
             self._after.append(function)
         else:
             function()
 
     def finish(self) -> None:
+        self.finished = True
         after, self._after = self._after, []
         for function in after:
             function()

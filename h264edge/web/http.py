@@ -7,13 +7,14 @@ No Twisted here: strings in, values or L{BadRequest} out, so every rule is teste
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import math
 import re
 from typing import Optional, Sequence
 from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlencode
 
-from attrs import frozen
+from attrs import define, frozen
 
 from h264edge.errors import EdgeError
 from h264edge.freshness import parse_http_date
@@ -327,3 +328,47 @@ def is_loopback(address: Optional[str]) -> bool:
     if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
         parsed = parsed.ipv4_mapped
     return parsed.is_loopback
+
+
+# -- who may purge ---------------------------------------------------------------------------------
+
+_BEARER = re.compile(r"Bearer +([A-Za-z0-9\-._~+/]{1,4096}=*) *", re.IGNORECASE)
+TOKEN_CHARS = re.compile(r"[A-Za-z0-9\-._~+/]{1,4096}=*")
+
+
+def bearer_token(authorization: Optional[str]) -> Optional[str]:
+    """The token of an C{Authorization: Bearer TOKEN} value (RFC 6750 b64token), None for anything else."""
+    if authorization is None:
+        return None
+    match = _BEARER.fullmatch(authorization)
+    return match.group(1) if match else None
+
+
+@define
+class PurgeAuth:
+    """
+    Who may purge.  With a C{token}, every purge needs C{Authorization: Bearer TOKEN} (401 without,
+    403 with another); purges on the viewer listener also need a loopback client, and so do admin
+    purges while no token is set.  The client is the peer, or, when the peer is one of the
+    C{trusted_proxies}, the address its X-Forwarded-For names (L{forwarded_client}).
+    """
+
+    token: Optional[str] = None
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def refusal(
+        self, peer: str, forwarded_for: Optional[str], authorization: Optional[str], viewer_listener: bool
+    ) -> Optional[tuple[int, str]]:
+        """None if the purge may go on, else the status and message that refuse it."""
+        if self.token is not None:
+            given = bearer_token(authorization)
+            if given is None:
+                return 401, "purging needs Authorization: Bearer TOKEN"
+            if not hmac.compare_digest(given.encode(), self.token.encode()):
+                return 403, "wrong token"
+        if viewer_listener or self.token is None:
+            client = forwarded_client(peer, forwarded_for, self.trusted_proxies)
+            if not is_loopback(client):
+                where = "on the viewer port" if viewer_listener else "without --admin-token"
+                return 403, f"purging {where} is accepted from loopback clients only"
+        return None

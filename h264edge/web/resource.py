@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -27,6 +27,7 @@ from h264edge.plan import Literal, Plan
 from h264edge.store import CachedObject, SliceStore, StoreError
 from h264edge.web.http import (
     BadRequest,
+    PurgeAuth,
     Unsatisfiable,
     allowed_methods,
     not_modified,
@@ -124,6 +125,10 @@ class EdgeResource(Resource):
         self._parsing: dict[tuple[Any, ...], SharedResult] = {}
         #: answers to plain GETs of small complete objects, for L{EdgeSite}'s hot path (None: off)
         self.hot = HotAnswers(store, hot_bytes, reactor) if hot_bytes > 0 else None
+        #: who may PURGE (a token, trusted proxies); shared with the admin listener
+        self.purge_auth = PurgeAuth()
+        #: told (count, "viewer") after each PURGE (metrics)
+        self.on_purge: Optional[Callable[[int, str], None]] = None
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -344,17 +349,49 @@ class EdgeResource(Resource):
         return flv.plan_for_flv_seek(index, meta.key, offset)
 
     def _purge(self, request: Request) -> bytes:
-        """PURGE drops one object from the cache; only loopback clients may ask (put it behind your LB)."""
+        """
+        PURGE drops a path's objects from the cache (see L{purge}); only loopback clients may ask,
+        with the token when one is set (L{PurgeAuth}).
+        """
         peer = request.getClientAddress()
-        if getattr(peer, "host", None) not in ("127.0.0.1", "::1"):
-            return self._plain(request, 403, "PURGE is accepted from loopback clients only")
-        raw_path, _, raw_query = request.uri.partition(b"?")
+        refusal = self.purge_auth.refusal(str(getattr(peer, "host", "")), _h(request, b"X-Forwarded-For"),
+                                          _h(request, b"Authorization"), viewer_listener=True)
+        if refusal is not None:
+            if refusal[0] == 401:
+                request.setHeader(b"WWW-Authenticate", b'Bearer realm="h264edge"')
+            return self._plain(request, *refusal)
         try:
-            target = parse_target(raw_path, raw_query, self.keep_query)
+            removed = self.purge(request.uri.decode("latin-1"))
         except BadRequest as e:
             return self._plain(request, 400, str(e))
-        removed = self.store.remove(target.key)
-        return self._plain(request, 200 if removed else 404, ("purged " if removed else "not cached: ") + target.key)
+        if self.on_purge is not None:
+            self.on_purge(removed, "viewer")
+        uri = request.uri.decode("latin-1")
+        if not removed:
+            return self._plain(request, 404, "not cached: " + uri)
+        return self._plain(request, 200, f"purged {uri}" + (f" and {removed - 1} variants" if removed > 1 else ""))
+
+    def purge(self, target: str) -> int:
+        """
+        Drop the cached objects of a request target; how many went.  C{/clip.mp4} drops that path's
+        object and those of the path with any query string (every variant kept under it); with a
+        query (less C{start}/C{end}), only that key.  Seek answers, Range answers and hot answers are
+        made from those objects, so they go with them.
+
+        @raise BadRequest: the target is not a path the edge would serve.
+        """
+        raw_path, _, raw_query = target.encode("latin-1").partition(b"?")
+        parsed = parse_target(raw_path, raw_query, self.keep_query)
+        removed = int(self.store.remove(parsed.key))
+        if parsed.key == parsed.path:
+            removed += self.store.remove_matching(lambda key: key.startswith(parsed.path + "?"))
+        return removed
+
+    def purge_prefix(self, prefix: str) -> int:
+        """Drop every cached object whose key starts with C{prefix} (a path prefix: C{/videos/2024/})."""
+        if not prefix.startswith("/"):
+            raise BadRequest("a purge prefix starts with /")
+        return self.store.remove_matching(lambda key: key.startswith(prefix))
 
     # -- other methods ------------------------------------------------------------------------
 
