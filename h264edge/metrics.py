@@ -200,8 +200,9 @@ class EdgeMetrics(EdgeObserver):
         tally[0] += 1
         tally[1] += length
 
-    def purges(self, count: int, via: str) -> None:
+    def purges(self, count: int, via: str, what: str = "") -> None:
         self.purged.labels(via).inc(count)
+        self._event("purge", via=via, target=what, objects=count)
 
     # -- the observer of the origin client, the fill and the store ------------------------------
 

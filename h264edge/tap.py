@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from twisted.application import service, strports
 from twisted.internet import defer, endpoints, task, threads
-from twisted.logger import Logger
+from twisted.logger import Logger, jsonFileLogObserver
 from twisted.python import usage
 from twisted.internet.testing import MemoryReactor
 from twisted.python.threadpool import ThreadPool
@@ -86,7 +86,11 @@ class Options(usage.Options):
         ["workers", None, "1", "Processes serving the --listen port (TCP only) from one cache directory."],
         ["hot-cache", None, "64M", "Memory (per process) for whole answers to plain GETs of small cached "
          "objects (up to 64K), served without twisted.web's per-request machinery; 0 turns this hot path off."],
-        ["access-log", None, "", "Access log (combined format): a file path, 'off', or empty for the twistd log."],
+        ["access-log", None, "", "Access log: a file path, 'off', or empty for the twistd log."],
+        ["access-log-format", None, "combined", "Access log lines: 'combined' (Apache/nginx combined, then "
+         "cache=, time=, ttfb=, cut=) or 'json' (one object per answer)."],
+        ["event-log", None, "", "File of structured events (JSON lines through twisted.logger): fills, origin "
+         "errors, evictions, purges; empty: none."],
         ["drain-timeout", None, "30", "Seconds viewers get to finish their answers after SIGTERM."],
         ["admin-listen", None, "", "Where the admin listener (/metrics, /status, /healthz, /readyz, /purge) "
          "listens: an endpoint description such as tcp:9080:interface=127.0.0.1; empty: none."],
@@ -204,6 +208,8 @@ class Options(usage.Options):
             raise usage.UsageError("--workers must be a whole number") from None
         if not 1 <= self["workers"] <= 256:
             raise usage.UsageError("--workers must be between 1 and 256")
+        if self["access-log-format"] not in ("combined", "json"):
+            raise usage.UsageError(f"--access-log-format={self['access-log-format']}: 'combined' or 'json'")
         check_endpoint("listen", self["listen"])
         if self["admin-listen"]:
             check_endpoint("admin-listen", self["admin-listen"])
@@ -631,6 +637,24 @@ class MetricsUpkeep(service.Service):
         return super().stopService()
 
 
+class ReopenedFile:
+    """A text file opened for appending, line-buffered, that L{reopen} opens again (logrotate moved it)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file = open(path, "a", 1, encoding="utf-8")
+
+    def write(self, text: str) -> int:
+        return self._file.write(text)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def reopen(self) -> None:
+        old, self._file = self._file, open(self.path, "a", 1, encoding="utf-8")
+        old.close()
+
+
 def _transports(pool: WorkerPool) -> list[Any]:
     return [worker.transport for worker in pool.workers.values() if worker.transport is not None]
 
@@ -641,6 +665,8 @@ def makeService(options: Options) -> service.MultiService:
     access_log = options["access-log"]
     if access_log not in ("", "off"):
         check_writable_file("access-log", access_log)
+    if options["event-log"]:
+        check_writable_file("event-log", options["event-log"])
     top = EdgeService(drain_timeout=options["drain-timeout"])
     sync_threads = SyncThreads()
     sync_threads.setServiceParent(top)  # first in, last out: stops after the store closed
@@ -670,13 +696,20 @@ def makeService(options: Options) -> service.MultiService:
     loader.setServiceParent(top)
     site = EdgeSite(resource, resource.hot, logPath=access_log if access_log not in ("", "off") else None)
     site.access_log = access_log != "off"
+    site.access_log_format = options["access-log-format"]
     site.displayTracebacks = False
     site.trusted_proxies = resource.purge_auth.trusted_proxies = parse_networks(options["trusted-proxies"])
     resource.purge_auth.token = admin_token(options)
     top.drains.append(site.drain)
     metrics = None
-    if options["admin-listen"]:
+    event_file = ReopenedFile(options["event-log"]) if options["event-log"] else None
+    if options["admin-listen"] or event_file is not None:
         metrics = edge_metrics(options, store, origin, site, resource)
+        if event_file is not None:
+            events: Any = jsonFileLogObserver(event_file, recordSeparator="")  # type: ignore[arg-type]
+            metrics.event_log = Logger(namespace="h264edge.events", observer=events)
+    if options["admin-listen"]:
+        assert metrics is not None
         metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") if options["workers"] > 1 else None
         MetricsUpkeep(metrics, remove_dir=metrics_dir).setServiceParent(top)
         if options["listen-fd"] is None:  # a worker's figures are served by the first process
@@ -717,8 +750,12 @@ def makeService(options: Options) -> service.MultiService:
     else:
         top.add_listener(listening_service(options["listen"], site), f"--listen={options['listen']}")
 
+    reloader.on("access-log-format", lambda fmt: setattr(site, "access_log_format", fmt))
+
     def reopen_logs() -> None:
         site.reopen_log()
+        if event_file is not None:
+            event_file.reopen()
         if reloader.workers is not None:
             forward_signal(_transports(reloader.workers), signal.SIGUSR1)
         log.info("log files reopened")

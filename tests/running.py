@@ -134,3 +134,17 @@ class RunningEdge:
         except AssertionError:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def need_tool(name: str, install: str) -> str:
+    """The path of tool C{name}: a test without it is skipped, except on CI (C{$CI} set), where it fails."""
+    import shutil
+
+    from twisted.trial.unittest import SkipTest
+
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    if path is None:
+        if os.environ.get("CI"):
+            raise AssertionError(f"{name} is missing on CI: dev/setup installs it ({install})")
+        raise SkipTest(f"{name} is not installed ({install})")
+    return path

@@ -27,6 +27,8 @@ SAMPLES: dict[str, tuple[list[str], str]] = {
     "workers": (["--workers=2"], "workers = 2"),
     "hot-cache": (["--hot-cache=0"], "hot-cache = 0"),
     "access-log": (["--access-log=off"], 'access-log = "off"'),
+    "access-log-format": (["--access-log-format=json"], 'access-log-format = "json"'),
+    "event-log": (["--event-log=/var/log/h264edge/events.log"], 'event-log = "/var/log/h264edge/events.log"'),
     "drain-timeout": (["--drain-timeout=5"], "drain-timeout = 5"),
     "admin-listen": (["--admin-listen=tcp:9080"], 'admin-listen = "tcp:9080"'),
     "admin-token": (["--admin-token=abc"], 'admin-token = "abc"'),

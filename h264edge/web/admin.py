@@ -199,7 +199,7 @@ class PurgePage(_Leaf):
         except BadRequest as e:
             return 400, {"error": str(e)}
         if self.metrics is not None:
-            self.metrics.purges(count, "admin")
+            self.metrics.purges(count, "admin", path if path is not None else f"{prefix}*")
         log.info("purged {count} objects ({what})", count=count,
                  what=f"path {path}" if path is not None else f"prefix {prefix}")
         return 200, {"purged": count, **({"path": path} if path is not None else {"prefix": prefix})}

@@ -127,8 +127,8 @@ class EdgeResource(Resource):
         self.hot = HotAnswers(store, hot_bytes, reactor) if hot_bytes > 0 else None
         #: who may PURGE (a token, trusted proxies); shared with the admin listener
         self.purge_auth = PurgeAuth()
-        #: told (count, "viewer") after each PURGE (metrics)
-        self.on_purge: Optional[Callable[[int, str], None]] = None
+        #: told (count, "viewer", target) after each PURGE (metrics)
+        self.on_purge: Optional[Callable[[int, str, str], None]] = None
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -365,7 +365,7 @@ class EdgeResource(Resource):
         except BadRequest as e:
             return self._plain(request, 400, str(e))
         if self.on_purge is not None:
-            self.on_purge(removed, "viewer")
+            self.on_purge(removed, "viewer", request.uri.decode("latin-1"))
         uri = request.uri.decode("latin-1")
         if not removed:
             return self._plain(request, 404, "not cached: " + uri)
