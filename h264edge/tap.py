@@ -36,6 +36,7 @@ from h264edge.metrics import HISTORY_STEP, EdgeMetrics
 from h264edge.web.admin import admin_resource, read_token_file
 from h264edge.web.hot import EdgeSite
 from h264edge.web.http import TOKEN_CHARS, parse_networks
+from h264edge.web.player import PlayerPage, ViewerRoot
 from h264edge.web.resource import EdgeResource
 from h264edge.workers import LISTEN_FD, STOP_TIMEOUT, InheritedPort, WorkerPool, site_naming_process
 
@@ -102,6 +103,7 @@ class Options(usage.Options):
         ["ignore-query", None, "Leave the query string out of the cache key (tracking parameters)."],
         ["exact-seek", None, "Start MP4 seeks exactly at start= (lead-in hidden by an edit list)."],
         ["no-sync", None, "Do not fdatasync before recording slices as present (faster; unsafe on power loss)."],
+        ["no-player", None, "Do not serve the demo player page at /player on the viewer listener."],
     ]
 
     def __init__(self) -> None:
@@ -694,7 +696,8 @@ def makeService(options: Options) -> service.MultiService:
     shared = options["workers"] > 1 or options["listen-fd"] is not None
     loader = IndexLoader(store, rescan_every=RESCAN_INTERVAL if shared else None)
     loader.setServiceParent(top)
-    site = EdgeSite(resource, resource.hot, logPath=access_log if access_log not in ("", "off") else None)
+    root: Any = resource if options["no-player"] else ViewerRoot(resource, PlayerPage())
+    site = EdgeSite(root, resource.hot, logPath=access_log if access_log not in ("", "off") else None)
     site.access_log = access_log != "off"
     site.access_log_format = options["access-log-format"]
     site.displayTracebacks = False
@@ -763,4 +766,5 @@ def makeService(options: Options) -> service.MultiService:
     SignalHandlers({signal.SIGUSR1: reopen_logs, signal.SIGHUP: reloader.reload}).setServiceParent(top)
     top.reloader = reloader  # type: ignore[attr-defined]
     top.resource = resource  # type: ignore[attr-defined]
+    top.metrics = metrics  # type: ignore[attr-defined]
     return top

@@ -37,6 +37,7 @@ SAMPLES: dict[str, tuple[list[str], str]] = {
     "ignore-query": (["--ignore-query"], "ignore-query = true"),
     "exact-seek": (["--exact-seek"], "exact-seek = true"),
     "no-sync": (["--no-sync"], "no-sync = true"),
+    "no-player": (["--no-player"], "no-player = true"),
 }
 
 

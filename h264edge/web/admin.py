@@ -29,6 +29,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from h264edge.metrics import CONTENT_TYPE, EdgeMetrics
 from h264edge.web.http import BadRequest, PurgeAuth
+from h264edge.web.status import status_pages
 
 log = Logger()
 
@@ -233,6 +234,7 @@ def admin_resource(
         b"healthz": HealthPage(),
         b"readyz": ReadyPage(edge.store, edge.origin, metrics, clock),
         b"purge": PurgePage(edge, edge.purge_auth, metrics, prepare_prefix_purge),
+        **status_pages(metrics, edge.origin),
     }
     return AdminRoot(pages)
 
