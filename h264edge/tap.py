@@ -6,6 +6,7 @@ C{--workers=N} the worker processes sharing its port and cache, see L{h264edge.w
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import os
@@ -37,6 +38,7 @@ from h264edge.web.admin import admin_resource, read_token_file
 from h264edge.web.hot import EdgeSite
 from h264edge.web.http import TOKEN_CHARS, parse_networks
 from h264edge.web.player import PlayerPage, ViewerRoot
+from h264edge.web.producer import ThrottlePolicy
 from h264edge.web.resource import EdgeResource
 from h264edge.workers import LISTEN_FD, STOP_TIMEOUT, InheritedPort, WorkerPool, site_naming_process
 
@@ -98,6 +100,13 @@ class Options(usage.Options):
         ["admin-token", None, None, "Token purges must send (Authorization: Bearer TOKEN), on the admin "
          "listener and on the viewer port; --admin-token-file keeps it out of the process list."],
         ["admin-token-file", None, None, "File whose first line is the admin token (read again on SIGHUP)."],
+        ["limit-rate", None, "0", "Pace each answer that is not an MP4 to this many bytes/s (K/M/G suffixes) "
+         "after --limit-rate-after; 0: no limit."],
+        ["limit-rate-after", None, "0", "Bytes of an answer sent at full speed before --limit-rate applies."],
+        ["mp4-limit-rate", None, "0", "Pace each MP4 answer to this factor times the clip's bitrate (read from "
+         "its moov) after --mp4-limit-rate-after; 0: no limit."],
+        ["mp4-limit-rate-after", None, "60", "Seconds of an MP4 clip sent at full speed before --mp4-limit-rate "
+         "applies."],
     ]
     optFlags: list[list[Any]] = [
         ["ignore-query", None, "Leave the query string out of the cache key (tracking parameters)."],
@@ -199,6 +208,10 @@ class Options(usage.Options):
         self["default-ttl"] = parse_seconds("default-ttl", self["default-ttl"])
         self["origin-timeout"] = parse_seconds("origin-timeout", self["origin-timeout"], positive=True)
         self["drain-timeout"] = parse_seconds("drain-timeout", self["drain-timeout"])
+        for name in ("limit-rate", "limit-rate-after"):
+            self[name] = _option_size(name, self[name])
+        self["mp4-limit-rate"] = parse_factor("mp4-limit-rate", self["mp4-limit-rate"])
+        self["mp4-limit-rate-after"] = parse_seconds("mp4-limit-rate-after", self["mp4-limit-rate-after"])
         if self["slice-size"] < 64 * 1024:
             raise usage.UsageError("--slice-size must be at least 64K")
         if self["max-size"] < self["slice-size"]:
@@ -239,6 +252,17 @@ def parse_seconds(name: str, value: Any, positive: bool = False) -> float:
     if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
         raise usage.UsageError(f"--{name}={value} must be a number of seconds {'above' if positive else 'at least'} 0")
     return seconds
+
+
+def parse_factor(name: str, value: Any) -> float:
+    """A non-negative finite number (a factor)."""
+    try:
+        factor = float(value)
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--{name}={value!r} is not a number") from None
+    if not math.isfinite(factor) or factor < 0:
+        raise usage.UsageError(f"--{name}={value} must be a number at least 0")
+    return factor
 
 
 def check_origin(url: str) -> str:
@@ -754,6 +778,12 @@ def makeService(options: Options) -> service.MultiService:
         top.add_listener(listening_service(options["listen"], site), f"--listen={options['listen']}")
 
     reloader.on("access-log-format", lambda fmt: setattr(site, "access_log_format", fmt))
+    policy = resource.throttle_policy = ThrottlePolicy(
+        options["limit-rate"], options["limit-rate-after"], options["mp4-limit-rate"], options["mp4-limit-rate-after"],
+        bitrate_of=resource.clip_bitrate)
+    for name, field in (("limit-rate", "rate"), ("limit-rate-after", "rate_after"), ("mp4-limit-rate", "mp4_factor"),
+                        ("mp4-limit-rate-after", "mp4_after")):
+        reloader.on(name, functools.partial(setattr, policy, field))
 
     def reopen_logs() -> None:
         site.reopen_log()

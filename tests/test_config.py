@@ -38,6 +38,10 @@ SAMPLES: dict[str, tuple[list[str], str]] = {
     "exact-seek": (["--exact-seek"], "exact-seek = true"),
     "no-sync": (["--no-sync"], "no-sync = true"),
     "no-player": (["--no-player"], "no-player = true"),
+    "limit-rate": (["--limit-rate=1M"], 'limit-rate = "1M"'),
+    "limit-rate-after": (["--limit-rate-after=512K"], 'limit-rate-after = "512K"'),
+    "mp4-limit-rate": (["--mp4-limit-rate=1.25"], "mp4-limit-rate = 1.25"),
+    "mp4-limit-rate-after": (["--mp4-limit-rate-after=30"], "mp4-limit-rate-after = 30"),
 }
 
 

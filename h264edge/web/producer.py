@@ -9,6 +9,10 @@ viewer's socket buffer is full, Twisted pauses it and nothing more is read until
 
 On a plain TCP connection, span bytes that are already readable go out with C{os.sendfile} instead
 (zero copy, see L{_SendfileRun}); literal parts and bytes still being fetched take the path above.
+
+An answer may be paced (L{Throttle}, made by a L{ThrottlePolicy}): after a burst at full speed, the
+producer hands the transport no more than the rate allows and waits on a timer for the rest.  Only
+what goes to the viewer is paced; the fill behind it fetches at the origin's pace.
 """
 
 from __future__ import annotations
@@ -41,6 +45,83 @@ SENDFILE_CHUNK = 2 * 2**20
 """Bytes asked of one os.sendfile call (as nginx's sendfile_max_chunk): the socket buffer refills sooner."""
 SENDFILE_BUDGET = 8 * 2**20
 """At most this many bytes are sendfile'd per writable event, so one fast viewer cannot hog the reactor."""
+
+
+@define
+class Throttle:
+    """
+    One answer's pace: C{burst} bytes at full speed, then at most C{rate} bytes a second.  While
+    C{rate} is None (not known yet: a clip's bitrate still being read) nothing is held back; pacing
+    then starts from what was sent by then.
+    """
+
+    rate: Optional[float] = None
+    burst: int = 0
+    _base: int = 0
+    _since: Optional[float] = None
+
+    def allowance(self, sent: int, now: float) -> Optional[int]:
+        """Bytes that may go now, after C{sent} bytes; None for no limit."""
+        if self.rate is None:
+            return None
+        if sent < self.burst:
+            return self.burst - sent
+        if self._since is None:
+            self._base, self._since = sent, now
+        return max(0, self._base + int(self.rate * (now - self._since)) - sent)
+
+    @property
+    def quantum(self) -> int:
+        """The least the producer waits for: a twentieth of a second's worth, 4-64 KiB."""
+        return max(4096, min(CHUNK, int((self.rate or 0) / 20)))
+
+
+@define
+class ThrottlePolicy:
+    """
+    Which answers are paced and how (C{--limit-rate}, C{--limit-rate-after}, C{--mp4-limit-rate},
+    C{--mp4-limit-rate-after}, as nginx's C{limit_rate} and C{mp4_limit_rate}): MP4 answers at
+    C{mp4_factor} times the clip's bitrate after C{mp4_after} seconds' worth of it, other answers
+    (and MP4s whose bitrate cannot be read) at C{rate} bytes/s after C{rate_after} bytes.
+
+    @ivar bitrate_of: C{(object, origin path) -> Deferred} of the clip's bytes per second of media
+        (None when it has none), e.g. L{EdgeResource.clip_bitrate}.
+    """
+
+    rate: int = 0
+    rate_after: int = 0
+    mp4_factor: float = 0.0
+    mp4_after: float = 60.0
+    bitrate_of: Optional[Callable[[CachedObject, str], "Deferred[Optional[float]]"]] = None
+
+    def throttle_for(self, uri: bytes, objects: Mapping[str, CachedObject], paths: Mapping[str, str]
+                     ) -> Optional[Throttle]:
+        """The pace of an answer to C{uri} made of C{objects}' bytes, or None to send it at full speed."""
+        plain = Throttle(float(self.rate), self.rate_after) if self.rate > 0 else None
+        if (
+            self.mp4_factor <= 0
+            or self.bitrate_of is None
+            or len(objects) != 1
+            or not uri.partition(b"?")[0].lower().endswith(_MP4_SUFFIXES)
+        ):
+            return plain
+        throttle = Throttle()
+        [(key, obj)] = objects.items()
+
+        def known(bitrate: Optional[float]) -> None:
+            if bitrate:
+                throttle.rate, throttle.burst = bitrate * self.mp4_factor, int(bitrate * self.mp4_after)
+            elif plain is not None:
+                throttle.rate, throttle.burst = plain.rate, plain.burst
+
+        def failed(failure: Failure) -> None:
+            known(None)
+
+        self.bitrate_of(obj, paths[key]).addCallbacks(known, failed)
+        return throttle
+
+
+_MP4_SUFFIXES = (b".mp4", b".m4v", b".mov", b".m4a", b".3gp")
 
 
 @define
@@ -92,6 +173,7 @@ class PlanProducer:
     """
 
     use_sendfile = True
+    throttle_policy: Optional[ThrottlePolicy] = None
 
     def __init__(
         self,
@@ -121,8 +203,13 @@ class PlanProducer:
         self._sendfile_used = False
         self._held: list[CachedObject] = []
         self.sent = 0
+        self._throttle: Optional[Throttle] = None
+        self._throttle_wait: Any = None  # the timer of a paced answer waiting for its allowance
+        self._left = sum(part.length for part in self.parts)
 
     def start(self) -> None:
+        if self.throttle_policy is not None:
+            self._throttle = self.throttle_policy.throttle_for(self.request.uri, self.objects, self.paths)
         self._held = list({id(obj): obj for obj in self.objects.values()}.values())
         for obj in self._held:
             self.filler.hold(obj)
@@ -169,11 +256,12 @@ class PlanProducer:
 
     def resumeProducing(self) -> None:
         self._paused = False
-        if self._waiting is None and self._run is None:
+        if self._waiting is None and self._run is None and self._throttle_wait is None:
             self._pump()
 
     def stopProducing(self) -> None:
         self._stopped = True
+        self._unpace()
         if self._run is not None:
             self._run.cancel()
 
@@ -197,8 +285,11 @@ class PlanProducer:
                 self._part += 1
                 self._done_in_part = 0
                 continue
+            budget = self.chunk if self._throttle is None else self._paced()
+            if budget == 0:
+                return  # a timer resumes the pump
             if isinstance(part, Literal):
-                data = part.data[self._done_in_part : self._done_in_part + self.chunk]
+                data = part.data[self._done_in_part : self._done_in_part + min(self.chunk, budget)]
             else:
                 obj = self.objects[part.key]
                 position = part.offset + self._done_in_part
@@ -207,6 +298,8 @@ class PlanProducer:
                     self._wait(obj, self.paths[part.key], position)
                     return
                 run = min(ready, remaining)
+                if self._throttle is not None:
+                    run = min(run, budget)
                 if self._socket is not None and run >= SENDFILE_MIN and self._start_run(obj, position, run):
                     continue  # the run goes on by itself, or it is already over (see _SendfileRun)
                 try:
@@ -220,6 +313,41 @@ class PlanProducer:
             self._done_in_part += len(data)
             self.sent += len(data)
             self.request.write(data)
+
+    # -- pacing ---------------------------------------------------------------------------------
+
+    def _paced(self) -> int:
+        """
+        Bytes the throttle lets go now, 0 after setting a timer.  While its rate is not known yet,
+        L{SENDFILE_BUDGET} at a time, so that a sendfile run ends and the rate is looked at again.
+        """
+        throttle = self._throttle
+        assert throttle is not None
+        clock = self.filler.reactor
+        allowed = throttle.allowance(self.sent, clock.seconds())
+        if allowed is None:
+            return SENDFILE_BUDGET
+        wanted = min(throttle.quantum, self._left - self.sent)
+        if allowed >= wanted or (allowed > 0 and self.sent < throttle.burst):  # the burst's rest goes now
+            return allowed
+        assert throttle.rate is not None
+        self._throttle_wait = clock.callLater((wanted - allowed) / throttle.rate, self._paced_again)
+        return 0
+
+    def _paced_again(self) -> None:
+        self._throttle_wait = None
+        if not self._paused and self._waiting is None and self._run is None:
+            self._pump()
+
+    def _unpace(self) -> None:
+        if self._throttle_wait is not None and self._throttle_wait.active():
+            self._throttle_wait.cancel()
+        self._throttle_wait = None
+
+    @property
+    def paced(self) -> bool:
+        """Whether a throttle holds this answer back: its sendfile runs end at their length."""
+        return self._throttle is not None
 
     # -- sendfile -------------------------------------------------------------------------------
 
@@ -306,6 +434,7 @@ class PlanProducer:
 
     def _finish(self) -> None:
         self._stopped = True
+        self._unpace()
         self.request.unregisterProducer()
         self.request.finish()
 
@@ -313,6 +442,7 @@ class PlanProducer:
         if self._stopped:
             return
         self._stopped = True
+        self._unpace()
         log.warn(
             "aborting {uri} after {sent} bytes: {why}",
             uri=self.request.uri,
@@ -437,7 +567,7 @@ class _SendfileRun:
         for every origin read.  False when the span is done: the run ends.
         """
         left = self.owner._span_left()
-        if left is None or self.owner._stopped:
+        if left is None or self.owner._stopped or self.owner.paced:
             return False
         obj, path, position, length = left
         ready = self.owner.filler.readable(obj, position, length)

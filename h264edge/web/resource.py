@@ -39,7 +39,7 @@ from h264edge.web.http import (
     range_hint,
 )
 from h264edge.web.hot import HotAnswers
-from h264edge.web.producer import PlanProducer
+from h264edge.web.producer import PlanProducer, ThrottlePolicy
 
 log = Logger()
 
@@ -127,6 +127,8 @@ class EdgeResource(Resource):
         self.hot = HotAnswers(store, hot_bytes, reactor) if hot_bytes > 0 else None
         #: who may PURGE (a token, trusted proxies); shared with the admin listener
         self.purge_auth = PurgeAuth()
+        #: which answers are paced, and how (None: none)
+        self.throttle_policy: Optional[ThrottlePolicy] = None
         #: told (count, "viewer", target) after each PURGE (metrics)
         self.on_purge: Optional[Callable[[int, str, str], None]] = None
 
@@ -257,6 +259,7 @@ class EdgeResource(Resource):
         producer = PlanProducer(request, plan, {target.key: obj}, {target.key: origin_path}, self.filler,
                                 on_early_failure=lambda failure: self._failed(failure, request))
         request.notifyFinish().addErrback(lambda _: producer.stopProducing())
+        producer.throttle_policy = self.throttle_policy
         producer.start()
 
     def _cache_status(self, obj: CachedObject, plan: Plan, existed: bool) -> str:
@@ -370,6 +373,18 @@ class EdgeResource(Resource):
         if not removed:
             return self._plain(request, 404, "not cached: " + uri)
         return self._plain(request, 200, f"purged {uri}" + (f" and {removed - 1} variants" if removed > 1 else ""))
+
+    def clip_bitrate(self, obj: CachedObject, path: str) -> "Deferred[Optional[float]]":
+        """An MP4's bytes per second of media (its size over its duration); None if it cannot be read."""
+
+        async def bitrate() -> Optional[float]:
+            try:
+                index = await self._mp4_index(obj, path)
+            except EdgeError:
+                return None
+            return obj.meta.size / index.duration if index.duration > 0 else None
+
+        return Deferred.fromCoroutine(bitrate())
 
     def purge(self, target: str) -> int:
         """
