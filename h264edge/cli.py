@@ -154,6 +154,8 @@ DEMO_HELP = (
 COMMANDS = {
     "serve": "run the edge server (twistd -n h264edge OPTIONS; 'h264edge serve --help' lists the options)",
     "demo": "an edge and a sample origin on 127.0.0.1, to try it out",
+    "prewarm": "pull a list of clips into a running edge, with a progress bar",
+    "purge": "drop paths (or prefixes) from a running edge's cache through its admin listener",
     "check-config": "check the server's options (and --config file) without starting it",
 }
 
@@ -226,6 +228,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return demo(rest)
     if command == "check-config":
         return check_config(rest)
+    if command in ("prewarm", "purge"):
+        from h264edge import prewarm
+
+        return int(getattr(prewarm, command)(rest))
     parser.parse_args(argv)  # --help, --version, or an unknown command (exits 2 with a usage line)
     parser.print_help()
     return 2

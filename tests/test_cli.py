@@ -41,7 +41,7 @@ class CommandTests(SynchronousTestCase):
     def test_alone_it_prints_help_and_exits_2(self) -> None:
         result = h264edge()
         self.assertEqual(result.returncode, 2)
-        for command in ("serve", "demo", "check-config"):
+        for command in ("serve", "demo", "prewarm", "purge", "check-config"):
             self.assertIn(command, result.stdout)
 
     def test_version_is_h264edges(self) -> None:
@@ -51,7 +51,8 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual((result.returncode, result.stdout.strip()), (0, f"h264edge {__version__}"))
 
     def test_help_texts_have_no_epytext(self) -> None:
-        for args in (["--help"], ["demo", "--help"], ["serve", "--help"], ["check-config", "--help"]):
+        for args in (["--help"], ["demo", "--help"], ["serve", "--help"], ["check-config", "--help"],
+                     ["prewarm", "--help"], ["purge", "--help"]):
             result = h264edge(*args)
             self.assertEqual(result.returncode, 0, (args, result.stderr))
             self.assertGreater(len(result.stdout), 100, args)
