@@ -3,9 +3,9 @@
 h264edge vs nginx, side by side on this machine: one command starts every server on 127.0.0.1, runs
 the figures of issue 4, prints a table and writes bench/RESULTS.md.  See bench/README.md.
 
-    /work/venv/bin/python bench/run.py              # full run (~10 minutes once media exist)
-    /work/venv/bin/python bench/run.py --quick      # smoke: tiny media, 1 run each, < 2 minutes
-    /work/venv/bin/python bench/run.py --only hit,small --runs 5
+    .venv/bin/python bench/run.py              # full run (~10 minutes once media exist)
+    .venv/bin/python bench/run.py --quick      # smoke: tiny media, 1 run each, < 2 minutes
+    .venv/bin/python bench/run.py --only hit,small --runs 5
 """
 
 from __future__ import annotations

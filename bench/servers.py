@@ -24,7 +24,8 @@ from typing import Optional
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VENV_PYTHON = os.environ.get("H264EDGE_BENCH_PYTHON", "/work/venv/bin/python")
+#: the interpreter that runs h264edge: the checkout's .venv that dev/setup makes, unless overridden
+VENV_PYTHON = os.environ.get("H264EDGE_BENCH_PYTHON") or os.path.join(REPO, ".venv", "bin", "python")
 
 # twisted.scripts.twistd has no __main__ block: run it the way the twistd console script does
 # (-P: no working directory on sys.path, so a stray h2.py or the like cannot shadow a package)

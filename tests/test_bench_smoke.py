@@ -38,3 +38,11 @@ class BenchSmokeTests(SynchronousTestCase):
         for figure in ("1a", "2", "3a", "4", "5a", "6b", "6c", "7a", "7b"):
             self.assertIn(f"| {figure} |", text)
         self.assertNotIn("ERROR", text)  # a figure that could not be measured
+
+
+class HarnessDefaultsTests(SynchronousTestCase):
+    def test_the_harness_runs_the_checkouts_venv(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "H264EDGE_BENCH_PYTHON"}
+        result = subprocess.run([sys.executable, "-c", "import servers; print(servers.VENV_PYTHON)"],
+                                capture_output=True, text=True, env=env, cwd=os.path.join(ROOT, "bench"), timeout=60)
+        self.assertEqual(result.stdout.strip(), os.path.join(ROOT, ".venv", "bin", "python"), result.stderr)

@@ -164,7 +164,6 @@ class LogrotateTests(ServedEdgeTestCase):
         assert edge.proc is not None
         config = config.replace("/var/log/h264edge/", logs + "/")
         config = re.sub(r"systemctl kill [^\n]*", f"kill -USR1 {edge.proc.pid}", config)
-        config = config.replace("create 0640 h264edge adm", "create 0640")
         conf_path = os.path.join(workdir, "logrotate.conf")
         with open(conf_path, "w") as f:
             f.write(config)
