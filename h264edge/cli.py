@@ -58,8 +58,8 @@ def flv_keyframe(path: str) -> int:
     return positions[len(positions) // 2] if positions else 0
 
 
-def _check(edge_url: str, reactor: Any, flv_offset: int) -> "Any":
-    """Fetch the sample whole and seeked through the edge; verify with ffprobe."""
+def _check(edge_url: str, admin_url: str, reactor: Any, flv_offset: int) -> "Any":
+    """Fetch the sample whole and seeked through the edge; verify with ffprobe; then the pages."""
     import treq
     from twisted.internet.defer import Deferred
 
@@ -81,6 +81,13 @@ def _check(edge_url: str, reactor: Any, flv_offset: int) -> "Any":
             cache = response.headers.getRawHeaders("X-Cache", ["?"])[0]
             print(f"{'ok  ' if ok else 'FAIL'} {response.code} {cache:7} {len(body):>9} bytes  "
                   f"duration {probe.stdout.strip() or '?'} s  {path}", flush=True)
+        for url, wanted in ((f"{admin_url}/metrics", b"h264edge_requests_total{"), (f"{admin_url}/status", b"<svg"),
+                            (f"{edge_url}/player?src=/sample.mp4", b'data-src="/sample.mp4"')):
+            response = await treq.get(url, reactor=reactor)
+            body = await response.content()
+            ok = response.code == 200 and wanted in body
+            failures += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} {response.code} page {url}", flush=True)
         return failures
 
     return Deferred.fromCoroutine(run())
@@ -91,6 +98,8 @@ def demo(argv: list[str]) -> int:
     parser.add_argument("--dir", default="h264edge-demo", help="where the sample origin files and cache go")
     parser.add_argument("--port", type=int, default=8080, help="edge port on 127.0.0.1 (0 = any free port)")
     parser.add_argument("--origin-port", type=int, default=0, help="origin port on 127.0.0.1 (0 = any)")
+    parser.add_argument("--admin-port", type=int, default=8081,
+                        help="admin listener (/status, /metrics, ...) port on 127.0.0.1 (0 = any)")
     parser.add_argument("--max-size", default="1G", help="cache size bound")
     parser.add_argument("--check", action="store_true", help="request the samples through the edge, verify, exit")
     args = parser.parse_args(argv)
@@ -102,9 +111,13 @@ def demo(argv: list[str]) -> int:
     from twisted.web.server import Site
     from twisted.web.static import File
 
+    from h264edge.metrics import EdgeMetrics
     from h264edge.origin import OriginClient
     from h264edge.store import SliceStore
-    from h264edge.tap import parse_size, quiet_hachoir
+    from h264edge.tap import MetricsUpkeep, observe, parse_size, quiet_hachoir
+    from h264edge.web.admin import admin_resource
+    from h264edge.web.hot import EdgeSite
+    from h264edge.web.player import PlayerPage, ViewerRoot
     from h264edge.web.resource import EdgeResource
 
     quiet_hachoir()
@@ -118,11 +131,23 @@ def demo(argv: list[str]) -> int:
     store = SliceStore(os.path.join(args.dir, "cache"), max_size=parse_size(args.max_size))
     for _ in store.rebuild_steps():
         pass
-    edge = EdgeResource(store, OriginClient([origin_url]))
-    edge_port = reactor.listenTCP(args.port, Site(edge), interface="127.0.0.1")
+    origin = OriginClient([origin_url])
+    edge = EdgeResource(store, origin, hot_bytes=16 * 2**20)
+    site = EdgeSite(ViewerRoot(edge, PlayerPage()), edge.hot)
+    metrics = EdgeMetrics(store, lambda: origin.bases)
+    observe(metrics, store, origin, site, edge)
+    upkeep = MetricsUpkeep(metrics)
+    upkeep.startService()
+    edge_port = reactor.listenTCP(args.port, site, interface="127.0.0.1")
     edge_url = f"http://127.0.0.1:{edge_port.getHost().port}"
+    admin = Site(admin_resource(edge, metrics))
+    admin.log = lambda request: None  # type: ignore[method-assign]
+    admin_port = reactor.listenTCP(args.admin_port, admin, interface="127.0.0.1")
+    admin_url = f"http://127.0.0.1:{admin_port.getHost().port}"
     print(f"origin: {origin_url} (serving {origin_dir})")
     print(f"edge:   {edge_url}  (cache in {os.path.join(args.dir, 'cache')})")
+    print(f"admin:  {admin_url}/status  (and /metrics, /healthz, /readyz, POST /purge?path=)")
+    print(f"watch:  {edge_url}/player?src=/sample.mp4")
     print(f"try:    curl -o whole.mp4 {edge_url}/sample.mp4")
     print(f"        ffplay '{edge_url}/sample.mp4?start=30'")
     print(f"        curl -o clip.mp4 '{edge_url}/sample.mp4?start=12.5&end=20'")
@@ -130,7 +155,7 @@ def demo(argv: list[str]) -> int:
     print(f"        curl -o seek.flv '{edge_url}/sample.flv?start={flv_offset}'", flush=True)
     result: dict[str, Optional[int]] = {"code": 0}
     if args.check:
-        d = _check(edge_url, reactor, flv_offset)
+        d = _check(edge_url, admin_url, reactor, flv_offset)
 
         def done(failures: Any) -> None:
             result["code"] = 1 if not isinstance(failures, int) or failures else 0
@@ -141,6 +166,7 @@ def demo(argv: list[str]) -> int:
 
         d.addBoth(done)
     reactor.run()
+    upkeep.stopService()
     store.close()
     return result["code"] or 0
 

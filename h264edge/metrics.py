@@ -153,7 +153,8 @@ class EdgeMetrics(EdgeObserver):
         # tallies moved into the metrics by flush()
         self._answers: dict[tuple[str, str, str], int] = collections.defaultdict(int)
         self._sent: dict[str, int] = collections.defaultdict(int)
-        self._hot: dict[bytes, list[int]] = {}
+        #: hot-path answers since the last flush: target -> [answers, bytes] (the site adds to it in place)
+        self.hot_tally: dict[bytes, list[int]] = {}
         self._top: dict[str, list[int]] = {}
         self.origins: dict[str, OriginHealth] = {}
         self.errors: collections.deque[tuple[float, str, str]] = collections.deque(maxlen=RECENT_ERRORS)
@@ -191,12 +192,13 @@ class EdgeMetrics(EdgeObserver):
                                   f"{answer.uri.decode('latin-1')[:200]}")
 
     def hot_answered(self, uri: bytes, length: int) -> None:
-        """A 200 HIT of C{length} body bytes from the hot path: tallied only (see L{flush})."""
-        tally = self._hot.get(uri)
+        """
+        A 200 HIT of C{length} body bytes from the hot path: tallied only (see L{flush}).  The site
+        does the same inline, on L{hot_tally}, to spare a call.
+        """
+        tally = self.hot_tally.get(uri)
         if tally is None:
-            if len(self._hot) > 10_000:
-                self.flush()
-            tally = self._hot[uri] = [0, 0]
+            tally = self.hot_tally[uri] = [0, 0]
         tally[0] += 1
         tally[1] += length
 
@@ -287,10 +289,14 @@ class EdgeMetrics(EdgeObserver):
         for labels, count in answers.items():
             self.requests.labels(*labels).inc(count)
         sent, self._sent = self._sent, collections.defaultdict(int)
-        hot, self._hot = self._hot, {}
+        hot = self.hot_tally  # the site holds this very dict: emptied in place
         hot_count = hot_bytes = 0
         top = self._top
-        for uri, (count, length) in hot.items():
+        for uri, tally in list(hot.items()):
+            count, length = tally
+            if not count:
+                continue
+            tally[0] = tally[1] = 0
             hot_count += count
             hot_bytes += length
             path = uri.partition(b"?")[0].decode("latin-1")
@@ -299,6 +305,8 @@ class EdgeMetrics(EdgeObserver):
                 entry = top[path] = [0, 0]
             entry[0] += count
             entry[1] += length
+        if len(hot) > 10_000:
+            hot.clear()
         if hot_count:
             self.requests.labels("GET", "HIT", "200").inc(hot_count)
             sent["HIT"] = sent.get("HIT", 0) + hot_bytes

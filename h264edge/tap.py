@@ -535,11 +535,18 @@ def edge_metrics(options: Options, store: SliceStore, origin: OriginClient, site
         multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     metrics = EdgeMetrics(store, lambda: origin.bases, multiprocess_dir=multiprocess_dir,
                           collector=options["listen-fd"] is None)
+    observe(metrics, store, origin, site, resource)
+    return metrics
+
+
+def observe(metrics: EdgeMetrics, store: SliceStore, origin: OriginClient, site: EdgeSite,
+            resource: EdgeResource) -> None:
+    """Have the site, the origin client, the fill and the store tell C{metrics} what they do."""
     site.metrics = metrics
+    site.hot_tally = metrics.hot_tally
     metrics.connection_counts.append(site.drain.open)
     store.observer = origin.observer = resource.filler.observer = metrics
     resource.on_purge = metrics.purges
-    return metrics
 
 
 def listening_service(description: str, factory: Any, option: str = "listen") -> service.Service:

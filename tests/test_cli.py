@@ -17,15 +17,16 @@ class DemoTests(SynchronousTestCase):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         for run in ("cold", "warm"):
             result = subprocess.run(
-                [sys.executable, "-m", "h264edge.cli", "demo", "--check", "--port", "0", "--dir", directory],
+                [sys.executable, "-m", "h264edge.cli", "demo", "--check", "--port", "0", "--admin-port", "0", "--dir",
+                 directory],
                 capture_output=True, text=True, env=env, timeout=300,
             )
             self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
             checks = [line for line in result.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
-            self.assertEqual(len(checks), 5, result.stdout)
+            self.assertEqual(len(checks), 8, result.stdout)  # five answers, then /metrics, /status, /player
             self.assertTrue(all(line.startswith("ok") for line in checks), result.stdout)
             if run == "warm":
-                self.assertTrue(all(" HIT " in line for line in checks), result.stdout)
+                self.assertTrue(all(" HIT " in line for line in checks[:5]), result.stdout)
 
 
 def h264edge(*args: str) -> subprocess.CompletedProcess[str]:

@@ -38,6 +38,16 @@ def unit(name: str) -> dict[str, list[str]]:
     return settings
 
 
+def _connects(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 class UnitTests(SynchronousTestCase):
     def test_the_service_is_locked_down(self) -> None:
         import subprocess
@@ -113,7 +123,7 @@ class UnitCommandTests(TestCase):
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/clip.bin", timeout=30) as response:
                 return bytes(response.read())
 
-        await until(lambda: os.path.exists(edge.log_path), 10)
+        await until(lambda: _connects(port), 10)  # systemd-socket-activate listens (and starts the edge)
         self.assertEqual(await deferToThread(fetch), b"c" * 4000)
         await until(lambda: os.path.exists(os.path.join(workdir, "access.log")))
         with open(os.path.join(workdir, "access.log")) as f:
