@@ -32,6 +32,15 @@ def child_env(**extra: str) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **extra)
 
 
+def connects(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:C{port}."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 async def sleep(seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)
 
@@ -85,11 +94,7 @@ class RunningEdge:
         def listening() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"the edge exited ({proc.returncode}):\n{self.log()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return True
-            except OSError:
-                return False
+            return connects(port)
 
         await until(listening, START_DEADLINE, 0.1)
 

@@ -6,7 +6,6 @@ ports with a real origin: for tests of what an operator sees (metrics, logs, pag
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any, Optional
 
 import treq
@@ -17,7 +16,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from h264edge.tap import Options, makeService
 from h264edge.testing import MemoryOrigin, listen_origin
-from tests.running import free_port, until
+from tests.running import connects, free_port, until
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -62,7 +61,7 @@ class ServedEdgeTestCase(TestCase):
         self.top.startService()
         self.addCleanup(self.top.stopService)
         self.metrics = self.top.namedServices.get("metrics") if hasattr(self.top, "namedServices") else None
-        await until(lambda: _connects(self.admin_port) and _connects(self.port))
+        await until(lambda: connects(self.admin_port) and connects(self.port))
 
     async def request(self, path: str, method: str = "GET", port: Optional[int] = None,
                       headers: Optional[dict[str, str]] = None) -> tuple[int, bytes, Any]:
@@ -79,11 +78,3 @@ class ServedEdgeTestCase(TestCase):
         self.assertEqual(code, 200)
         self.assertTrue(response.headers.getRawHeaders("Content-Type")[0].startswith("text/plain; version=0.0.4"))
         return samples(body.decode())
-
-
-def _connects(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False

@@ -14,7 +14,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from h264edge.testing import MemoryOrigin, listen_origin
-from tests.running import RunningEdge, free_port, need_tool, until
+from tests.running import RunningEdge, connects, free_port, need_tool, until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTRIB = os.path.join(ROOT, "contrib")
@@ -38,14 +38,6 @@ def unit(name: str) -> dict[str, list[str]]:
     return settings
 
 
-def _connects(port: int) -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 class UnitTests(SynchronousTestCase):
@@ -123,7 +115,7 @@ class UnitCommandTests(TestCase):
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/clip.bin", timeout=30) as response:
                 return bytes(response.read())
 
-        await until(lambda: _connects(port), 10)  # systemd-socket-activate listens (and starts the edge)
+        await until(lambda: connects(port), 10)  # systemd-socket-activate listens (and starts the edge)
         self.assertEqual(await deferToThread(fetch), b"c" * 4000)
         await until(lambda: os.path.exists(os.path.join(workdir, "access.log")))
         with open(os.path.join(workdir, "access.log")) as f:

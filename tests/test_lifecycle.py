@@ -25,7 +25,7 @@ from h264edge.lifecycle import StartupRefused
 from h264edge.tap import Options
 from h264edge.testing import MemoryOrigin, listen_origin
 from tests.edgekit import RawClient, random_bytes
-from tests.running import TWISTD, RunningEdge, child_env, free_port, sleep, until
+from tests.running import TWISTD, RunningEdge, child_env, connects, free_port, sleep, until
 
 
 class RunningEdgeTestCase(TestCase):
@@ -214,17 +214,11 @@ class SocketActivationTests(RunningEdgeTestCase):
         self.addCleanup(edge.stop)
         edge.spawn()
         # systemd-socket-activate listens at once and starts the edge at the first connection
-        await until(lambda: _connects(port), 10)
+        await until(lambda: connects(port), 10)
         self.assertEqual(await self.get(edge, "/sa.bin"), (200, b"x" * 3000))
         await edge.wait_for_log("Execing")
 
 
-def _connects(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 class StartRefusalTests(SynchronousTestCase):

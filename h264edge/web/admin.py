@@ -29,6 +29,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from h264edge.metrics import CONTENT_TYPE, EdgeMetrics
 from h264edge.web.http import BadRequest, PurgeAuth
+from h264edge.web.resource import purge_refusal
 from h264edge.web.status import status_pages
 
 log = Logger()
@@ -47,11 +48,6 @@ def _plain(request: Request, code: int, text: str, content_type: bytes = b"text/
 
 def _json(request: Request, code: int, value: Any) -> bytes:
     return _plain(request, code, json.dumps(value, indent=1) + "\n", b"application/json")
-
-
-def _h(request: Request, name: bytes) -> Optional[str]:
-    value = request.getHeader(name)
-    return value.decode("latin-1") if value is not None else None
 
 
 def _internal_error(failure: Failure, request: Request, what: str) -> None:
@@ -165,12 +161,8 @@ class PurgePage(_Leaf):
         self.prepare = prepare
 
     def render_POST(self, request: Request) -> Any:
-        peer = request.getClientAddress()
-        refusal = self.auth.refusal(str(getattr(peer, "host", "")), _h(request, b"X-Forwarded-For"),
-                                    _h(request, b"Authorization"), viewer_listener=False)
+        refusal = purge_refusal(self.auth, request, viewer_listener=False)
         if refusal is not None:
-            if refusal[0] == 401:
-                request.setHeader(b"WWW-Authenticate", b'Bearer realm="h264edge"')
             return _json(request, refusal[0], {"error": refusal[1]})
         query = parse_qs(request.uri.partition(b"?")[2].decode("latin-1"), keep_blank_values=True)
         paths, prefixes = query.get("path", []), query.get("prefix", [])

@@ -356,12 +356,8 @@ class EdgeResource(Resource):
         PURGE drops a path's objects from the cache (see L{purge}); only loopback clients may ask,
         with the token when one is set (L{PurgeAuth}).
         """
-        peer = request.getClientAddress()
-        refusal = self.purge_auth.refusal(str(getattr(peer, "host", "")), _h(request, b"X-Forwarded-For"),
-                                          _h(request, b"Authorization"), viewer_listener=True)
+        refusal = purge_refusal(self.purge_auth, request, viewer_listener=True)
         if refusal is not None:
-            if refusal[0] == 401:
-                request.setHeader(b"WWW-Authenticate", b'Bearer realm="h264edge"')
             return self._plain(request, *refusal)
         try:
             removed = self.purge(request.uri.decode("latin-1"))
@@ -467,6 +463,16 @@ class SeekPlanCache:
         while self.size > self.max_bytes:
             _, (_, evicted) = self._entries.popitem(last=False)
             self.size -= evicted
+
+
+def purge_refusal(auth: PurgeAuth, request: Request, viewer_listener: bool) -> Optional[tuple[int, str]]:
+    """C{auth}'s answer to the purge C{request} (L{PurgeAuth.refusal}); a 401 gets its WWW-Authenticate."""
+    peer = request.getClientAddress()
+    refusal = auth.refusal(str(getattr(peer, "host", "")), _h(request, b"X-Forwarded-For"),
+                           _h(request, b"Authorization"), viewer_listener)
+    if refusal is not None and refusal[0] == 401:
+        request.setHeader(b"WWW-Authenticate", b'Bearer realm="h264edge"')
+    return refusal
 
 
 def _h(request: Request, name: bytes) -> Optional[str]:
