@@ -493,7 +493,7 @@ class EvictionTests(StoreTestCase):
 
 
 class DiskErrorTests(StoreTestCase):
-    def test_enospc_on_write_raises_and_drops(self) -> None:
+    def test_enospc_with_nothing_to_evict_holds_the_rest_in_memory(self) -> None:
         store = self.open_store()
         obj = store.create(meta_for("/a", 64))
         obj.write(0, body(16))
@@ -503,13 +503,58 @@ class DiskErrorTests(StoreTestCase):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         self.patch(os, "pwrite", full)
-        error = self.assertRaises(StoreError, obj.write, 16, body(16))
-        self.assertEqual(error.errno, errno.ENOSPC)
-        self.assertEqual(obj.missing_slices(0, 3), [0, 1, 2, 3])
-        self.assertTrue(obj.evicted)
+        obj.write(16, body(64)[16:])  # no error: the object is uncached, its bytes go to memory
+        for index in range(1, 4):
+            obj.commit_slice(index)
+        self.assertEqual(obj.read(0, 64), body(64))  # its viewers get every byte, the first slice from its file
+        self.assertTrue(obj.in_memory)
+        self.assertTrue(obj.transient)
         self.assertIsNone(store.get("/a"))
-        self.assertEqual(store.used_bytes, 0)
+        self.assertEqual((store.used_bytes, store.uncached, store.memory_bytes), (0, 1, 48))
+        self.assertFalse(store.disk_trouble)  # a full disk is not a broken one
         self.assertEqual(self.all_files(), [])
+        del obj
+        gc.collect()
+        self.assertEqual(store.memory_bytes, 0)
+
+    def test_enospc_evicts_the_least_recently_used_and_writes_again(self) -> None:
+        store = self.open_store()
+        self.fill(store, "/old", 32, seed=1)
+        self.fill(store, "/newer", 32, seed=2)
+        store.get("/old")  # /newer is now the least recently used
+        obj = store.create(meta_for("/a", 32))
+        real_pwrite = os.pwrite
+        refusals = []
+
+        def full_once(fd: int, data: object, offset: int) -> int:
+            if not refusals:
+                refusals.append(offset)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_pwrite(fd, data, offset)  # type: ignore[arg-type]
+
+        self.patch(os, "pwrite", full_once)
+        obj.write(0, body(32, 3))
+        obj.commit_slice(0)
+        obj.commit_slice(1)
+        self.assertEqual(refusals, [0])
+        self.assertFalse(obj.in_memory)
+        self.assertEqual(store.keys_lru(), ["/old", "/a"])
+        self.assertEqual(self.reopen().get("/a").read(0, 32), body(32, 3))  # type: ignore[union-attr]
+
+    def test_other_write_errors_hold_the_rest_in_memory_too(self) -> None:
+        store = self.open_store()
+        obj = store.create(meta_for("/a", 32))
+
+        def broken(fd: int, data: object, offset: int) -> int:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        self.patch(os, "pwrite", broken)
+        obj.write(0, body(32))
+        obj.commit_slice(0)
+        obj.commit_slice(1)
+        self.assertEqual(obj.read(0, 32), body(32))
+        self.assertIsNone(store.get("/a"))
+        self.assertTrue(store.disk_trouble)
 
     def test_failed_sidecar_write_drops_object(self) -> None:
         store = self.open_store()
@@ -674,7 +719,7 @@ class SharedRootTests(StoreTestCase):
         self.assertEqual(loaded.read(0, 48), body(48, 1))
         self.assertEqual(len([f for f in self.all_files() if f.endswith(".data")]), 1)
 
-    def test_create_failure_is_store_error(self) -> None:
+    def test_a_data_file_the_disk_refuses_leaves_the_object_in_memory(self) -> None:
         store = self.open_store()
 
         def full(fd: int, length: int) -> None:
@@ -683,14 +728,17 @@ class SharedRootTests(StoreTestCase):
         self.patch(os, "ftruncate", full)
         obj = store.create(meta_for("/a", 48))  # the data file is made at the first write
         self.assertEqual(self.all_files(), [])
-        self.assertRaises(StoreError, obj.write, 0, body(16))
-        self.assertTrue(obj.evicted)
-        self.assertRaises(StoreError, obj.write, 0, body(16))  # and stays failed
-        self.assertRaises(StoreError, obj.commit_slice, 0)
+        obj.write(0, body(48))
+        for index in range(3):
+            obj.commit_slice(index)
+        self.assertTrue(obj.in_memory)
+        self.assertEqual(obj.read(0, 48), body(48))
         self.assertEqual(len(store), 0)
         self.assertIsNone(store.get("/a"))
         self.assertEqual(self.all_files(), [])
-        self.assertRaises(StoreError, store.create, meta_for("/empty", 0))  # made at once: it is complete
+        empty = store.create(meta_for("/empty", 0))  # made at once: it is complete
+        self.assertTrue(empty.complete)
+        self.assertEqual(empty.read(0, 0), b"")
         self.assertEqual((len(store), self.all_files()), (0, []))
 
     def test_new_object_dropped_before_its_first_byte_still_streams(self) -> None:
@@ -783,7 +831,9 @@ class ThreadedSyncTests(StoreTestCase):
 
     def test_refresh_during_a_sync_keeps_the_new_metadata(self) -> None:
         store, obj, size = self.big_with_a_batch()  # its sidecar is written in the thread, with this metadata
-        store.refresh(obj, meta_for("/big", size, expires_at=9000.0))  # persisted here and now
+        store.refresh(obj, meta_for("/big", size, expires_at=9000.0))  # persisted once that sync is done
+        self.threads.run_next()
+        self.assertEqual(len(self.threads.jobs), 1)  # the sidecar with the new metadata: in a thread too
         self.threads.run_next()
         loaded = SliceStore(self.root, 1 << 20, slice_size=SLICE, now=self.clock).get("/big")
         assert loaded is not None
@@ -802,6 +852,7 @@ class ThreadedSyncTests(StoreTestCase):
         d.callback(inode)
         self.assertFalse(obj.evicted)
         self.assertFalse(store.disk_trouble)
+        self.threads.run_next()  # the sidecar is written again, in the thread
         self.assertEqual(self.listed("/big"), list(range(16)))
         self.commit(obj, range(16, 40), size)
         while self.threads.jobs:
@@ -829,10 +880,11 @@ class ThreadedSyncTests(StoreTestCase):
         self.commit(other, range(35, 40), size)
         other.close()  # the other process lists its slices
         self.threads.run_next()
+        self.threads.run_next()  # merged: the sidecar listing both is written in the thread
         self.assertEqual(self.listed("/big"), list(range(32)) + list(range(35, 40)))
         self.assertEqual(self.tmp_files(), [])
 
-    def test_sidecar_write_failing_in_the_thread_drops_the_object(self) -> None:
+    def test_sidecar_finding_no_room_in_the_thread_uncaches_the_object(self) -> None:
         store = self.open_store(run_in_thread=self.threads)
         obj = store.create(meta_for("/a", 64))
         self.commit(obj, range(4), 64)
@@ -843,6 +895,7 @@ class ThreadedSyncTests(StoreTestCase):
         self.patch(os, "fsync", full)  # the sidecar's: the data's is fdatasync
         self.threads.run_next()
         self.assertTrue(obj.evicted)
+        self.assertEqual(obj.read(0, 64), body(64))  # synced and true: its viewers keep reading it
         self.assertIsNone(store.get("/a"))
         self.assertEqual(self.all_files(), [])
 
