@@ -252,6 +252,11 @@ def _writeback_starter() -> Callable[[int, int, int], None]:
 _start_writeback = _writeback_starter()
 
 
+def _filling(entry: _Entry) -> bool:
+    """Whether C{entry} is probably being filled: incomplete, and someone holds a handle on it."""
+    return entry.present_count < entry.slice_count and entry.handle is not None and entry.handle() is not None
+
+
 def _is_hex_dir(name: str) -> bool:
     return len(name) == 2 and name[0] in _HEX and name[1] in _HEX
 
@@ -1470,7 +1475,10 @@ class SliceStore:
         evicted = False
         free = self._free_now()
         while free + self._held_bytes() < need or ((enospc or self._out_of_inodes) and not evicted):
-            victim = next((entry for entry in self._index.values() if entry is not keep), None)
+            # not another fill: evicted, it would write on into its unlinked file and fail for room
+            # in turn; the writer that finds no room holds its object in memory instead
+            victim = next((entry for entry in self._index.values() if entry is not keep and not _filling(entry)),
+                          None)
             if victim is None:
                 break
             if victim.on_disk and self._used_elsewhere(victim):
