@@ -63,3 +63,19 @@ def blind_statvfs(case: SynchronousTestCase) -> None:
                                   st.f_files, st.f_files, st.f_files, st.f_flag, st.f_namemax))
 
     case.patch(os, "statvfs", empty)
+
+
+def unwritable_dir(case: SynchronousTestCase) -> str:
+    """
+    An existing directory this process cannot create files in: a read-only tmpfs when root (whom
+    permission bits do not stop), else a directory of mode 0555.
+
+    @raise SkipTest: root, and mounting is not allowed.
+    """
+    if os.geteuid() == 0:
+        return mount_tmpfs(case, "64k", "ro")
+    path = os.path.abspath(case.mktemp())
+    os.makedirs(path)
+    os.chmod(path, 0o555)
+    case.addCleanup(os.chmod, path, 0o755)
+    return path

@@ -12,6 +12,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from h264edge.store import CachedObject, ObjectMeta, SliceStore, StoreError
 from h264edge.store._sidecar import key_hash
+from h264edge.store._store import CacheDirUnusable
+from tests.smallfs import unwritable_dir
 
 SLICE = 16
 
@@ -753,6 +755,27 @@ class SharedRootTests(StoreTestCase):
         self.assertEqual(self.all_files(), [])
 
 
+class CacheDirTests(SynchronousTestCase):
+    def test_an_unwritable_root_raises_at_once(self) -> None:
+        root = unwritable_dir(self)
+        error = self.assertRaises(CacheDirUnusable, SliceStore, root, 1 << 20)
+        self.assertIsInstance(error, StoreError)
+        self.assertIn(root, str(error))
+        self.assertNotIn("\n", str(error))
+
+    def test_a_root_under_a_file_raises_at_once(self) -> None:
+        parent = self.mktemp()
+        with open(parent, "w"):
+            pass
+        error = self.assertRaises(CacheDirUnusable, SliceStore, os.path.join(parent, "cache"), 1 << 20)
+        self.assertIn(parent, str(error))
+
+    def test_a_missing_root_is_made_and_left_clean(self) -> None:
+        root = os.path.join(self.mktemp(), "a", "b")
+        SliceStore(root, 1 << 20)
+        self.assertEqual(os.listdir(root), [])
+
+
 class ManualThreads:
     """A C{run_in_thread} whose jobs run only when the test says so (or fail)."""
 
@@ -898,6 +921,60 @@ class ThreadedSyncTests(StoreTestCase):
         self.assertEqual(obj.read(0, 64), body(64))  # synced and true: its viewers keep reading it
         self.assertIsNone(store.get("/a"))
         self.assertEqual(self.all_files(), [])
+
+    def syncs_here(self) -> list[str]:
+        """Record the fsync/fdatasync calls made outside the jobs run by self.threads."""
+        calls: list[str] = []
+        running = []
+        for name in ("fsync", "fdatasync"):
+            real = getattr(os, name)
+
+            def recording(fd: int, real: object = real, name: str = name) -> None:
+                if not running:
+                    calls.append(name)
+                real(fd)  # type: ignore[operator]
+
+            self.patch(os, name, recording)
+        run_next = self.threads.run_next
+
+        def run_in_the_thread() -> None:
+            running.append(1)
+            try:
+                run_next()
+            finally:
+                running.pop()
+
+        self.patch(self.threads, "run_next", run_in_the_thread)
+        return calls
+
+    def test_refresh_syncs_in_the_thread(self) -> None:
+        store = self.open_store(run_in_thread=self.threads)
+        obj = store.create(meta_for("/a", 32))
+        self.commit(obj, range(2), 32)  # complete: persisted
+        self.threads.run_next()
+        calls = self.syncs_here()
+        store.refresh(obj, meta_for("/a", 32, expires_at=9000.0))
+        self.assertEqual(calls, [])  # the reactor's thread did not wait for the disk
+        self.assertEqual(len(self.threads.jobs), 1)
+        self.threads.run_next()
+        self.assertEqual(calls, [])
+        loaded = SliceStore(self.root, 1 << 20, slice_size=SLICE, now=self.clock).get("/a")
+        assert loaded is not None
+        self.assertEqual((loaded.meta.expires_at, loaded.read(0, 32)), (9000.0, body(32)))
+
+    def test_an_empty_object_is_persisted_in_the_thread(self) -> None:
+        store = self.open_store(run_in_thread=self.threads)
+        calls = self.syncs_here()
+        obj = store.create(meta_for("/empty", 0))
+        self.assertTrue(obj.complete)
+        self.assertEqual(calls, [])
+        self.assertEqual(self.listed("/empty"), [])
+        self.assertIsNone(SliceStore(self.root, 1 << 20, slice_size=SLICE, now=self.clock).get("/empty"))
+        self.threads.run_next()
+        loaded = SliceStore(self.root, 1 << 20, slice_size=SLICE, now=self.clock).get("/empty")
+        assert loaded is not None
+        self.assertTrue(loaded.complete)
+        self.assertEqual(calls, [])
 
     def test_batches_due_during_a_sync_follow_it(self) -> None:
         store = self.open_store(run_in_thread=self.threads)
