@@ -424,6 +424,7 @@ class Filler:
             state.inflight[index] = fetch
             state.progress.setdefault(index, 0)
         ss = state.obj.slice_size
+        state.obj.reserve(min((run[-1] + 1) * ss, state.obj.meta.size) - run[0] * ss)
         d = Deferred.fromCoroutine(fetch.request(run[0] * ss, min((run[-1] + 1) * ss, state.obj.meta.size) - 1))
         d.addErrback(fetch.resume)
 
@@ -457,6 +458,7 @@ class Filler:
         if not owned:
             reply.discard()
             return
+        obj.reserve(sum(min((index + 1) * ss, obj.meta.size) - index * ss for index in owned))
         fetch.receive(reply)
 
     def _wake(self, state: _ObjectState) -> None:

@@ -108,8 +108,10 @@ class FloorTests(SmallDiskEdgeTestCase):
         self.origin.dribble = (64 * KIB, 0.002)
         objects = {f"/o{n}.bin": self.add(f"/o{n}.bin", 900 * KIB, seed=n) for n in range(6)}  # 5.3 MiB at once
         await self.all_whole(objects)  # those that found no room went on from memory
-        self.assertGreater(self.store.uncached, 0)
         await self.synced()
+        # the first ones that the disk could hold are cached, not every fill stopped halfway
+        self.assertGreaterEqual(len(self.store), 3)
+        self.assertEqual(len(self.store) + self.store.uncached, 6)
         self.assertEqual(self.store.memory_bytes, 0)
         self.assertGreaterEqual(self.lowest_free, self.min_free)
         self.origin.dribble = None

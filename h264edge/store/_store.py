@@ -298,6 +298,8 @@ class _Entry:
     listed: bytearray = attrs.field(init=False, factory=bytearray)
     syncing: bool = attrs.field(init=False, default=False)  # a data sync runs in a thread
     in_sync: int = attrs.field(init=False, default=0)  # pending slices that sync covers
+    reserved: int = attrs.field(init=False, default=0)  # bytes its fills announced and have not written
+    reserved_written: int = attrs.field(init=False, default=0)  # and those they wrote meanwhile
     sync_again: bool = attrs.field(init=False, default=False)  # and another batch became due meanwhile
     handle: weakref.ref[CachedObject] | None = attrs.field(init=False, default=None, repr=False)
     # slice -> bytes, for a transient or uncached object (None: every slice is in the data file)
@@ -372,6 +374,7 @@ class CachedObject:
     _entry: _Entry
     _fd: int = attrs.field(repr=False)  # -1 until the data file of a new object is made
     _counted: bool = attrs.field(init=False, default=False, repr=False)  # its memory is in memory_bytes
+    _counted_reservation: bool = attrs.field(init=False, default=False, repr=False)  # released when collected
 
     def __attrs_post_init__(self) -> None:
         if self._fd >= 0:
@@ -482,6 +485,8 @@ class CachedObject:
         entry = self._entry
         if offset < 0 or offset + len(view) > entry.meta.size:
             raise ValueError(f"write of {len(view)} bytes at {offset} outside {entry.meta.size}")
+        if entry.reserved:
+            self._store._reservation_used(entry, len(view))
         if entry.memory is None:
             if self._store._disk_room(len(view), entry):
                 offset, view = self._write_file(offset, view)
@@ -539,6 +544,29 @@ class CachedObject:
             memory[index] = slot
             self._store._memory_taken(self, length)
         return slot
+
+    def reserve(self, nbytes: int) -> None:
+        """
+        A fill is about to write C{nbytes} into this object.  A new object (nothing written yet) that
+        the disk cannot hold, even by evicting every object not being filled, once the fills in
+        flight have written what they announced, is uncached at once: it goes to memory without
+        taking disk space that those fills need (when fills in flight alone outgrow the disk, the
+        first ones are cached and the others stream through, rather than all of them stopping
+        halfway for want of room).  An object with data on disk stays cached and is written as room
+        allows.  Eviction itself happens write by write.
+        """
+        entry = self._entry
+        if entry.memory is not None or not entry.indexed or nbytes <= 0:
+            return
+        store = self._store
+        if store._could_hold(nbytes) or self._fd >= 0 or entry.on_disk:
+            if not self._counted_reservation:
+                self._counted_reservation = True
+                weakref.finalize(self, store._release_reservation, entry)
+            entry.reserved += nbytes
+            store._reserved += nbytes
+            return
+        store._uncache(entry, "no room on the cache disk for it next to the fills in flight")
 
     def room_for(self, index: int, rank: Callable[[int], float], spare: int = 0) -> bool:
         """
@@ -718,6 +746,8 @@ class SliceStore:
         self._out_of_inodes = False
         # evicted objects whose files stay open (their space comes free when their viewers finish)
         self._releasing: list[tuple[weakref.ref[CachedObject], int]] = []
+        self._reserved = 0  # bytes fills in flight announced and have not written (CachedObject.reserve)
+        self._reserved_written = 0  # bytes those fills wrote so far
         self.root = root
         self._root_slash = os.path.join(root, "")
         self.max_size = max_size
@@ -1490,6 +1520,33 @@ class SliceStore:
             free = self._free_now()
         return evicted
 
+    def _could_hold(self, nbytes: int) -> bool:
+        """
+        Whether C{nbytes} more would fit above the floor once every object not being filled were
+        evicted and the fills in flight had written what they announced (L{CachedObject.reserve}).
+        """
+        need = self.min_free + DISK_RESERVE + self._reserved + nbytes
+        free = self._free_now()
+        if free >= need:
+            return True
+        evictable = self.used_bytes - self._reserved_written  # not what the fills in flight wrote
+        return free + evictable + self._held_bytes() >= need
+
+    def _reservation_used(self, entry: _Entry, nbytes: int) -> None:
+        used = min(nbytes, entry.reserved)
+        entry.reserved -= used
+        self._reserved -= used
+        entry.reserved_written += used
+        self._reserved_written += used
+        if not entry.reserved:
+            self._release_reservation(entry)  # written: evictable like any other
+
+    def _release_reservation(self, entry: _Entry) -> None:
+        """C{entry}'s fills will not write what they announced (done, dropped, or its last handle gone)."""
+        self._reserved -= entry.reserved
+        self._reserved_written -= entry.reserved_written
+        entry.reserved = entry.reserved_written = 0
+
     def _held_bytes(self) -> int:
         """Bytes of evicted objects' data files still open somewhere (not free yet)."""
         alive = [(ref, n) for ref, n in self._releasing if ref() is not None]
@@ -1551,6 +1608,7 @@ class SliceStore:
         self._dirty.discard(entry)
         self._rebuilt.discard(key)
         self.used_bytes -= entry.present_bytes
+        self._release_reservation(entry)
         entry.evicted = True
         entry.pending = 0
         if entry.handle is not None and entry.handle() is not None:
