@@ -213,6 +213,24 @@ class TransientTests(SmallDiskEdgeTestCase):
         self.assertTrue(got[0] + rest == data, "wrong bytes")
         self.assertLessEqual(self.store.memory_peak, self.stream_buffer + SLICE)
 
+    async def test_a_viewer_paused_past_the_idle_timeout_lets_the_origin_go_and_resumes(self) -> None:
+        self.edge.filler.idle_timeout = 0.5
+        data = self.add("/big.bin", 24 * MIB, seed=5)
+        port = self.edge_port.getHost().port
+        head, got = await threads.deferToThread(_read_head_and_some, port, "/big.bin", 256 * KIB)
+        sock = got.pop()
+        for _ in range(100):  # bounded: 10 s for the paused fill to let its origin connection go
+            await self.settle(0.1)
+            if not self.edge.filler.busy:
+                break
+        else:
+            self.fail("the paused fill kept its origin connection")
+        requests = self.origin.requests
+        rest = await threads.deferToThread(_read_to, sock, len(data) - len(got[0]))
+        self.assertTrue(got[0] + rest == data, "wrong or missing bytes")
+        self.assertGreater(self.origin.requests, requests)  # the rest was asked for again
+        self.assertTrue(self.origin.log[-1].range.startswith("bytes="))  # type: ignore[union-attr]
+
     async def test_a_seek_into_a_transient_clip_with_its_moov_at_the_end(self) -> None:
         if not have_ffmpeg():
             self.skipTest("ffmpeg and ffprobe are needed (apt-get install -y ffmpeg)")

@@ -755,6 +755,47 @@ class SharedRootTests(StoreTestCase):
         self.assertEqual(self.all_files(), [])
 
 
+class MemoryTests(StoreTestCase):
+    """Transient objects hold their slices in memory, at most stream_buffer bytes of them."""
+
+    def test_a_transient_object_is_held_in_memory_and_counted(self) -> None:
+        store = self.open_store(stream_buffer=4 * SLICE)
+        obj = store.create(meta_for("/t", 40), transient=True)
+        self.assertTrue(obj.in_memory)
+        obj.write(0, body(40))
+        for index in range(3):
+            obj.commit_slice(index)
+        self.assertEqual(obj.read(0, 40), body(40))
+        self.assertEqual((store.memory_bytes, store.memory_peak, self.all_files()), (40, 40, []))
+        del obj
+        gc.collect()
+        self.assertEqual((store.memory_bytes, store.memory_peak), (0, 40))
+
+    def test_room_goes_to_the_slice_needed_soonest(self) -> None:
+        store = self.open_store(stream_buffer=2 * SLICE)
+        obj = store.create(meta_for("/t", 10 * SLICE), transient=True)
+        data = body(10 * SLICE)
+        needed = {0: 0.0, 1: 1.0, 2: 2.0, 3: 3.0}  # slice -> how soon a reader reads it
+
+        def rank(index: int) -> float:
+            return needed.get(index, float("inf"))
+
+        for index in (1, 3):
+            self.assertTrue(obj.room_for(index, rank))
+            obj.write(index * SLICE, data[index * SLICE : (index + 1) * SLICE])
+            obj.commit_slice(index)
+        self.assertFalse(obj.room_for(5, rank))  # needed by nobody: it waits
+        self.assertTrue(obj.room_for(0, rank))  # needed first: slice 3, needed last, makes room
+        self.assertFalse(obj.has_slice(3))
+        self.assertTrue(obj.has_slice(1))
+        obj.write(0, data[:SLICE])
+        obj.commit_slice(0)
+        self.assertEqual(obj.read(0, 2 * SLICE), data[: 2 * SLICE])
+        self.assertFalse(obj.room_for(2, {0: 0.0, 1: 0.0, 2: 1.0}.get))  # both held slices are being read
+        self.assertTrue(obj.room_for(2, rank, spare=1))  # a reader more: a slice more
+        self.assertEqual(store.memory_bytes, 2 * SLICE)
+
+
 class CacheDirTests(SynchronousTestCase):
     def test_an_unwritable_root_raises_at_once(self) -> None:
         root = unwritable_dir(self)
