@@ -628,20 +628,13 @@ class CachedObject:
         self._check_failed()
         if self._entry.memory is not None:
             return self._read_memory(offset, length)
-        fd = self._descriptor()
-        chunks = []
+        self._descriptor()
         try:
-            while length > 0:
-                chunk = os.pread(fd, length, offset)
-                if not chunk:
-                    raise StoreError(f"short read of {self.meta.key!r} at {offset}")
-                chunks.append(chunk)
-                offset += len(chunk)
-                length -= len(chunk)
-        except OSError as e:
-            self._store._fail(self._entry, e)
-            raise StoreError(f"reading {self.meta.key!r}: {e.strerror}", e.errno) from e
-        return b"".join(chunks)
+            return self._pread_file(offset, length)
+        except StoreError as e:
+            if e.errno is not None:  # the disk failed, not a short read
+                self._store._fail(self._entry, e)
+            raise
 
     def _read_memory(self, offset: int, length: int) -> bytes:
         """Read from slices held in memory and, for the rest, from the data file (written before)."""
@@ -667,6 +660,7 @@ class CachedObject:
         return b"".join(chunks)
 
     def _pread_file(self, offset: int, length: int) -> bytes:
+        """C{length} bytes of the data file at C{offset}; L{StoreError} (with the errno of a disk error) if not."""
         chunks = []
         try:
             while length > 0:
