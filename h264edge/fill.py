@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import attrs
 from attrs import define, field
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -298,7 +298,8 @@ class Filler:
 
     def wait(self, obj: CachedObject, path: str, offset: int) -> "Deferred[None]":
         """
-        Fires once bytes are readable at C{offset}; fails with L{FillFailed} if they never will be.
+        Fires once bytes are readable at C{offset}; fails with L{FillFailed} if they never will be
+        (at once for an offset outside the object: no fill brings bytes past its end).
 
         If the slice is owned by a fetch still more than C{steal_distance} slices behind it (a viewer
         seeking ahead of another viewer's sequential fill), that fetch's slices from here on are taken
@@ -306,6 +307,8 @@ class Filler:
         """
         if self.readable(obj, offset):
             return succeed(None)
+        if not 0 <= offset < obj.meta.size:
+            return fail(FillFailed(f"byte {offset} is outside {obj.meta.key}, which has {obj.meta.size}"))
         state = self._state(obj, path)
         index = offset // obj.slice_size
         owner = state.inflight.get(index)

@@ -194,6 +194,8 @@ class EdgeResource(Resource):
         existed = cached is not None
         obj = await self.filler.object_for(target.key, origin_path, first, last, cached=cached)
         meta = obj.meta
+        # what an error answer about the object says from here on (a seek's 416, 501 or 502)
+        request.setHeader(b"X-Cache", b"HIT" if existed else b"MISS")
 
         etag, last_modified = meta.etag, meta.last_modified
         if seek is not None:
@@ -338,8 +340,8 @@ class EdgeResource(Resource):
         if offset < 4:
             raise flv.BadFLVOffset(f"start={offset} is not a tag boundary")
         # even offsets listed in onMetaData: that list is the file's word too, and a wrong entry would
-        # send a viewer a stream that starts mid-tag; the 15 bytes are in the slice the answer needs
-        around = await self.filler.read(obj, path, offset - 4, 15)
+        # send a viewer a stream that starts mid-tag; these bytes are in the slice the answer needs
+        around = await self.filler.read(obj, path, offset - 4, flv.CHECK_TAG_READ)
         flv.check_tag_at(index, offset, around)
         return flv.plan_for_flv_seek(index, meta.key, offset)
 
