@@ -43,6 +43,9 @@ from h264edge.web.producer import PlanProducer
 log = Logger()
 
 MAX_TOP_LEVEL_BOXES = 4096
+REWRITE_VERSION = 2
+"""Part of every rewritten answer's ETag: bumped whenever the bytes of a seek answer change for the same
+request (2: timed tracks kept, ends on frame boundaries), so that no client joins old and new bytes."""
 THREAD_MOOV_BYTES = 512 * 1024  # moov boxes at least this big are indexed in a thread
 
 
@@ -432,6 +435,6 @@ def _derived_etag(obj: CachedObject, variant: str) -> Optional[str]:
     meta = obj.meta
     if meta.etag is None and meta.last_modified is None:
         return None
-    basis = f"{meta.etag}|{meta.last_modified}|{meta.size}|{variant}".encode("utf-8", "replace")
+    basis = f"{meta.etag}|{meta.last_modified}|{meta.size}|{variant}|{REWRITE_VERSION}".encode("utf-8", "replace")
     weak = "W/" if meta.etag is not None and meta.etag.startswith("W/") else ""
     return weak + '"' + hashlib.sha256(basis).hexdigest()[:24] + '"'
