@@ -920,6 +920,39 @@ class TimedTrackTests(ServedClipMixin, SynchronousTestCase):
         self.assertLess(spans[0].offset + spans[0].length, spans[1].offset - 100_000)
         self.assertLess(plan.length, len(source.data) * 0.5)
 
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        start=st.floats(min_value=0, max_value=11.99),
+        length=st.one_of(st.none(), st.floats(min_value=0.001, max_value=14)),
+        exact=st.booleans(),
+    )
+    def test_any_cut_keeps_timed_tracks_consistent(self, start: float, length: float | None, exact: bool) -> None:
+        source = load("subs.mp4")
+        index = source.index()
+        end = None if length is None else start + length
+        try:
+            plan = plan_for_seek(index, "clip", start, end, exact)
+        except SeekOutOfRange:
+            return
+        self.assertLessEqual(plan.spans_end("clip"), len(source.data))
+        body = plan.render(source.read)
+        moov_start, moov_end = _moov_of(body)
+        again = SeekIndex.from_moov(body[moov_start:moov_end], moov_start, len(body), None)
+        links = track_links(body)
+        self.assertTrue(all(set(ids) <= set(links) for refs in links.values() for ids in refs.values()))
+        # every timed track lasts exactly as long as the answer shows it (its cues trimmed to the window)
+        for track in again.tracks:
+            if track.timed:
+                shown = track.tables.total_duration / track.timescale
+                assert_close(self, track.empty / again.movie_timescale + shown, track.presentation_end, 0.002,
+                             f"track {track.track_id}")
+                self.assertLessEqual(track.presentation_end, again.duration + 0.002)
+        assert again.chapters is not None
+        starts = [at for at, _ in again.chapters.entries]
+        self.assertEqual(starts[0], 0)
+        self.assertEqual(starts, sorted(starts))
+        self.assertLess(starts[-1] / 1e7, again.duration)
+
     def test_broken_timed_track_is_left_out(self) -> None:
         source = load("subs.mp4")
         moov = bytearray(source.moov)
