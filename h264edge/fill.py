@@ -444,6 +444,8 @@ class _Fetch:
 
     def _timed_out(self) -> None:
         log.warn("origin body idle for {s}s at byte {pos}; dropping it", s=self.filler.idle_timeout, pos=self.position)
+        if self.reply is not None:
+            self.filler.origin.body_failed(self.reply.url)  # resume from another origin, if there is one
         if self.transport is not None:
             self.transport.stopProducing()
 

@@ -18,6 +18,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
+from h264edge.fill import Filler
+from h264edge.health import HealthChecks, OriginHealth, RetryBudget
 from h264edge.origin import OriginClient
 from h264edge.store import SliceStore
 from h264edge.store._store import ORPHAN_GRACE
@@ -53,6 +55,17 @@ class Options(usage.Options):
         ["slice-size", None, "1M", "Cache objects are kept in slices of this many bytes."],
         ["default-ttl", None, "3600", "Seconds an answer stays fresh when the origin says nothing."],
         ["origin-timeout", None, "10", "Seconds to wait for an origin to connect or answer."],
+        ["origin-idle-timeout", None, "30", "Seconds an origin body may stay silent before it is dropped "
+         "(and resumed, from the next origin if that one is now marked down)."],
+        ["origin-retry-after", None, "1", "Seconds an origin is skipped after a connect failure or timeout "
+         "(doubling up to 60 while it keeps failing; then one request tries it again)."],
+        ["origin-retry-budget", None, "0.2", "Extra origin attempts (failover, resumption) allowed, as a share "
+         "of the requests of the last 10 s (plus 5 per second)."],
+        ["origin-connections", None, "0", "Requests in flight per origin at most (0: no limit)."],
+        ["origin-check", None, "", "Path to HEAD on every origin in the background (empty: no health checks)."],
+        ["origin-check-interval", None, "5", "Seconds between health checks of each origin."],
+        ["origin-rise", None, "2", "Good health checks in a row that mark a down origin up."],
+        ["origin-fall", None, "3", "Failed health checks (or 5xx answers) in a row that mark an origin down."],
         ["seek-cache", None, "256M", "Memory for parsed MP4 seek indexes, plus a quarter more for recent seek answers."],
         ["max-moov", None, "64M", "Largest MP4 moov box the edge will parse for a seek."],
         ["workers", None, "1", "Processes serving the --listen port (TCP only) from one cache directory."],
@@ -120,11 +133,16 @@ class Options(usage.Options):
             raise usage.UsageError("--origin=URL is required")
         for name in ("max-size", "slice-size", "seek-cache", "max-moov", "hot-cache"):
             self[name] = parse_size(self[name])
-        for name in ("default-ttl", "origin-timeout"):
-            try:
-                self[name] = float(self[name])
-            except ValueError:
-                raise usage.UsageError(f"--{name} must be a number of seconds") from None
+        for name in ("default-ttl", "origin-timeout", "origin-idle-timeout", "origin-retry-after",
+                     "origin-check-interval", "origin-retry-budget"):
+            self[name] = parse_number(name, self[name])
+        for name in ("origin-connections", "origin-rise", "origin-fall"):
+            self[name] = parse_count(name, self[name])
+        if self["origin-rise"] < 1 or self["origin-fall"] < 1:
+            raise usage.UsageError("--origin-rise and --origin-fall must be at least 1")
+        for name in ("origin-timeout", "origin-idle-timeout", "origin-retry-after", "origin-check-interval"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be more than 0 seconds")
         if self["slice-size"] < 64 * 1024:
             raise usage.UsageError("--slice-size must be at least 64K")
         try:
@@ -135,6 +153,22 @@ class Options(usage.Options):
             raise usage.UsageError("--workers must be between 1 and 256")
         if self["workers"] > 1 and self["listen-fd"] is None:
             self["tcp-listen"] = tcp_listen_address(self["listen"])
+
+
+_NUMBER = re.compile(r"^[0-9]{1,9}(?:\.[0-9]{1,9})?$")
+
+
+def parse_number(name: str, value: str) -> float:
+    """A non-negative decimal option value (seconds, a ratio)."""
+    if not _NUMBER.match(value.strip()):
+        raise usage.UsageError(f"--{name} must be a non-negative number, not {value!r}")
+    return float(value)
+
+
+def parse_count(name: str, value: str) -> int:
+    if not re.match(r"^[0-9]{1,6}$", value.strip()):
+        raise usage.UsageError(f"--{name} must be a whole number, not {value!r}")
+    return int(value)
 
 
 def tcp_listen_address(description: str) -> tuple[str, int, int]:
@@ -313,6 +347,26 @@ def quiet_hachoir() -> None:
     hachoir.core.config.quiet = True
 
 
+def origin_client(options: Options) -> OriginClient:
+    """The origin client the options describe: origins, timeouts, health, retry budget, limits."""
+    health = OriginHealth(
+        [b if b.endswith("/") else b + "/" for b in options["origins"]], reactor_clock(),
+        fall=options["origin-fall"], rise=options["origin-rise"], retry_after=options["origin-retry-after"],
+        limit=options["origin-connections"],
+    )
+    return OriginClient(
+        options["origins"], timeout=options["origin-timeout"], health=health,
+        retry_budget=RetryBudget(reactor_clock(), ratio=options["origin-retry-budget"]),
+        check_path=options["origin-check"],
+    )
+
+
+def reactor_clock() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
 def makeService(options: Options) -> service.MultiService:
     quiet_hachoir()
     top = service.MultiService()
@@ -327,7 +381,8 @@ def makeService(options: Options) -> service.MultiService:
         # several processes on one directory: a young unnamed data file may be another's fill
         orphan_grace=ORPHAN_GRACE if options["workers"] > 1 or options["listen-fd"] is not None else 0.0,
     )
-    origin = OriginClient(options["origins"], timeout=options["origin-timeout"])
+    origin = origin_client(options)
+    filler = Filler(store, origin, default_ttl=options["default-ttl"], idle_timeout=options["origin-idle-timeout"])
     resource = EdgeResource(
         store,
         origin,
@@ -338,10 +393,13 @@ def makeService(options: Options) -> service.MultiService:
         pass_methods=options["pass-methods"],
         exact_seek=options["exact-seek"],
         hot_bytes=options["hot-cache"],
+        filler=filler,
     )
     shared = options["workers"] > 1 or options["listen-fd"] is not None
     IndexLoader(store, rescan_every=RESCAN_INTERVAL if shared else None).setServiceParent(top)
     OriginProbe(origin).setServiceParent(top)
+    if options["origin-check"]:
+        HealthChecks(origin.health, origin.check, options["origin-check-interval"]).setServiceParent(top)
     access_log = options["access-log"]
     site = EdgeSite(resource, resource.hot, logPath=access_log if access_log not in ("", "off") else None)
     site.access_log = access_log != "off"
