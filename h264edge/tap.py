@@ -22,6 +22,7 @@ from h264edge.fill import Filler
 from h264edge.health import HealthChecks, OriginHealth, RetryBudget
 from h264edge.origin import OriginClient
 from h264edge.store import SliceStore
+from h264edge.store._fill_locks import FillLocks
 from h264edge.store._store import ORPHAN_GRACE
 from h264edge.web.hot import EdgeSite
 from h264edge.web.resource import EdgeResource
@@ -383,6 +384,9 @@ def makeService(options: Options) -> service.MultiService:
     )
     origin = origin_client(options)
     filler = Filler(store, origin, default_ttl=options["default-ttl"], idle_timeout=options["origin-idle-timeout"])
+    shared = options["workers"] > 1 or options["listen-fd"] is not None
+    if shared:  # one origin fetch per slice for all the processes on the directory
+        filler.shared = FillLocks(options["cache-dir"])
     resource = EdgeResource(
         store,
         origin,
@@ -395,7 +399,6 @@ def makeService(options: Options) -> service.MultiService:
         hot_bytes=options["hot-cache"],
         filler=filler,
     )
-    shared = options["workers"] > 1 or options["listen-fd"] is not None
     IndexLoader(store, rescan_every=RESCAN_INTERVAL if shared else None).setServiceParent(top)
     OriginProbe(origin).setServiceParent(top)
     if options["origin-check"]:

@@ -3,8 +3,9 @@
 Fills coordinated across the processes sharing one cache directory (C{--workers}), so that N
 processes fetch each missing slice once, as one process does.
 
-Two kinds of POSIX record locks (C{fcntl}), which the kernel drops when their process dies, so a
-killed worker never leaves a lock behind:
+Two kinds of record locks (Linux open-file-description locks, C{F_OFD_SETLK}: they belong to an open
+file, so two stores in one process exclude each other as two processes do, and the kernel drops them
+when the file's last descriptor closes, so a killed worker never leaves a lock behind):
 
   - the contact lock, on byte 0 of C{h.lock} (next to the sidecar of key hash C{h}): held by the
     process that asks the origin for a key not cached yet, until its new object's (empty) sidecar
@@ -20,8 +21,9 @@ killed worker never leaves a lock behind:
 The C{.fill} file starts with the machine's boot id: counts written before a reboot (whose data may
 not have reached the disk) are never believed; such a file is cleared on open.
 
-POSIX locks belong to the process and a close of any descriptor of the file drops them all, so each
-file is opened once per process and kept open while any of its locks is held.
+Where open-file-description locks are missing (not Linux), classic POSIX locks stand in: they
+belong to the process, so only separate processes exclude each other, which is what C{--workers}
+needs.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from h264edge.store._sidecar import key_hash
 log = Logger()
 
 RECORD = 8
+TAKEN, HELD, WHOLE = "taken", "held", "whole"
 HEADER = 64  # the boot id, then zeros; slice I's record is at HEADER + 8 * I
 
 
@@ -53,9 +56,21 @@ def boot_id() -> bytes:
 _BOOT = boot_id().ljust(HEADER, b"\0")
 
 
+_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None)
+_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", None)
+_FLOCK = "hhqqi4x"  # struct flock on Linux: type, whence, start, len, pid (0 for OFD locks)
+
+
+def _ofd(fd: int, command: int, kind: int, offset: int, length: int) -> None:
+    fcntl.fcntl(fd, command, struct.pack(_FLOCK, kind, os.SEEK_SET, offset, length, 0))
+
+
 def _try_lock(fd: int, offset: int, length: int) -> bool:
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, offset, os.SEEK_SET)
+        if _OFD_SETLK is not None:
+            _ofd(fd, _OFD_SETLK, fcntl.F_WRLCK, offset, length)
+        else:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, offset, os.SEEK_SET)
         return True
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EAGAIN):
@@ -63,8 +78,18 @@ def _try_lock(fd: int, offset: int, length: int) -> bool:
         raise
 
 
+def _lock_waiting(fd: int, offset: int, length: int) -> None:
+    if _OFD_SETLKW is not None:
+        _ofd(fd, _OFD_SETLKW, fcntl.F_WRLCK, offset, length)
+    else:
+        fcntl.lockf(fd, fcntl.LOCK_EX, length, offset, os.SEEK_SET)
+
+
 def _unlock(fd: int, offset: int, length: int) -> None:
-    fcntl.lockf(fd, fcntl.LOCK_UN, length, offset, os.SEEK_SET)
+    if _OFD_SETLK is not None:
+        _ofd(fd, _OFD_SETLK, fcntl.F_UNLCK, offset, length)
+    else:
+        fcntl.lockf(fd, fcntl.LOCK_UN, length, offset, os.SEEK_SET)
 
 
 class ContactLock:
@@ -82,9 +107,10 @@ class ContactLock:
 class SliceLocks:
     """The slice locks and write counts of one data file (one object representation)."""
 
-    def __init__(self, path: str, slice_lengths: list[int]) -> None:
+    def __init__(self, path: str, slice_size: int, size: int) -> None:
         self.path = path
-        self.lengths = slice_lengths
+        self.slice_size = slice_size
+        self.size = size
         self.held: set[int] = set()
         self._fd: Optional[int] = None
 
@@ -96,7 +122,7 @@ class SliceLocks:
                     # new, or from before a reboot: no count in it may be believed.  Clearing under a
                     # lock on the header, so two processes opening it at once do not clear each
                     # other's first counts.
-                    fcntl.lockf(fd, fcntl.LOCK_EX, HEADER, 0, os.SEEK_SET)
+                    _lock_waiting(fd, 0, HEADER)  # held for two syscalls at most
                     try:
                         if os.pread(fd, HEADER, 0) != _BOOT:
                             os.ftruncate(fd, 0)
@@ -109,17 +135,29 @@ class SliceLocks:
             self._fd = fd
         return self._fd
 
-    def take(self, index: int) -> bool:
-        """Lock slice C{index} for fetching here (its count set to 0); False if another process holds it."""
+    def take(self, index: int) -> str:
+        """
+        Lock slice C{index} for fetching here: L{TAKEN} (its count set to 0), L{HELD} if another process
+        holds it, or L{WHOLE} if a process already wrote all of it (and let it go): it is present.
+        """
         if index in self.held:
-            return True
+            return TAKEN
         fd = self._open()
-        if not _try_lock(fd, HEADER + RECORD * index, RECORD):
+        offset = HEADER + RECORD * index
+        if not _try_lock(fd, offset, RECORD):
             self._close_if_idle()
-            return False
+            return HELD
+        raw = os.pread(fd, RECORD, offset)
+        if len(raw) == RECORD and struct.unpack("<Q", raw)[0] >= self._length(index):
+            _unlock(fd, offset, RECORD)
+            self._close_if_idle()
+            return WHOLE
         self.held.add(index)
-        os.pwrite(fd, bytes(RECORD), HEADER + RECORD * index)
-        return True
+        os.pwrite(fd, bytes(RECORD), offset)
+        return TAKEN
+
+    def _length(self, index: int) -> int:
+        return min(self.slice_size, self.size - index * self.slice_size)
 
     def wrote(self, index: int, count: int) -> None:
         """We hold slice C{index} and have written its first C{count} bytes to the data file."""
@@ -144,7 +182,11 @@ class SliceLocks:
         raw = os.pread(fd, RECORD, HEADER + RECORD * index)
         count = struct.unpack("<Q", raw)[0] if len(raw) == RECORD else 0
         self._close_if_idle()
-        return min(count, self.lengths[index])
+        return min(count, self._length(index))
+
+    def whole(self, index: int) -> bool:
+        """Whether a process wrote all of slice C{index}."""
+        return self.written(index) >= self._length(index)
 
     def free(self, index: int) -> bool:
         """Whether no process holds slice C{index} (we do not either)."""
@@ -189,7 +231,7 @@ class FillLocks:
         os.close(fd)
         return None
 
-    def slices(self, key: str, token: str, slice_lengths: list[int]) -> SliceLocks:
+    def slices(self, key: str, token: str, slice_size: int, size: int) -> SliceLocks:
         h = key_hash(key)
         os.makedirs(self._dir(h), exist_ok=True)
-        return SliceLocks(os.path.join(self._dir(h), f"{h}.{token}.fill"), slice_lengths)
+        return SliceLocks(os.path.join(self._dir(h), f"{h}.{token}.fill"), slice_size, size)
