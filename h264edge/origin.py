@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from h264edge.errors import OriginStatus, OriginUnavailable
 from h264edge.health import OriginHealth, RetryBudget
+from h264edge.s3 import S3_AUTH_ERRORS, S3Origin, error_code as s3_error_code
 from h264edge.tcpio import write_at_once
 
 log = Logger()
@@ -259,16 +260,18 @@ class OriginClient:
         retry_budget: Optional[RetryBudget] = None,
         connection_limit: int = 0,
         check_path: str = "",
+        s3_origins: Iterable[S3Origin] = (),
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
             reactor = global_reactor
+        self._s3 = {s3.base: s3 for s3 in s3_origins}
         self.bases = [b if b.endswith("/") else b + "/" for b in bases]
         if not self.bases:
             raise ValueError("at least one origin URL is needed")
         for base in self.bases:
-            if not base.startswith(("http://", "https://")):
+            if not base.startswith(("http://", "https://")) and base not in self._s3:
                 raise ValueError(f"origin {base!r} is not an http(s) URL")
         self.reactor = reactor
         self.timeout = timeout
@@ -287,7 +290,28 @@ class OriginClient:
 
     def url_for(self, base: str, path: str) -> str:
         """C{path} is already normalised and percent-encoded, starting with C{/}."""
+        s3 = self._s3.get(base)
+        if s3 is not None:
+            return s3.url_for(path)
         return base + path.lstrip("/")
+
+    def _signed(self, base: str, method: str, url: str, headers: Mapping[str, str], body: bytes = b"") -> Any:
+        """C{headers} as sent to C{base}: signed for an S3 origin, as they are for an HTTP one."""
+        s3 = self._s3.get(base)
+        return s3.sign(method, url, dict(headers), body) if s3 is not None else headers
+
+    async def _refused_credentials(self, base: str, response: Any) -> Optional[str]:
+        """
+        For an S3 origin's 400/403, the error code if it says our signature or key was refused (the
+        body, a small XML document, is read; a large one is dropped unread); else None.
+        """
+        if base not in self._s3 or response.code not in (400, 403):
+            return None
+        if not isinstance(response.length, int) or response.length > 65536:
+            discard_body(response)
+            return None
+        code = s3_error_code(await response.content())
+        return code if code in S3_AUTH_ERRORS else None
 
     async def fetch(
         self,
@@ -340,7 +364,7 @@ class OriginClient:
                     response = await self._client.request(
                         method,
                         url,
-                        headers=headers,
+                        headers=self._signed(base, method, url, headers),
                         unbuffered=True,
                         allow_redirects=False,
                         timeout=self.timeout,
@@ -368,6 +392,21 @@ class OriginClient:
                     discard_body(response)
                     failures.append(f"{base}: {code}")
                     log.warn("origin {url} answered {code}", url=url, code=code)
+                    continue
+                try:
+                    refused = await self._refused_credentials(base, response)
+                except Exception as e:  # the error body was lost: treat it like a dropped answer
+                    slot.release()
+                    health.failed(base, hard=False)
+                    failures.append(f"{base}: {code} and a lost body ({e.__class__.__name__})")
+                    continue
+                if refused is not None:
+                    slot.release()
+                    health.failed(base, hard=False)
+                    failures.append(f"{base}: origin authentication failed ({refused})")
+                    log.error("origin {base} refused our credentials: {code} {error} (check --s3-credentials, "
+                              "the AWS_* variables or ~/.aws/credentials, and --s3-region)",
+                              base=base, code=code, error=refused)
                     continue
                 health.succeeded(base)
                 return self._reply(response, url, slot)
@@ -397,9 +436,10 @@ class OriginClient:
 
     async def check(self, base: str) -> bool:
         """One health check: C{HEAD} of the check path on C{base}; healthy if it answers 2xx or 3xx in time."""
+        url = self.url_for(base, "/" + self.check_path)
         response = await self._client.request(
-            "HEAD", base + self.check_path, unbuffered=True, allow_redirects=False, timeout=self.timeout,
-            reactor=self.reactor,
+            "HEAD", url, headers=self._signed(base, "HEAD", url, {}), unbuffered=True, allow_redirects=False,
+            timeout=self.timeout, reactor=self.reactor,
         )
         discard_body(response)
         return 200 <= response.code < 400
@@ -460,9 +500,11 @@ class OriginClient:
         """
         results: dict[str, str] = {}
         for base in self.bases:
+            url = self.url_for(base, "/")
             try:
                 response = await self._client.request(
-                    "HEAD", base, unbuffered=True, allow_redirects=False, timeout=self.timeout, reactor=self.reactor
+                    "HEAD", url, headers=self._signed(base, "HEAD", url, {}), unbuffered=True,
+                    allow_redirects=False, timeout=self.timeout, reactor=self.reactor,
                 )
             except EncodedBody:
                 results[base] = "HTTP, with an encoded body although asked for identity"
@@ -484,7 +526,7 @@ class OriginClient:
             self.requests += 1
             try:
                 response = await self._client.request(
-                    method, url, headers=dict[Any, Any](headers), data=body or None,
+                    method, url, headers=self._signed(base, method, url, headers, body), data=body or None,
                     allow_redirects=False, timeout=self.timeout, reactor=self.reactor,
                 )
             except _TRANSIENT as e:

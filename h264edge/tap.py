@@ -21,6 +21,7 @@ from twisted.python.threadpool import ThreadPool
 from h264edge.fill import Filler
 from h264edge.health import HealthChecks, OriginHealth, RetryBudget
 from h264edge.origin import OriginClient
+from h264edge.s3 import S3ConfigError, S3Location, S3Origin, load_credentials
 from h264edge.store import SliceStore
 from h264edge.store._fill_locks import FillLocks
 from h264edge.store._store import ORPHAN_GRACE
@@ -73,6 +74,11 @@ class Options(usage.Options):
         ["hot-cache", None, "64M", "Memory (per process) for whole answers to plain GETs of small cached "
          "objects (up to 64K), served without twisted.web's per-request machinery; 0 turns this hot path off."],
         ["access-log", None, "", "Access log (combined format): a file path, 'off', or empty for the twistd log."],
+        ["s3-endpoint", None, "", "URL of the S3-compatible endpoint for s3:// origins (path-style requests)."],
+        ["s3-region", None, "us-east-1", "Region s3:// requests are signed for (AWS Signature V4)."],
+        ["s3-credentials", None, "", "AWS shared-credentials file for s3:// origins (else the AWS_* variables, "
+         "then ~/.aws/credentials)."],
+        ["s3-profile", None, "", "Profile to read from the credentials file (else AWS_PROFILE, else 'default')."],
     ]
     optFlags = [
         ["ignore-query", None, "Leave the query string out of the cache key (tracking parameters)."],
@@ -118,9 +124,14 @@ class Options(usage.Options):
         return [sys.executable, "-m", "twisted", "--log-format=text", "h264edge", *args, f"--listen-fd={LISTEN_FD}"]
 
     def opt_origin(self, url: str) -> None:
-        """Origin base URL; give it several times for failover in order."""
-        if not url.startswith(("http://", "https://")):
-            raise usage.UsageError(f"--origin={url!r} must be an http:// or https:// URL")
+        """Origin base URL (http://, https://, or s3://BUCKET/PREFIX); give it several times for failover in order."""
+        if not url.startswith(("http://", "https://", "s3://")):
+            raise usage.UsageError(f"--origin={url!r} must be an http://, https:// or s3:// URL")
+        if url.startswith("s3://"):
+            try:
+                url = S3Location.parse(url).base
+            except S3ConfigError as e:
+                raise usage.UsageError(f"--origin: {e}") from None
         self["origins"].append(url)
 
     def opt_pass_method(self, method: str) -> None:
@@ -128,6 +139,20 @@ class Options(usage.Options):
         if not method.isalpha():
             raise usage.UsageError(f"--pass-method={method!r} is not a method name")
         self["pass-methods"].append(method.upper())
+
+    def _s3_origins(self) -> list[S3Origin]:
+        """The s3:// origins, with their endpoint and credentials (loaded now: a missing one is a usage error)."""
+        locations = [S3Location.parse(url) for url in self["origins"] if url.startswith("s3://")]
+        if not locations:
+            return []
+        if not self["s3-endpoint"]:
+            raise usage.UsageError("s3:// origins need --s3-endpoint=URL")
+        try:
+            credentials = load_credentials(self["s3-credentials"] or None, self["s3-profile"] or None)
+            return [S3Origin(location, self["s3-endpoint"], self["s3-region"], credentials)
+                    for location in locations]
+        except S3ConfigError as e:
+            raise usage.UsageError(str(e)) from None
 
     def postOptions(self) -> None:
         if not self["origins"]:
@@ -152,6 +177,7 @@ class Options(usage.Options):
             raise usage.UsageError("--workers must be a whole number") from None
         if not 1 <= self["workers"] <= 256:
             raise usage.UsageError("--workers must be between 1 and 256")
+        self["s3-origins"] = self._s3_origins()
         if self["workers"] > 1 and self["listen-fd"] is None:
             self["tcp-listen"] = tcp_listen_address(self["listen"])
 
@@ -358,7 +384,7 @@ def origin_client(options: Options) -> OriginClient:
     return OriginClient(
         options["origins"], timeout=options["origin-timeout"], health=health,
         retry_budget=RetryBudget(reactor_clock(), ratio=options["origin-retry-budget"]),
-        check_path=options["origin-check"],
+        check_path=options["origin-check"], s3_origins=options["s3-origins"],
     )
 
 

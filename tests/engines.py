@@ -55,6 +55,17 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = DEA
     raise AssertionError(f"nothing listening on {port} after {timeout} s")
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the test process dies (Linux), so no server outlives a killed run."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 class ChildServer:
     """One child process (and its own process group), its output in C{workdir}/C{name}.log."""
 
@@ -73,7 +84,7 @@ class ChildServer:
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
                 list(argv), cwd=self.workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
             )
 
     def output(self) -> str:
@@ -214,3 +225,25 @@ class SeaweedS3(ChildServer):
 
 def haproxy_binary() -> Optional[str]:
     return shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
+
+
+_shared_seaweed: Optional[SeaweedS3] = None
+
+
+def shared_seaweed(workdir_parent: str) -> SeaweedS3:
+    """
+    One SeaweedFS for this test process (its start costs seconds), started at first use in a temporary
+    directory and stopped at exit; the kernel kills it if this process dies first.
+    """
+    global _shared_seaweed
+    if _shared_seaweed is None or not _shared_seaweed.alive():
+        import atexit
+        import tempfile
+
+        os.makedirs(workdir_parent, exist_ok=True)
+        server = SeaweedS3(tempfile.mkdtemp(prefix="seaweedfs-", dir=workdir_parent))
+        server.start()
+        atexit.register(server.stop)
+        atexit.register(shutil.rmtree, server.workdir, True)
+        _shared_seaweed = server
+    return _shared_seaweed
