@@ -32,8 +32,11 @@ from h264edge.freshness import freshness
 from h264edge.origin import OriginClient, OriginReply
 from h264edge.store import CachedObject, ObjectMeta, SliceStore, StoreError
 from h264edge.store._fill_locks import HELD, TAKEN, FillLocks, SliceLocks
+from h264edge.tiers import Upstream
 
 log = Logger()
+
+UPSTREAM_KEYS = 10_000  # keys whose parent's Via and Cache-Status are remembered
 
 
 _LOOK = object()  # object_for's "look the key up yourself"
@@ -141,11 +144,16 @@ class Filler:
         #: fills coordinated with other processes on the store's directory (None: this process alone)
         self.shared: Optional[FillLocks] = None
         self.poll_interval = 0.01  # seconds between looks at slices another process fetches
+        #: the Via origin requests carry when no viewer's is given (C{1.1 NAME} of this edge), or None
+        self.via: Optional[str] = None
+        #: per key, the Via and Cache-Status of the last origin answer (a parent edge's), most recent last
+        self.upstream: dict[str, Upstream] = {}
 
     # -- finding the object -------------------------------------------------------------------
 
     def object_for(
-        self, key: str, path: str, first: int = 0, last: Optional[int] = None, *, cached: Any = _LOOK
+        self, key: str, path: str, first: int = 0, last: Optional[int] = None, *, cached: Any = _LOOK,
+        via: Optional[str] = None,
     ) -> "Deferred[CachedObject]":
         """
         The fresh object for C{key}: from the store, revalidated, or from a new origin contact whose body
@@ -153,6 +161,7 @@ class Filler:
         last C{-first} bytes).  Concurrent callers for one key share one origin contact.  A stale object
         is served when every origin is down, and for C{stale_retry} seconds after that without asking.
         C{cached} is what the caller already got from C{store.get(key)}, to spare a second lookup.
+        C{via} is the C{Via} the origin contact carries (the viewer's, and this edge).
         """
         obj = self.store.get(key) if cached is _LOOK else cached
         if obj is not None:
@@ -161,7 +170,7 @@ class Filler:
                 return succeed(obj)
         shared = self._contacts.get(key)
         if shared is None:
-            d = Deferred.fromCoroutine(self._contact(key, path, first, last, obj))
+            d = Deferred.fromCoroutine(self._contact(key, path, first, last, obj, via or self.via))
             shared = self._contacts[key] = SharedResult(d)
             d.addBoth(self._contact_done, key)
         return shared.result()
@@ -170,10 +179,11 @@ class Filler:
         self._contacts.pop(key, None)
 
     async def _contact(
-        self, key: str, path: str, first: int, last: Optional[int], stale: Optional[CachedObject]
+        self, key: str, path: str, first: int, last: Optional[int], stale: Optional[CachedObject],
+        via: Optional[str] = None,
     ) -> CachedObject:
         if stale is not None or self.shared is None:
-            return await self._ask_origin(key, path, first, last, stale)
+            return await self._ask_origin(key, path, first, last, stale, via)
         # a key not cached here: unless another process is asking the origin for it right now, in
         # which case its object's sidecar is shared as soon as it exists
         lock = self.shared.contact(key)
@@ -184,13 +194,13 @@ class Filler:
             if found is not None:
                 if found.meta.is_fresh(self.reactor.seconds()):
                     return found
-                return await self._ask_origin(key, path, first, last, found)
+                return await self._ask_origin(key, path, first, last, found, via)
             lock = self.shared.contact(key)
         try:
             found = self.store.get(key)  # published between our look and our lock
             if found is not None and found.meta.is_fresh(self.reactor.seconds()):
                 return found
-            obj = await self._ask_origin(key, path, first, last, found)
+            obj = await self._ask_origin(key, path, first, last, found, via)
             if obj is not found:
                 self.store.publish(obj)
             return obj
@@ -199,7 +209,8 @@ class Filler:
                 lock.release()
 
     async def _ask_origin(
-        self, key: str, path: str, first: int, last: Optional[int], stale: Optional[CachedObject]
+        self, key: str, path: str, first: int, last: Optional[int], stale: Optional[CachedObject],
+        via: Optional[str] = None,
     ) -> CachedObject:
         ss = self.store.slice_size
         if first < 0:  # a suffix range: ask for the tail (whole slices of it are kept)
@@ -214,10 +225,10 @@ class Filler:
             if stale.meta.last_modified:
                 conditional["If-Modified-Since"] = stale.meta.last_modified
         try:
-            reply = await self.origin.fetch(path, rfirst, rlast, conditional or None)
+            reply = await self.origin.fetch(path, rfirst, rlast, conditional or None, via=via)
             if reply.code == 416 and rfirst != 0:
                 # the wanted range starts past the end: learn the object from its first slice instead
-                reply = await self.origin.fetch(path, 0, ss - 1, conditional or None)
+                reply = await self.origin.fetch(path, 0, ss - 1, conditional or None, via=via)
         except OriginUnavailable:
             if stale is not None:
                 log.warn("serving stale {key}: no origin answered", key=key)
@@ -227,11 +238,21 @@ class Filler:
                 self._down_until[key] = now + self.stale_retry
                 return stale
             raise
+        self._heard_upstream(key, reply)
         try:
             return self._adopt(key, path, reply, stale)
         except BaseException:
             reply.discard()
             raise
+
+    def _heard_upstream(self, key: str, reply: OriginReply) -> None:
+        """Keep what caches nearer the origin (a parent edge) said of C{key}: the answers name them too."""
+        via, status = reply.header("Via"), reply.header("Cache-Status")
+        self.upstream.pop(key, None)
+        if via or status:
+            self.upstream[key] = Upstream(via, status)
+            if len(self.upstream) > UPSTREAM_KEYS:
+                del self.upstream[next(iter(self.upstream))]
 
     def _adopt(self, key: str, path: str, reply: OriginReply, stale: Optional[CachedObject]) -> CachedObject:
         """Turn the first origin answer into the cached object and start filling from its body."""
@@ -581,7 +602,7 @@ class _Fetch:
         validator = meta.etag if meta.etag and not meta.etag.startswith("W/") else meta.last_modified
         conditional = {"If-Range": validator} if validator else None
         self.position = first
-        reply = await self.filler.origin.fetch(self.state.path, first, last, conditional)
+        reply = await self.filler.origin.fetch(self.state.path, first, last, conditional, via=self.filler.via)
         self.check(reply)
         self.receive(reply)
 

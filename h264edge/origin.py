@@ -320,6 +320,7 @@ class OriginClient:
         last: Optional[int] = None,
         conditional: Optional[Mapping[str, str]] = None,
         method: str = "GET",
+        via: Optional[str] = None,
     ) -> OriginReply:
         """
         GET C{path} asking for bytes C{first}..C{last} (inclusive; None = to the end; a negative
@@ -335,6 +336,8 @@ class OriginClient:
         headers: dict[Any, Any] = {"Range": wanted, "Accept-Encoding": "identity"}
         if conditional:
             headers.update(conditional)
+        if via:
+            headers["Via"] = via  # a parent edge adds itself and refuses a request that went round
         failures: list[str] = []
         timed_out = False
         attempts = 0

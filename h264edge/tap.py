@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import re
+import socket
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -23,6 +24,7 @@ from h264edge.health import HealthChecks, OriginHealth, RetryBudget
 from h264edge.origin import OriginClient
 from h264edge.s3 import S3ConfigError, S3Location, S3Origin, load_credentials
 from h264edge.store import SliceStore
+from h264edge.tiers import BadEdgeName, check_name
 from h264edge.store._fill_locks import FillLocks
 from h264edge.store._store import ORPHAN_GRACE
 from h264edge.web.hot import EdgeSite
@@ -74,6 +76,8 @@ class Options(usage.Options):
         ["hot-cache", None, "64M", "Memory (per process) for whole answers to plain GETs of small cached "
          "objects (up to 64K), served without twisted.web's per-request machinery; 0 turns this hot path off."],
         ["access-log", None, "", "Access log (combined format): a file path, 'off', or empty for the twistd log."],
+        ["name", None, socket.gethostname(), "This edge's name in Via and Cache-Status; a request whose Via "
+         "already names it is refused with 508 (give each edge of a chain its own name)."],
         ["s3-endpoint", None, "", "URL of the S3-compatible endpoint for s3:// origins (path-style requests)."],
         ["s3-region", None, "us-east-1", "Region s3:// requests are signed for (AWS Signature V4)."],
         ["s3-credentials", None, "", "AWS shared-credentials file for s3:// origins (else the AWS_* variables, "
@@ -178,6 +182,10 @@ class Options(usage.Options):
         if not 1 <= self["workers"] <= 256:
             raise usage.UsageError("--workers must be between 1 and 256")
         self["s3-origins"] = self._s3_origins()
+        try:
+            check_name(self["name"])
+        except BadEdgeName as e:
+            raise usage.UsageError(f"--name={e}") from None
         if self["workers"] > 1 and self["listen-fd"] is None:
             self["tcp-listen"] = tcp_listen_address(self["listen"])
 
@@ -424,6 +432,7 @@ def makeService(options: Options) -> service.MultiService:
         exact_seek=options["exact-seek"],
         hot_bytes=options["hot-cache"],
         filler=filler,
+        name=options["name"],
     )
     IndexLoader(store, rescan_every=RESCAN_INTERVAL if shared else None).setServiceParent(top)
     OriginProbe(origin).setServiceParent(top)
