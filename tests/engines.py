@@ -72,7 +72,7 @@ class ChildServer:
     name = "server"
 
     def __init__(self, workdir: str) -> None:
-        self.workdir = workdir
+        self.workdir = os.path.abspath(workdir)
         self.proc: Optional[subprocess.Popen[bytes]] = None
 
     @property
@@ -247,3 +247,87 @@ def shared_seaweed(workdir_parent: str) -> SeaweedS3:
         atexit.register(shutil.rmtree, server.workdir, True)
         _shared_seaweed = server
     return _shared_seaweed
+
+
+class HAProxy(ChildServer):
+    """HAProxy running C{contrib/haproxy.cfg} with its bind and server addresses rewritten to C{port}/C{servers}."""
+
+    name = "haproxy"
+    config_source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "contrib", "haproxy.cfg")
+
+    def __init__(self, workdir: str, servers: Sequence[int], check_inter: str = "200ms") -> None:
+        super().__init__(workdir)
+        self.servers = list(servers)
+        self.check_inter = check_inter
+        self.port = 0
+
+    def config(self) -> str:
+        import re
+
+        with open(self.config_source) as f:
+            text = f.read()
+        text = re.sub(r"(?m)^    bind \S+", f"    bind 127.0.0.1:{self.port}", text)
+        text = re.sub(r"(?m)^    server .*\n", "", text)
+        text = text.replace("default-server inter 1s", f"default-server inter {self.check_inter}")
+        text = text.rstrip("\n") + "\n" + "".join(
+            f"    server edge{i + 1} 127.0.0.1:{port}\n" for i, port in enumerate(self.servers))
+        return text
+
+    def start(self) -> "HAProxy":
+        binary = haproxy_binary()
+        if binary is None:
+            raise FileNotFoundError("haproxy (Debian package haproxy) is not installed")
+        self.port = free_port()
+        os.makedirs(self.workdir, exist_ok=True)
+        path = os.path.join(self.workdir, "haproxy.cfg")
+        with open(path, "w") as f:
+            f.write(self.config())
+        self.spawn([binary, "-db", "-f", path])
+        assert self.proc is not None
+        try:
+            wait_for_port(self.port, self.proc)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+
+class EdgeServer(ChildServer):
+    """C{twistd -n h264edge} on a free port with its own cache directory and access log."""
+
+    def __init__(self, workdir: str, name: str, origin: str, *extra: str) -> None:
+        super().__init__(workdir)
+        self.name = name
+        self.origin = origin
+        self.extra = list(extra)
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def access_log(self) -> str:
+        return os.path.join(self.workdir, "access.log")
+
+    def start(self) -> "EdgeServer":
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self.spawn([
+            sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+            "h264edge", f"--origin={self.origin}", f"--name={self.name}", "--cache-dir=cache",
+            f"--access-log={self.access_log}", f"--listen=tcp:{self.port}:interface=127.0.0.1", *self.extra,
+        ], env=env)
+        assert self.proc is not None
+        try:
+            wait_for_port(self.port, self.proc)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def cached_objects(self) -> int:
+        """Objects with a sidecar in this edge's cache directory."""
+        count = 0
+        for _, _, names in os.walk(os.path.join(self.workdir, "cache")):
+            count += sum(1 for name in names if name.endswith(".meta"))
+        return count
