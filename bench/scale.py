@@ -32,7 +32,7 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from tests.engines import ChildServer, EdgeServer, HAProxy, free_port, wait_for_port  # noqa: E402
+from tests.engines import ChildServer, EdgeServer, HAProxy, free_port  # noqa: E402
 
 _ORIGIN_LINE = re.compile(r'"GET \S+ HTTP/1\.1" (\d{3}) (\d+)')
 
@@ -48,8 +48,7 @@ class StaticOrigin(ChildServer):
     def start(self) -> "StaticOrigin":
         self.spawn([sys.executable, "-m", "twisted", "--log-format=text", "web", "--path", self.files,
                     "--listen", f"tcp:{self.port}:interface=127.0.0.1"])
-        assert self.proc is not None
-        wait_for_port(self.port, self.proc)
+        self.wait_listening(self.port)
         return self
 
     def sent(self) -> tuple[int, int]:

@@ -87,6 +87,15 @@ class ChildServer:
                 stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
             )
 
+    def wait_listening(self, port: int) -> None:
+        """Until the child listens on C{port}; stopped if it never does."""
+        assert self.proc is not None
+        try:
+            wait_for_port(port, self.proc)
+        except BaseException:
+            self.stop()
+            raise
+
     def output(self) -> str:
         try:
             with open(self.log_path, "rb") as f:
@@ -168,6 +177,7 @@ class SeaweedS3(ChildServer):
             "-master.volumeSizeLimitMB=64", f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
             "-volume.max=8", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
             "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.config={identities}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",  # their fixed default ports would clash between runs
             f"-iam.port={iam}",
         ])
         assert self.proc is not None
@@ -283,12 +293,7 @@ class HAProxy(ChildServer):
         with open(path, "w") as f:
             f.write(self.config())
         self.spawn([binary, "-db", "-f", path])
-        assert self.proc is not None
-        try:
-            wait_for_port(self.port, self.proc)
-        except BaseException:
-            self.stop()
-            raise
+        self.wait_listening(self.port)
         return self
 
 
@@ -317,12 +322,7 @@ class EdgeServer(ChildServer):
             "h264edge", f"--origin={self.origin}", f"--name={self.name}", "--cache-dir=cache",
             f"--access-log={self.access_log}", f"--listen=tcp:{self.port}:interface=127.0.0.1", *self.extra,
         ], env=env)
-        assert self.proc is not None
-        try:
-            wait_for_port(self.port, self.proc)
-        except BaseException:
-            self.stop()
-            raise
+        self.wait_listening(self.port)
         return self
 
     def cached_objects(self) -> int:
