@@ -691,8 +691,8 @@ class CachedObject:
     def close(self) -> None:
         """
         Persist slices not yet recorded on disk.  The descriptor itself is closed when the object
-        is no longer referenced (others may be reading it), which also frees a transient or evicted
-        object's unlinked file.
+        is no longer referenced (others may be reading it), which also frees an evicted or uncached
+        object's unlinked file, and the memory a transient or uncached object holds.
         """
         if self._entry.indexed and self._entry.pending:
             self._store._persist_soon(self._entry, self._open_fd)
