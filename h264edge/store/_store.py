@@ -116,7 +116,7 @@ DISK_RESERVE = 64 * 1024
 """Room kept free above C{min_free} for what follows a data write: sidecars, their tmp files, directories."""
 STREAM_BUFFER = 2 * 2**20
 """Default bytes of memory an uncached or transient object may hold (at least two slices)."""
-FREE_RECHECK = 1.0  # seconds a free-space reading is trusted (far above the floor), less our own writes
+FREE_RECHECK = 0.1  # seconds a free-space reading is trusted (far above the floor), less our own writes
 FREE_MARGIN = 64 * 2**20  # ... and only while it is this far above the floor
 DEFAULT_MIN_FREE = 2**30
 DEFAULT_MIN_FREE_SHARE = 0.05
