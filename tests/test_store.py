@@ -10,9 +10,8 @@ import os
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from h264edge.store import CachedObject, ObjectMeta, SliceStore, StoreError
+from h264edge.store import CacheDirUnusable, CachedObject, ObjectMeta, SliceStore, StoreError
 from h264edge.store._sidecar import key_hash
-from h264edge.store._store import CacheDirUnusable
 from tests.smallfs import unwritable_dir
 
 SLICE = 16
