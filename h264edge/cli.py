@@ -215,7 +215,7 @@ def check_config(argv: list[str]) -> int:
     from twisted.python import usage
 
     from h264edge.lifecycle import StartupRefused
-    from h264edge.tap import Options, check_writable_dir, check_writable_file
+    from h264edge.tap import Options, check_paths
 
     options = Options()
     if argv[:1] in (["-h"], ["--help"]):
@@ -225,9 +225,7 @@ def check_config(argv: list[str]) -> int:
         return 0
     try:
         options.parseOptions(argv)
-        check_writable_dir("cache-dir", options["cache-dir"])
-        if options["access-log"] not in ("", "off"):
-            check_writable_file("access-log", options["access-log"])
+        check_paths(options)
     except usage.UsageError as e:
         print(f"h264edge: {e}", file=sys.stderr)
         return 1

@@ -44,8 +44,8 @@ HISTORY_STEP = 5.0
 RECENT_ERRORS = 100
 
 
-class OriginHealth:
-    """What one origin base did lately."""
+class OriginRecord:
+    """What one origin base did lately, as the answers and probes the metrics saw tell it."""
 
     def __init__(self) -> None:
         self.answered = 0
@@ -156,7 +156,7 @@ class EdgeMetrics(EdgeObserver):
         #: hot-path answers since the last flush: target -> [answers, bytes] (the site adds to it in place)
         self.hot_tally: dict[bytes, list[int]] = {}
         self._top: dict[str, list[int]] = {}
-        self.origins: dict[str, OriginHealth] = {}
+        self.origins: dict[str, OriginRecord] = {}
         self.errors: collections.deque[tuple[float, str, str]] = collections.deque(maxlen=RECENT_ERRORS)
         self.history: collections.deque[tuple[float, float, float, float, float]] = collections.deque(maxlen=HISTORY)
         self._base_of: dict[str, str] = {}
@@ -256,12 +256,12 @@ class EdgeMetrics(EdgeObserver):
         self.evicted_bytes.inc(size)
         self._event("eviction", key=key, bytes=size)
 
-    def _health(self, base: str) -> OriginHealth:
+    def _health(self, base: str) -> OriginRecord:
         health = self.origins.get(base)
         if health is None:
             if len(self.origins) > 64:  # bases removed by reloads
                 self.origins = {b: h for b, h in self.origins.items() if b in set(self.bases())}
-            health = self.origins[base] = OriginHealth()
+            health = self.origins[base] = OriginRecord()
         return health
 
     def _base(self, url: str) -> str:

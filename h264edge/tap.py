@@ -8,31 +8,36 @@ from __future__ import annotations
 
 import functools
 import gc
-import math
 import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
 from typing import Any, Callable, Optional, Sequence
+from urllib.parse import urlsplit
 
 from twisted.application import service, strports
 from twisted.internet import defer, endpoints, task, threads
+from twisted.internet.testing import MemoryReactor
 from twisted.logger import Logger, jsonFileLogObserver
 from twisted.python import usage
-from twisted.internet.testing import MemoryReactor
 from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
-from urllib.parse import urlsplit
 
 from h264edge.config import ConfigError, config_arguments, config_path, load_config
 from h264edge.lifecycle import EdgeService, SignalHandlers, StartupRefused, forward_signal
 
+from h264edge.fill import Filler
+from h264edge.health import HealthChecks, OriginHealth, OriginState, RetryBudget
 from h264edge.origin import OriginClient
+from h264edge.s3 import S3ConfigError, S3Location, S3Origin, load_credentials
 from h264edge.store import SliceStore
-from h264edge.store._store import ORPHAN_GRACE
+from h264edge.tiers import BadEdgeName, check_name
+from h264edge.store._fill_locks import FillLocks
+from h264edge.store._store import ORPHAN_GRACE, CacheDirUnusable, check_cache_dir, default_min_free
 from h264edge.metrics import HISTORY_STEP, EdgeMetrics
 from h264edge.web.admin import admin_resource, read_token_file
 from h264edge.web.hot import EdgeSite
@@ -57,6 +62,35 @@ def parse_size(value: str) -> int:
     return int(float(number) * _UNITS[unit.upper()])
 
 
+_SHARE = re.compile(r"^\s*(\d{1,2}(?:\.\d{1,3})?)\s*%\s*$")
+
+
+def parse_min_free(value: str) -> int | float | None:
+    """
+    C{--min-free}: C{"auto"} -> None (the store's default), C{"5%"} -> 0.05 (a share of the cache's
+    file system, below 100%), a size -> bytes.
+    """
+    if value.strip().lower() == "auto":
+        return None
+    match = _SHARE.match(value)
+    if match is not None:
+        return float(match.group(1)) / 100
+    try:
+        return parse_size(value)
+    except usage.UsageError:
+        raise usage.UsageError(f"--min-free={value!r} is not a size, a percentage below 100% or 'auto'") from None
+
+
+def min_free_bytes(setting: int | float | None, cache_dir: str) -> int:
+    """The floor in bytes for a parsed C{--min-free} on the file system of C{cache_dir}."""
+    if setting is None:
+        return default_min_free(cache_dir)
+    if isinstance(setting, float):
+        st = os.statvfs(cache_dir)
+        return int(st.f_blocks * st.f_frsize * setting)
+    return setting
+
+
 REPEATABLE = {"origin": "origins", "pass-method": "pass-methods", "trusted-proxy": "trusted-proxies"}
 """Options that may be given several times -> the list they fill."""
 
@@ -79,11 +113,24 @@ class Options(usage.Options):
         ["config", None, None, "TOML file of options (keys are the long option names); the command line wins."],
         ["cache-dir", "d", "/var/cache/h264edge", "Directory of the disk cache (created if missing)."],
         ["max-size", "s", "10G", "Bytes of disk the cache may use (K/M/G/T suffixes)."],
+        ["min-free", None, "auto", "Free space kept on the cache's file system, evicting to keep it: a size or "
+         "a percentage of the file system; auto: 1G, or 5% if that is less."],
         ["listen", "l", "tcp:8080", "Where to listen for viewers (a Twisted endpoint description: tcp:8080, "
          "tcp:80:interface=192.0.2.1, systemd:domain=INET:index=0)."],
         ["slice-size", None, "1M", "Cache objects are kept in slices of this many bytes."],
         ["default-ttl", None, "3600", "Seconds an answer stays fresh when the origin says nothing."],
         ["origin-timeout", None, "10", "Seconds to wait for an origin to connect or answer."],
+        ["origin-idle-timeout", None, "30", "Seconds an origin body may stay silent before it is dropped "
+         "(and resumed, from the next origin if that one is now marked down)."],
+        ["origin-retry-after", None, "1", "Seconds an origin is skipped after a connect failure or timeout "
+         "(doubling up to 60 while it keeps failing; then one request tries it again)."],
+        ["origin-retry-budget", None, "0.2", "Extra origin attempts (failover, resumption) allowed, as a share "
+         "of the requests of the last 10 s (plus 5 per second)."],
+        ["origin-connections", None, "0", "Requests in flight per origin at most (0: no limit)."],
+        ["origin-check", None, "", "Path to HEAD on every origin in the background (empty: no health checks)."],
+        ["origin-check-interval", None, "5", "Seconds between health checks of each origin."],
+        ["origin-rise", None, "2", "Good health checks in a row that mark a down origin up."],
+        ["origin-fall", None, "3", "Failed health checks (or 5xx answers) in a row that mark an origin down."],
         ["seek-cache", None, "256M", "Memory for parsed MP4 seek indexes, plus a quarter more for recent seek answers."],
         ["max-moov", None, "64M", "Largest MP4 moov box the edge will parse for a seek."],
         ["workers", None, "1", "Processes serving the --listen port (TCP only) from one cache directory."],
@@ -107,6 +154,13 @@ class Options(usage.Options):
          "its moov) after --mp4-limit-rate-after; 0: no limit."],
         ["mp4-limit-rate-after", None, "60", "Seconds of an MP4 clip sent at full speed before --mp4-limit-rate "
          "applies."],
+        ["name", None, socket.gethostname(), "This edge's name in Via and Cache-Status; a request whose Via "
+         "already names it is refused with 508 (give each edge of a chain its own name)."],
+        ["s3-endpoint", None, "", "URL of the S3-compatible endpoint for s3:// origins (path-style requests)."],
+        ["s3-region", None, "us-east-1", "Region s3:// requests are signed for (AWS Signature V4)."],
+        ["s3-credentials", None, "", "AWS shared-credentials file for s3:// origins (else the AWS_* variables, "
+         "then ~/.aws/credentials)."],
+        ["s3-profile", None, "", "Profile to read from the credentials file (else AWS_PROFILE, else 'default')."],
     ]
     optFlags: list[list[Any]] = [
         ["ignore-query", None, "Leave the query string out of the cache key (tracking parameters)."],
@@ -183,8 +237,17 @@ class Options(usage.Options):
         sys.exit(0)
 
     def opt_origin(self, url: str) -> None:
-        """Origin base URL; give it several times for failover in order."""
-        self["origins"].append(check_origin(url))
+        """Origin base URL (http://, https://, or s3://BUCKET/PREFIX); give it several times for failover in order."""
+        if not url.startswith(("http://", "https://", "s3://")):
+            raise usage.UsageError(f"--origin={url!r} must be an http://, https:// or s3:// URL")
+        if url.startswith("s3://"):
+            try:
+                url = S3Location.parse(url).base
+            except S3ConfigError as e:
+                raise usage.UsageError(f"--origin: {e}") from None
+        else:
+            check_origin(url)
+        self["origins"].append(url)
 
     def opt_pass_method(self, method: str) -> None:
         """Forward this HTTP method to the origin uncached (repeatable)."""
@@ -200,18 +263,37 @@ class Options(usage.Options):
             raise usage.UsageError(f"--trusted-proxy={address}: {e}") from None
         self["trusted-proxies"].append(address)
 
+    def _s3_origins(self) -> list[S3Origin]:
+        """The s3:// origins, with their endpoint and credentials (loaded now: a missing one is a usage error)."""
+        locations = [S3Location.parse(url) for url in self["origins"] if url.startswith("s3://")]
+        if not locations:
+            return []
+        if not self["s3-endpoint"]:
+            raise usage.UsageError("s3:// origins need --s3-endpoint=URL")
+        try:
+            credentials = load_credentials(self["s3-credentials"] or None, self["s3-profile"] or None)
+            return [S3Origin(location, self["s3-endpoint"], self["s3-region"], credentials)
+                    for location in locations]
+        except S3ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
     def postOptions(self) -> None:
         if not self["origins"]:
             raise usage.UsageError("--origin=URL is required")
-        for name in ("max-size", "slice-size", "seek-cache", "max-moov", "hot-cache"):
+        for name in ("max-size", "slice-size", "seek-cache", "max-moov", "hot-cache", "limit-rate", "limit-rate-after"):
             self[name] = _option_size(name, self[name])
-        self["default-ttl"] = parse_seconds("default-ttl", self["default-ttl"])
-        self["origin-timeout"] = parse_seconds("origin-timeout", self["origin-timeout"], positive=True)
-        self["drain-timeout"] = parse_seconds("drain-timeout", self["drain-timeout"])
-        for name in ("limit-rate", "limit-rate-after"):
-            self[name] = _option_size(name, self[name])
-        self["mp4-limit-rate"] = parse_factor("mp4-limit-rate", self["mp4-limit-rate"])
-        self["mp4-limit-rate-after"] = parse_seconds("mp4-limit-rate-after", self["mp4-limit-rate-after"])
+        self["min-free"] = parse_min_free(self["min-free"])
+        for name in ("default-ttl", "origin-timeout", "origin-idle-timeout", "origin-retry-after",
+                     "origin-check-interval", "origin-retry-budget", "drain-timeout", "mp4-limit-rate",
+                     "mp4-limit-rate-after"):
+            self[name] = parse_number(name, self[name])
+        for name in ("origin-connections", "origin-rise", "origin-fall"):
+            self[name] = parse_count(name, self[name])
+        if self["origin-rise"] < 1 or self["origin-fall"] < 1:
+            raise usage.UsageError("--origin-rise and --origin-fall must be at least 1")
+        for name in ("origin-timeout", "origin-idle-timeout", "origin-retry-after", "origin-check-interval"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be more than 0 seconds")
         if self["slice-size"] < 64 * 1024:
             raise usage.UsageError("--slice-size must be at least 64K")
         if self["max-size"] < self["slice-size"]:
@@ -223,6 +305,11 @@ class Options(usage.Options):
             raise usage.UsageError("--workers must be a whole number") from None
         if not 1 <= self["workers"] <= 256:
             raise usage.UsageError("--workers must be between 1 and 256")
+        self["s3-origins"] = self._s3_origins()
+        try:
+            check_name(self["name"])
+        except BadEdgeName as e:
+            raise usage.UsageError(f"--name={e}") from None
         if self["access-log-format"] not in ("combined", "json"):
             raise usage.UsageError(f"--access-log-format={self['access-log-format']}: 'combined' or 'json'")
         check_endpoint("listen", self["listen"])
@@ -236,6 +323,22 @@ class Options(usage.Options):
             self["tcp-listen"] = tcp_listen_address(self["listen"])
 
 
+_NUMBER = re.compile(r"^[0-9]{1,9}(?:\.[0-9]{1,9})?$")
+
+
+def parse_number(name: str, value: str) -> float:
+    """A non-negative decimal option value (seconds, a ratio)."""
+    if not _NUMBER.match(value.strip()):
+        raise usage.UsageError(f"--{name} must be a non-negative number, not {value!r}")
+    return float(value)
+
+
+def parse_count(name: str, value: str) -> int:
+    if not re.match(r"^[0-9]{1,6}$", value.strip()):
+        raise usage.UsageError(f"--{name} must be a whole number, not {value!r}")
+    return int(value)
+
+
 def _option_size(name: str, value: Any) -> int:
     try:
         return parse_size(str(value))
@@ -243,30 +346,8 @@ def _option_size(name: str, value: Any) -> int:
         raise usage.UsageError(f"--{name}: {e}") from None
 
 
-def parse_seconds(name: str, value: Any, positive: bool = False) -> float:
-    """An option's value in seconds: a finite number, at least 0 (above 0 if C{positive})."""
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise usage.UsageError(f"--{name}={value!r} is not a number of seconds") from None
-    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
-        raise usage.UsageError(f"--{name}={value} must be a number of seconds {'above' if positive else 'at least'} 0")
-    return seconds
-
-
-def parse_factor(name: str, value: Any) -> float:
-    """A non-negative finite number (a factor)."""
-    try:
-        factor = float(value)
-    except (TypeError, ValueError):
-        raise usage.UsageError(f"--{name}={value!r} is not a number") from None
-    if not math.isfinite(factor) or factor < 0:
-        raise usage.UsageError(f"--{name}={value} must be a number at least 0")
-    return factor
-
-
 def check_origin(url: str) -> str:
-    """An C{--origin} URL: http or https, with a host name and a valid port; else a usage error."""
+    """An http(s) C{--origin} URL: a host name and a valid port; else a usage error."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -490,14 +571,36 @@ def quiet_hachoir() -> None:
     hachoir.core.config.quiet = True
 
 
-def check_writable_dir(name: str, path: str) -> None:
-    """C{path} is (or can be made) a directory this process can create files in; else L{StartupRefused}."""
+def origin_client(options: Options) -> OriginClient:
+    """The origin client the options describe: origins, timeouts, health, retry budget, limits."""
+    health = OriginHealth(
+        [b if b.endswith("/") else b + "/" for b in options["origins"]], reactor_clock(),
+        fall=options["origin-fall"], rise=options["origin-rise"], retry_after=options["origin-retry-after"],
+        limit=options["origin-connections"],
+    )
+    return OriginClient(
+        options["origins"], timeout=options["origin-timeout"], health=health,
+        retry_budget=RetryBudget(reactor_clock(), ratio=options["origin-retry-budget"]),
+        check_path=options["origin-check"], s3_origins=options["s3-origins"],
+    )
+
+
+def reactor_clock() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def check_paths(options: Options) -> None:
+    """The directories and files the options name can be used (cache, logs, token); else L{StartupRefused}."""
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".h264edge-check-"):
-            pass
-    except OSError as e:
-        raise StartupRefused(f"h264edge: --{name}={path}: cannot write there ({e.strerror})") from None
+        check_cache_dir(options["cache-dir"])
+    except CacheDirUnusable as e:
+        raise StartupRefused(f"h264edge: --cache-dir: {e}") from None
+    for name in ("access-log", "event-log"):
+        if options[name] not in ("", "off"):
+            check_writable_file(name, options[name])
+    admin_token(options)
 
 
 def check_writable_file(name: str, path: str) -> None:
@@ -613,7 +716,7 @@ class Reloader:
         outcome: dict[str, str] = {}
         for name in sorted(set(fresh) | set(self.current)):
             old, new = self.current.get(name), fresh.get(name)
-            if old == new or name in ("tcp-listen",):
+            if old == new or name in ("tcp-listen", "s3-origins"):
                 continue
             apply = self.appliers.get(name)
             if apply is None:
@@ -622,6 +725,11 @@ class Reloader:
                 continue
             try:
                 apply(new)
+            except NeedsRestart as e:
+                log.warn("reload: --{name} changed ({old!r} -> {new!r}) but needs a restart: {why}", name=name,
+                         old=old, new=new, why=str(e))
+                outcome[name] = "needs a restart"
+                continue
             except Exception:
                 log.failure("reload: applying --{name} failed", name=name)
                 outcome[name] = "failed"
@@ -688,31 +796,50 @@ class ReopenedFile:
         old.close()
 
 
+class NeedsRestart(Exception):
+    """An option changed in a way that cannot be applied while serving (the message says why)."""
+
+
+def replace_origins(origin: OriginClient, bases: list[str]) -> None:
+    """The origins of C{--origin} as a reload gives them (s3:// ones need a restart: their signers)."""
+    bases = [b if b.endswith("/") else b + "/" for b in bases]
+    if any(base.startswith("s3://") for base in [*origin.bases, *bases]):
+        raise NeedsRestart("s3:// origins are set up at start")
+    for base in bases:
+        origin.health.states.setdefault(base, OriginState(base))
+    origin.bases = bases
+
+
 def _transports(pool: WorkerPool) -> list[Any]:
     return [worker.transport for worker in pool.workers.values() if worker.transport is not None]
 
 
 def makeService(options: Options) -> service.MultiService:
     quiet_hachoir()
-    check_writable_dir("cache-dir", options["cache-dir"])
+    check_paths(options)
     access_log = options["access-log"]
-    if access_log not in ("", "off"):
-        check_writable_file("access-log", access_log)
-    if options["event-log"]:
-        check_writable_file("event-log", options["event-log"])
     top = EdgeService(drain_timeout=options["drain-timeout"])
     sync_threads = SyncThreads()
     sync_threads.setServiceParent(top)  # first in, last out: stops after the store closed
-    store = SliceStore(
-        options["cache-dir"],
-        max_size=options["max-size"],
-        slice_size=options["slice-size"],
-        sync=not options["no-sync"],
-        run_in_thread=sync_threads.run,  # batches are fdatasync'ed off the reactor
-        # several processes on one directory: a young unnamed data file may be another's fill
-        orphan_grace=ORPHAN_GRACE if options["workers"] > 1 or options["listen-fd"] is not None else 0.0,
-    )
-    origin = OriginClient(options["origins"], timeout=options["origin-timeout"])
+    cache_dir = options["cache-dir"]
+    try:
+        store = SliceStore(
+            cache_dir,
+            max_size=options["max-size"],
+            slice_size=options["slice-size"],
+            sync=not options["no-sync"],
+            run_in_thread=sync_threads.run,  # batches are fdatasync'ed off the reactor
+            # several processes on one directory: a young unnamed data file may be another's fill
+            orphan_grace=ORPHAN_GRACE if options["workers"] > 1 or options["listen-fd"] is not None else 0.0,
+            min_free=min_free_bytes(options["min-free"], cache_dir),
+        )
+    except CacheDirUnusable as e:
+        raise StartupRefused(f"h264edge: --cache-dir: {e}") from None  # one line, exit status 1
+    origin = origin_client(options)
+    filler = Filler(store, origin, default_ttl=options["default-ttl"], idle_timeout=options["origin-idle-timeout"])
+    shared = options["workers"] > 1 or options["listen-fd"] is not None
+    if shared:  # one origin fetch per slice for all the processes on the directory
+        filler.shared = FillLocks(options["cache-dir"])
     resource = EdgeResource(
         store,
         origin,
@@ -723,10 +850,13 @@ def makeService(options: Options) -> service.MultiService:
         pass_methods=options["pass-methods"],
         exact_seek=options["exact-seek"],
         hot_bytes=options["hot-cache"],
+        filler=filler,
+        name=options["name"],
     )
-    shared = options["workers"] > 1 or options["listen-fd"] is not None
     loader = IndexLoader(store, rescan_every=RESCAN_INTERVAL if shared else None)
     loader.setServiceParent(top)
+    if options["origin-check"]:
+        HealthChecks(origin.health, origin.check, options["origin-check-interval"]).setServiceParent(top)
     root: Any = resource if options["no-player"] else ViewerRoot(resource, PlayerPage())
     site = EdgeSite(root, resource.hot, logPath=access_log if access_log not in ("", "off") else None)
     site.access_log = access_log != "off"
@@ -755,7 +885,7 @@ def makeService(options: Options) -> service.MultiService:
     OriginProbe(origin, metrics).setServiceParent(top)
 
     reloader = Reloader(options)
-    reloader.on("origins", lambda bases: setattr(origin, "bases", [b if b.endswith("/") else b + "/" for b in bases]))
+    reloader.on("origins", functools.partial(replace_origins, origin))
     reloader.on("default-ttl", lambda ttl: setattr(resource.filler, "default_ttl", ttl))
     reloader.on("max-size", store.resize)
     reloader.on("drain-timeout", lambda seconds: setattr(top, "drain_timeout", seconds))

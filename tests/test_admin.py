@@ -310,10 +310,10 @@ class ReadinessRulesTests(SynchronousTestCase):
 
         from twisted.internet.defer import Deferred
 
-        from h264edge.metrics import OriginHealth
+        from h264edge.metrics import OriginRecord
         from h264edge.web.admin import ReadyPage
 
-        up = OriginHealth()
+        up = OriginRecord()
         up.ok_at = 1.0
         metrics: Any = SimpleNamespace(origins={"http://o/": up})
         blocker = self.mktemp()

@@ -37,6 +37,20 @@ SAMPLES: dict[str, tuple[list[str], str]] = {
     "ignore-query": (["--ignore-query"], "ignore-query = true"),
     "exact-seek": (["--exact-seek"], "exact-seek = true"),
     "no-sync": (["--no-sync"], "no-sync = true"),
+    "min-free": (["--min-free=5%"], 'min-free = "5%"'),
+    "origin-idle-timeout": (["--origin-idle-timeout=20"], "origin-idle-timeout = 20"),
+    "origin-retry-after": (["--origin-retry-after=2"], "origin-retry-after = 2"),
+    "origin-retry-budget": (["--origin-retry-budget=0.5"], "origin-retry-budget = 0.5"),
+    "origin-connections": (["--origin-connections=32"], "origin-connections = 32"),
+    "origin-check": (["--origin-check=/health"], 'origin-check = "/health"'),
+    "origin-check-interval": (["--origin-check-interval=3"], "origin-check-interval = 3"),
+    "origin-rise": (["--origin-rise=3"], "origin-rise = 3"),
+    "origin-fall": (["--origin-fall=5"], "origin-fall = 5"),
+    "name": (["--name=edge-7"], 'name = "edge-7"'),
+    "s3-endpoint": (["--s3-endpoint=http://s3.example:8333"], 's3-endpoint = "http://s3.example:8333"'),
+    "s3-region": (["--s3-region=eu-west-1"], 's3-region = "eu-west-1"'),
+    "s3-credentials": (["--s3-credentials=/etc/h264edge/aws"], 's3-credentials = "/etc/h264edge/aws"'),
+    "s3-profile": (["--s3-profile=edge"], 's3-profile = "edge"'),
     "no-player": (["--no-player"], "no-player = true"),
     "limit-rate": (["--limit-rate=1M"], 'limit-rate = "1M"'),
     "limit-rate-after": (["--limit-rate-after=512K"], 'limit-rate-after = "512K"'),
@@ -95,8 +109,8 @@ class ConfigFileTests(SynchronousTestCase):
     def test_values_pass_the_command_line_checks(self) -> None:
         cases = {
             'origin = ["http://o/"]\nmax-size = "lots"': "--max-size: 'lots' is not a size",
-            'origin = ["ftp://o/"]': "--origin='ftp://o/' must be an http:// or https:// URL",
-            'origin = ["http://o/"]\norigin-timeout = -3': "--origin-timeout=-3 must be a number of seconds above 0",
+            'origin = ["ftp://o/"]': "--origin='ftp://o/' must be an http://, https:// or s3:// URL",
+            'origin = ["http://o/"]\norigin-timeout = -3': "--origin-timeout must be a non-negative number, not '-3'",
             'origin = ["http://o/"]\nlisten = 8080': "did you mean --listen=tcp:8080?",
         }
         for text, message in cases.items():

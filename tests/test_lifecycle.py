@@ -263,17 +263,19 @@ class StartRefusalTests(SynchronousTestCase):
         open(blocker, "w").close()
         code, output = self.twistd(f"--cache-dir={blocker}/cache", "--listen=tcp:0")
         self.assertNotEqual(code, 0)
-        self.assert_one_line(output, f"h264edge: --cache-dir={blocker}/cache: cannot write there (Not a directory)")
+        self.assert_one_line(output, f"h264edge: --cache-dir: cache directory {blocker}/cache: cannot create it: "
+                                     "Not a directory")
 
     def test_bad_values_name_their_option(self) -> None:
         cases = {
-            ("--origin-timeout=-1",): "--origin-timeout=-1 must be a number of seconds above 0",
-            ("--drain-timeout=soon",): "--drain-timeout='soon' is not a number of seconds",
+            ("--origin-timeout=-1",): "--origin-timeout must be a non-negative number, not '-1'",
+            ("--origin-timeout=0",): "--origin-timeout must be more than 0 seconds",
+            ("--drain-timeout=soon",): "--drain-timeout must be a non-negative number, not 'soon'",
             ("--max-size=512K",): "--max-size=524288 is smaller than one slice",
             ("--origin=http://",): "--origin='http://' has no host name",
             ("--origin=http://o:99999/",): "--origin='http://o:99999/': Port out of range",
             ("--listen=tcp:http",): "--listen=tcp:http:",
-            ("--default-ttl=nan",): "--default-ttl=nan must be a number of seconds at least 0",
+            ("--default-ttl=nan",): "--default-ttl must be a non-negative number, not 'nan'",
         }
         for args, text in cases.items():
             options = Options()

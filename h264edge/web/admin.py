@@ -130,6 +130,11 @@ class ReadyPage(_Leaf):
         return problems
 
     def _state(self, base: str) -> str:
+        """C{up}, or why not: what the last answers and probes said, or the origin client's circuit."""
+        circuits = getattr(self.origin, "health", None)
+        circuit = circuits.states.get(base) if circuits is not None else None
+        if circuit is not None and circuit.describe(self.clock.seconds()) != "up":
+            return circuit.describe(self.clock.seconds())
         health = self.metrics.origins.get(base)
         if health is None:
             return "unknown"

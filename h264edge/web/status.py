@@ -70,13 +70,15 @@ def rates(history: list[tuple[float, float, float, float, float]]) -> list[dict[
     return points
 
 
-def status(metrics: EdgeMetrics, bases: list[str]) -> dict[str, Any]:
+def status(metrics: EdgeMetrics, origin: Any) -> dict[str, Any]:
     """What the status page shows, as one JSON-able value."""
     totals = metrics.totals()
     now = metrics.clock.seconds()
     origins = []
-    for base in bases:
+    circuits = getattr(origin, "health", None)
+    for base in origin.bases:
         health = metrics.origins.get(base)
+        circuit = circuits.states.get(base) if circuits is not None else None
         origins.append({
             "base": base,
             "state": health.state if health else "unknown",
@@ -84,6 +86,7 @@ def status(metrics: EdgeMetrics, bases: list[str]) -> dict[str, Any]:
             "errors": health.errors if health else 0,
             "last_error": health.last_error if health else "",
             "seconds_since_ok": None if health is None or health.ok_at is None else now - health.ok_at,
+            "circuit": circuit.describe(now) if circuit is not None else "",
         })
     return {
         "version": __version__,
@@ -106,7 +109,7 @@ class StatusData(Resource):
         self.origin = origin
 
     def render_GET(self, request: Request) -> bytes:
-        body = json.dumps(status(self.metrics, list(self.origin.bases))).encode()
+        body = json.dumps(status(self.metrics, self.origin)).encode()
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Content-Length", str(len(body)).encode())
         request.setHeader(b"Cache-Control", b"no-store")

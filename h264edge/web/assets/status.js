@@ -105,7 +105,7 @@ function render(data) {
   fillTable("top-bytes", data.top.by_bytes.map(topRow));
   fillTable("origins", data.origins.map((o) => [cell(o.base, "path"), cell(o.state, "state-" + o.state),
                                                  cell(String(o.answered), "num"), cell(String(o.errors), "num"),
-                                                 cell(o.last_error || "")]));
+                                                 cell(o.last_error || ""), cell(o.circuit || "")]));
   fillTable("errors", data.errors.map((e) => [cell(new Date(e.time * 1000).toISOString().replace(".000", "")),
                                                cell(e.kind), cell(e.text)]));
   document.getElementById("updated").textContent = "updated " + new Date(data.now * 1000).toLocaleTimeString();
