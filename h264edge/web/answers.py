@@ -105,10 +105,10 @@ class Draining:
 def _clock(request: Request) -> Any:
     site = getattr(request.channel, "site", None)
     reactor = getattr(site, "reactor", None)
-    return reactor if reactor is not None else _Monotonic
+    return reactor if reactor is not None else _WallClock
 
 
-class _Monotonic:
+class _WallClock:
     seconds = staticmethod(time.time)
 
 

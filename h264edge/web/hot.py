@@ -276,6 +276,7 @@ class EdgeSite(Site):
     @ivar access_log: False: no access log at all (without a logPath, a Site logs to the twistd log).
     @ivar access_log_format: C{"combined"} or C{"json"}.
     @ivar trusted_proxies: networks whose X-Forwarded-For names the client in the log.
+    @ivar hot_tally: the metrics' tally of hot answers (L{EdgeMetrics.hot_tally}), added to inline.
     @ivar drain: this listener's connections, for a graceful stop.
     """
 
