@@ -38,8 +38,11 @@ __all__ = [
     "queued_bytes",
     "read_now",
     "request_disconnected",
+    "send_socket",
     "set_read_size",
     "socket_writable",
+    "transport_connected",
+    "transport_open",
     "transport_producer",
     "treq_raw_response",
     "want_writable",
@@ -191,6 +194,16 @@ def flush_now(transport: Any) -> None:
 def want_writable(transport: Any) -> None:
     """Ask the reactor to call C{transport}'s producer on the next writable event."""
     transport.startWriting()
+
+
+def transport_connected(transport: Any) -> bool:
+    """Whether C{transport}'s connection is still up (it may be closing: see L{transport_open})."""
+    return bool(getattr(transport, "connected", False))
+
+
+def transport_open(transport: Any) -> bool:
+    """Whether C{transport}'s connection is up and not closing: more bytes may still go out on it."""
+    return bool(getattr(transport, "connected", False) and not getattr(transport, "disconnecting", False))
 
 
 def transport_producer(transport: Any) -> tuple[Any, bool]:

@@ -38,7 +38,14 @@ from twisted.web.http import combinedLogFormatter, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
-from h264edge._twisted_compat import access_log_sink, channel_is_idle, channel_state_known, plain_tcp, read_now
+from h264edge._twisted_compat import (
+    access_log_sink,
+    channel_is_idle,
+    channel_state_known,
+    plain_tcp,
+    read_now,
+    transport_open,
+)
 from h264edge.store import CachedObject, ObjectMeta, SliceStore
 from h264edge.tcpio import send_now
 from h264edge.web.limits import LimitedChannel, LimitedSite
@@ -236,8 +243,7 @@ class HotChannel(LimitedChannel):
         if (
             hot is not None
             and channel_is_idle(self)
-            and self.transport is not None
-            and not self.transport.disconnecting
+            and transport_open(self.transport)
         ):
             parsed = plain_get_target(data)
             if parsed is not None:

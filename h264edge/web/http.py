@@ -7,6 +7,7 @@ No Twisted here: strings in, values or L{BadRequest} out, so every rule is teste
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime, timezone
 from typing import Optional, Sequence
@@ -125,24 +126,31 @@ def excerpt(value: str | bytes, limit: int = 40) -> str:
     anything but printable ASCII (and the backslash and quote) written as C{\\xNN}, and C{...} when
     it was cut.
     """
-    raw = value.encode("utf-8", "backslashreplace") if isinstance(value, str) else value
+    if isinstance(value, str):
+        raw = value.encode("latin-1") if value.isascii() or max(value) <= "\xff" else value.encode("utf-8", "replace")
+    else:
+        raw = value
     shown = "".join(chr(b) if 0x20 <= b < 0x7F and b not in (0x5C, 0x22) else f"\\x{b:02x}" for b in raw[:limit])
     return '"' + shown + ('"...' if len(raw) > limit else '"')
 
 
-_SECONDS = re.compile(r"[0-9]{1,12}(?:\.[0-9]{0,20})?|\.[0-9]{1,20}")
+_SECONDS = re.compile(r"(?:[0-9]{1,20}(?:\.[0-9]{0,20})?|\.[0-9]{1,20})(?:[eE][-+]?[0-9]{1,3})?")
 
 
 def parse_seconds(name: str, value: Optional[str]) -> Optional[float]:
     """
-    A C{start}/C{end} value in decimal seconds, as nginx's mp4 module takes them: ASCII digits with
-    an optional fraction (C{12}, C{12.5}, C{.5}); no sign, exponent, spaces or other digits.
+    A C{start}/C{end} value in decimal seconds: ASCII digits with an optional fraction and an optional
+    exponent (C{12}, C{12.5}, C{.5}, C{1e300}: what players write numbers as); no sign, spaces,
+    other digits, C{inf} or C{nan}, at most 20 digits before and after the point.
     """
     if value is None or value == "":
         return None
     if not _SECONDS.fullmatch(value):
-        raise BadRequest(f"{name}={excerpt(value)} is not a number of seconds (digits, an optional fraction)")
-    return float(value)
+        raise BadRequest(f"{name}={excerpt(value)} is not a number of seconds")
+    seconds = float(value)
+    if not math.isfinite(seconds):
+        raise BadRequest(f"{name}={excerpt(value)} must be a finite number of seconds")
+    return seconds
 
 
 def parse_seek(start: Optional[str], end: Optional[str]) -> tuple[float, Optional[float]]:

@@ -46,6 +46,7 @@ from h264edge._twisted_compat import (
     plain_tcp,
     queued_bytes,
     socket_writable,
+    transport_open,
 )
 
 log = Logger()
@@ -92,6 +93,7 @@ class LimitCounters:
     header_timeouts: int = 0
     idle_closed: int = 0  # kept-alive connections closed by idle_timeout
     send_timeouts: int = 0
+    body_timeouts: int = 0
     idle_evicted: int = 0  # idle connections closed to make room at a cap
     refused: int = 0  # new connections answered 503 (or closed) at a cap
     bodies_refused: int = 0  # requests answered 413
@@ -247,6 +249,13 @@ class LimitedChannel(HTTPChannel):
             self._site._gone(self)
         super().connectionLost(reason)
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A request line or header line over twisted.web's limit: 431 rather than a silent close."""
+        self._stop_reading_requests()
+        transport: Any = self.transport
+        transport.write(plain_answer(431, "Request Header Fields Too Large", "a request line or header is too long"))
+        self._linger = _linger_close(transport, self.clock)
+
     # -- bodies -----------------------------------------------------------------------------------
 
     def _body_cap(self, method: Optional[bytes]) -> int:
@@ -285,8 +294,7 @@ class LimitedChannel(HTTPChannel):
 
     def _check(self) -> None:
         self._watch = None
-        transport = self.transport
-        if transport is None or getattr(transport, "disconnecting", False):
+        if not transport_open(self.transport):
             return
         limits, now, phase = self.limits, self.clock.seconds(), self._phase
         if phase == _IDLE and not self._sending():
@@ -299,12 +307,12 @@ class LimitedChannel(HTTPChannel):
         elif phase == _HEAD:
             due = self._since + limits.header_timeout
             if now >= due:
-                self._head_timed_out()
+                self._timed_out("the request head did not arrive in time")
                 return
         elif phase == _BODY:
             due = self._since + limits.send_timeout
             if now >= due:
-                self._stalled()
+                self._timed_out("the request body stopped coming")
                 return
         else:  # answering, or an answer's last bytes still wait in the transport
             if self._send_stalled(now):
@@ -330,14 +338,18 @@ class LimitedChannel(HTTPChannel):
             return False
         return now - self._progress_at >= self.limits.send_timeout
 
-    def _head_timed_out(self) -> None:
+    def _timed_out(self, why: str) -> None:
+        """A request head or body did not come in time: 408 (nothing if no byte came at all), then close."""
         if self._site is not None:
-            self._site.counters.header_timeouts += 1
+            if self._phase == _HEAD:
+                self._site.counters.header_timeouts += 1
+            else:
+                self._site.counters.body_timeouts += 1
         fresh = self._fresh
         self._stop_reading_requests()
         transport: Any = self.transport
         if not fresh:
-            transport.write(plain_answer(408, "Request Timeout", "the request head did not arrive in time"))
+            transport.write(plain_answer(408, "Request Timeout", why))
         self._linger = _linger_close(transport, self.clock)
 
     def _stalled(self) -> None:
