@@ -208,7 +208,8 @@ def transport_open(transport: Any) -> bool:
 
 def transport_producer(transport: Any) -> tuple[Any, bool]:
     """C{(producer, streaming)}: what holds C{transport}'s producer slot now (None if nothing)."""
-    return getattr(transport, "producer", None), bool(getattr(transport, "streamingProducer", False))
+    producer = getattr(transport, "producer", None)
+    return producer, producer is not None and bool(getattr(transport, "streamingProducer", False))
 
 
 def set_read_size(transport: Any, size: int) -> None:
