@@ -20,7 +20,9 @@ import select
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ISSLTransport
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 
 if TYPE_CHECKING:
@@ -32,6 +34,7 @@ __all__ = [
     "channel_is_idle",
     "channel_state_known",
     "channel_waiting_for_transport",
+    "close_now",
     "flush_now",
     "pending_method",
     "plain_tcp",
@@ -210,6 +213,20 @@ def transport_producer(transport: Any) -> tuple[Any, bool]:
     """C{(producer, streaming)}: what holds C{transport}'s producer slot now (None if nothing)."""
     producer = getattr(transport, "producer", None)
     return producer, producer is not None and bool(getattr(transport, "streamingProducer", False))
+
+
+def close_now(transport: Any) -> None:
+    """
+    Close C{transport}'s connection and free its descriptor now, in this call, when it is a
+    L{plain_tcp} one with nothing left to send (its protocol's C{connectionLost} runs before this
+    returns); otherwise close it the usual way, once what it holds is sent.  (C{loseConnection} frees
+    the descriptor only on a later reactor turn, too late when descriptors run out within one burst
+    of accepts.)
+    """
+    if plain_tcp(transport) and not queued_bytes(transport):
+        transport.connectionLost(Failure(ConnectionDone("closed to make room")))
+    else:
+        transport.loseConnection()
 
 
 def set_read_size(transport: Any, size: int) -> None:

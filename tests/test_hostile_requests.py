@@ -175,3 +175,5 @@ class HostileRequestTests(EdgeTestCase):
         self.assertEqual(answers["flv start superscript two"][0], 400)
         self.assertEqual(answers["mp4 start superscript two"][0], 400)
         self.assertEqual(answers["content-length of 5000 digits"][0], 413)
+        self.assertEqual(answers["header of 20000 bytes"][0], 431)
+        self.assertEqual(answers["incomplete head"][0], 408)

@@ -286,7 +286,7 @@ class ConnectionCapTests(LimitsTestCase):
 
     def test_the_default_cap_follows_the_descriptor_limit(self) -> None:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        self.assertEqual(default_max_connections(), max(16, (soft - 64) // 2))
+        self.assertEqual(default_max_connections(), max(16, (soft - 128) // 2))
 
 
 class DescriptorLimitTests(SynchronousTestCase):

@@ -255,6 +255,18 @@ class TransportTests(TestCase):
         self.assertGreater(pull.calls, called)  # the next writable event called the pull producer
         transport.unregisterProducer()
 
+    async def test_close_now_frees_the_descriptor_in_the_call(self) -> None:
+        transport = await self.transport()
+        lost: list[Any] = []
+        self.servers[0].connectionLost = lost.append  # type: ignore[method-assign]
+        fd = transport.fileno()
+        compat.close_now(transport)
+        self.assertEqual(len(lost), 1)  # the protocol knows at once
+        self.assertRaises(OSError, os.fstat, fd)  # and the descriptor is closed already
+        self.assertEqual(self.client.recv(10), b"")
+        await turn()  # the reactor does not meet it again
+        self.assertEqual(len(lost), 1)
+
     async def test_set_read_size(self) -> None:
         transport = await self.transport()
         transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 2**20)

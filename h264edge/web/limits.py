@@ -42,6 +42,7 @@ from twisted.web.server import Site
 
 from h264edge._twisted_compat import (
     channel_waiting_for_transport,
+    close_now,
     pending_method,
     plain_tcp,
     queued_bytes,
@@ -53,7 +54,7 @@ log = Logger()
 
 LINGER = 2.0
 """Seconds a refused connection is read (and what it sends dropped) before it is closed."""
-MAX_LINGERING = 64
+MAX_LINGERING = 32
 """Refused connections lingering at once; further ones over a cap are closed without an answer."""
 REFUSAL_LOG_INTERVAL = 10.0
 """At most one log line per this many seconds about connections refused at a cap."""
@@ -77,13 +78,14 @@ class ConnectionLimits:
 
 def default_max_connections() -> int:
     """
-    A total cap that leaves descriptors to spare: half the process's descriptor limit (each viewer
-    may hold a socket and an open cache file), less 64 for logs, origins and the store.
+    A total cap that leaves descriptors to spare: half of the process's descriptor limit less 128
+    (each viewer may hold a socket and an open cache file; the 128 are for refused connections while
+    they linger, logs, origin connections and the store), at least 16.
     """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft <= 0:
         soft = 2**20
-    return max(16, (soft - 64) // 2)
+    return max(16, (soft - 128) // 2)
 
 
 @attrs.define
@@ -450,7 +452,7 @@ class LimitedSite(Site):
             if channel.reusable:
                 self.counters.idle_evicted += 1
                 self._gone(channel)
-                channel.loseConnection()
+                close_now(channel.transport)  # its descriptor is free for the new connection at once
                 return True
             idle.pop(channel, None)  # not reusable after all (its last bytes are still going out)
         return False
