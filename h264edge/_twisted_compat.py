@@ -44,6 +44,7 @@ __all__ = [
     "send_socket",
     "set_read_size",
     "socket_writable",
+    "tcp_transport",
     "transport_connected",
     "transport_open",
     "transport_producer",
@@ -153,19 +154,22 @@ def request_disconnected(request: Request) -> bool:
 # -- TCP transports -----------------------------------------------------------------------------------
 
 
-def plain_tcp(transport: Any) -> bool:
-    """A live plain (not TLS) TCP connection, whose socket may be read and written directly."""
+def tcp_transport(transport: Any) -> bool:
+    """A plain (not TLS) TCP transport of Twisted's, open or not: one L{queued_bytes} can read."""
     return bool(
         isinstance(transport, tcp.Connection)
         and not getattr(transport, "TLS", False)
         and not ISSLTransport.providedBy(transport)
-        and transport.connected
-        and not transport.disconnecting
     )
 
 
+def plain_tcp(transport: Any) -> bool:
+    """A live plain (not TLS) TCP connection, whose socket may be read and written directly."""
+    return tcp_transport(transport) and bool(transport.connected and not transport.disconnecting)
+
+
 def queued_bytes(transport: Any) -> int:
-    """Bytes written to C{transport} (a L{plain_tcp} one) that it has not yet handed to the kernel."""
+    """Bytes written to C{transport} (a L{tcp_transport}) that it has not yet handed to the kernel."""
     pending = len(transport.dataBuffer) - transport.offset
     for piece in transport._tempDataBuffer:
         pending += len(piece)
@@ -178,7 +182,7 @@ def send_socket(transport: Any) -> Any:
 
 
 def socket_writable(transport: Any) -> bool:
-    """Whether the kernel would take more bytes on C{transport}'s socket now (a L{plain_tcp} one)."""
+    """Whether the kernel would take more bytes on C{transport}'s socket now (a connected L{tcp_transport})."""
     poller = select.poll()
     poller.register(transport.fileno(), select.POLLOUT)
     return bool(poller.poll(0))

@@ -199,6 +199,38 @@ class SlowPeerTests(LimitsTestCase):
         self.assertTrue(answer.body == data)
         self.assertEqual(self.site.counters.send_timeouts, 0)
 
+    async def test_a_closing_connection_whose_peer_does_not_read_is_dropped(self) -> None:
+        """An answer written whole before its connection closes (Connection: close) still needs a reader."""
+        from twisted.internet import reactor
+        from twisted.web.resource import Resource
+
+        from h264edge.web.limits import LimitedSite
+
+        class Whole(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                return bytes(8 * 2**20)
+
+        site = LimitedSite(Whole(), limits=self.limits)
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+
+        def stall() -> tuple[int, bool]:
+            sock = connect(port.getHost().port, rcvbuf=4096)
+            try:
+                sock.sendall(get("/", "Connection: close\r\n"))
+                time.sleep(SHORT * 6)
+                data, closed = read_until_closed(sock, 10)
+                return len(data), closed
+            finally:
+                sock.close()
+
+        got, closed = await deferToThread(stall)
+        self.assertTrue(closed)
+        self.assertLess(got, 8 * 2**20)
+        self.assertEqual(site.counters.send_timeouts, 1)
+
     def test_twisted_web_idle_timeout_is_off(self) -> None:
         """The channels keep their own deadlines; twisted.web's 12-hour idle timeout would only add a timer."""
         self.assertIsNone(self.site.timeOut)

@@ -47,6 +47,8 @@ from h264edge._twisted_compat import (
     plain_tcp,
     queued_bytes,
     socket_writable,
+    tcp_transport,
+    transport_connected,
     transport_open,
 )
 
@@ -199,7 +201,7 @@ class LimitedChannel(HTTPChannel):
         if line[:15].lower() == b"content-length:":
             digits = line[15:].strip(b" \t").lstrip(b"0")
             if len(digits) > 18 and digits.isdigit():
-                self._refuse_body(None)
+                self._refuse_body(pending_method(self))
                 return False
         ok: bool = super().headerReceived(line)
         return ok
@@ -285,7 +287,7 @@ class LimitedChannel(HTTPChannel):
         self.persistent = False
         if self._watch is not None and self._watch.active():
             self._watch.cancel()
-        self._watch = None
+        self._watch = None  # the lingering close has its own deadline
         drop = _drop
         self.dataReceived = drop  # type: ignore[method-assign]
         self.lineReceived = drop  # type: ignore[method-assign]
@@ -296,10 +298,17 @@ class LimitedChannel(HTTPChannel):
 
     def _check(self) -> None:
         self._watch = None
-        if not transport_open(self.transport):
+        transport = self.transport
+        if not transport_connected(transport):
             return
         limits, now, phase = self.limits, self.clock.seconds(), self._phase
-        if phase == _IDLE and not self._sending():
+        if not transport_open(transport) or phase == _BUSY or (phase == _IDLE and self._sending()):
+            # answering, or closing or idle with an answer's last bytes still waiting in the transport
+            if self._send_stalled(now):
+                self._stalled()
+                return
+            due = now + limits.send_timeout / 2
+        elif phase == _IDLE:
             due = self._since + limits.idle_timeout
             if now >= due:
                 if self._site is not None:
@@ -311,29 +320,24 @@ class LimitedChannel(HTTPChannel):
             if now >= due:
                 self._timed_out("the request head did not arrive in time")
                 return
-        elif phase == _BODY:
+        else:
             due = self._since + limits.send_timeout
             if now >= due:
                 self._timed_out("the request body stopped coming")
                 return
-        else:  # answering, or an answer's last bytes still wait in the transport
-            if self._send_stalled(now):
-                self._stalled()
-                return
-            due = now + limits.send_timeout / 2
         self._watch = self.clock.callLater(max(due - now, 0.001), self._check)
 
     def _sending(self) -> bool:
         transport = self.transport
-        return channel_waiting_for_transport(self) or (plain_tcp(transport) and queued_bytes(transport) > 0)
+        return channel_waiting_for_transport(self) or (tcp_transport(transport) and queued_bytes(transport) > 0)
 
     def _send_stalled(self, now: float) -> bool:
         """Whether the peer took none of what waits for it for send_timeout seconds."""
         transport = self.transport
-        plain = plain_tcp(transport)
-        queued = queued_bytes(transport) if plain else 0
+        tcp = tcp_transport(transport)
+        queued = queued_bytes(transport) if tcp else 0
         token = (sum(getattr(request, "sentLength", 0) for request in self.requests), queued)
-        blocked = channel_waiting_for_transport(self) or queued > 0 or (plain and not socket_writable(transport))
+        blocked = channel_waiting_for_transport(self) or queued > 0 or (tcp and not socket_writable(transport))
         if token != self._token or not blocked:
             self._token = token
             self._progress_at = now
