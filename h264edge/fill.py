@@ -9,6 +9,11 @@ L{Filler.ensure} starts fetches only for slices that are missing and not in flig
 one cold object cause one origin request per slice.  A body that ends early resumes with a Range
 request from the first byte not written; bytes are never marked present before they are written, and
 an object whose validators change under a fill is dropped.
+
+With C{shared} (several processes on one cache directory), fills are coordinated across processes
+through L{FillLocks}: a key not cached yet is asked of the origin by one process, which publishes
+the new object's sidecar at once; a slice is fetched by the process holding its lock, and the others
+read it as that process writes it (its write counts) and take it as present once it is whole.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from typing import Any, Optional
 
 import attrs
 from attrs import define, field
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -25,8 +31,12 @@ from h264edge.errors import EdgeError, ObjectChanged, OriginStatus, OriginUnavai
 from h264edge.freshness import freshness
 from h264edge.origin import OriginClient, OriginReply
 from h264edge.store import CachedObject, ObjectMeta, SliceStore, StoreError
+from h264edge.store._fill_locks import HELD, TAKEN, FillLocks, SliceLocks
+from h264edge.tiers import Upstream
 
 log = Logger()
+
+UPSTREAM_KEYS = 10_000  # keys whose parent's Via and Cache-Status are remembered
 
 
 _LOOK = object()  # object_for's "look the key up yourself"
@@ -77,6 +87,9 @@ class _ObjectState:
     progress: dict[int, int] = field(factory=dict)  # slice -> bytes written from the slice start
     waiters: list[tuple[int, "Deferred[None]"]] = field(factory=list)
     failure: Optional[Failure] = None
+    locks: Optional[SliceLocks] = None  # with shared fills: this object's slice locks
+    remote: set[int] = field(factory=set)  # slices another process is fetching
+    poller: Any = None  # the delayed call that next looks at the remote slices
 
 
 def meta_from_reply(key: str, reply: OriginReply, now: float, default_ttl: float) -> tuple[ObjectMeta, bool]:
@@ -128,11 +141,19 @@ class Filler:
         self._viewers: dict[int, int] = {}  # id(object) -> viewers streaming from it
         self.steal_distance = 4  # slices
         self.origin_bytes = 0  # statistics: body bytes received from origins
+        #: fills coordinated with other processes on the store's directory (None: this process alone)
+        self.shared: Optional[FillLocks] = None
+        self.poll_interval = 0.01  # seconds between looks at slices another process fetches
+        #: the Via origin requests carry when no viewer's is given (C{1.1 NAME} of this edge), or None
+        self.via: Optional[str] = None
+        #: per key, the Via and Cache-Status of the last origin answer (a parent edge's), most recent last
+        self.upstream: dict[str, Upstream] = {}
 
     # -- finding the object -------------------------------------------------------------------
 
     def object_for(
-        self, key: str, path: str, first: int = 0, last: Optional[int] = None, *, cached: Any = _LOOK
+        self, key: str, path: str, first: int = 0, last: Optional[int] = None, *, cached: Any = _LOOK,
+        via: Optional[str] = None,
     ) -> "Deferred[CachedObject]":
         """
         The fresh object for C{key}: from the store, revalidated, or from a new origin contact whose body
@@ -140,6 +161,7 @@ class Filler:
         last C{-first} bytes).  Concurrent callers for one key share one origin contact.  A stale object
         is served when every origin is down, and for C{stale_retry} seconds after that without asking.
         C{cached} is what the caller already got from C{store.get(key)}, to spare a second lookup.
+        C{via} is the C{Via} the origin contact carries (the viewer's, and this edge).
         """
         obj = self.store.get(key) if cached is _LOOK else cached
         if obj is not None:
@@ -148,7 +170,7 @@ class Filler:
                 return succeed(obj)
         shared = self._contacts.get(key)
         if shared is None:
-            d = Deferred.fromCoroutine(self._contact(key, path, first, last, obj))
+            d = Deferred.fromCoroutine(self._contact(key, path, first, last, obj, via or self.via))
             shared = self._contacts[key] = SharedResult(d)
             d.addBoth(self._contact_done, key)
         return shared.result()
@@ -157,7 +179,38 @@ class Filler:
         self._contacts.pop(key, None)
 
     async def _contact(
-        self, key: str, path: str, first: int, last: Optional[int], stale: Optional[CachedObject]
+        self, key: str, path: str, first: int, last: Optional[int], stale: Optional[CachedObject],
+        via: Optional[str] = None,
+    ) -> CachedObject:
+        if stale is not None or self.shared is None:
+            return await self._ask_origin(key, path, first, last, stale, via)
+        # a key not cached here: unless another process is asking the origin for it right now, in
+        # which case its object's sidecar is shared as soon as it exists
+        lock = self.shared.contact(key)
+        deadline = self.reactor.seconds() + 3 * self.origin.timeout
+        while lock is None and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, self.poll_interval, lambda: None)
+            found = self.store.get(key)
+            if found is not None:
+                if found.meta.is_fresh(self.reactor.seconds()):
+                    return found
+                return await self._ask_origin(key, path, first, last, found, via)
+            lock = self.shared.contact(key)
+        try:
+            found = self.store.get(key)  # published between our look and our lock
+            if found is not None and found.meta.is_fresh(self.reactor.seconds()):
+                return found
+            obj = await self._ask_origin(key, path, first, last, found, via)
+            if obj is not found:
+                self.store.publish(obj)
+            return obj
+        finally:
+            if lock is not None:
+                lock.release()
+
+    async def _ask_origin(
+        self, key: str, path: str, first: int, last: Optional[int], stale: Optional[CachedObject],
+        via: Optional[str] = None,
     ) -> CachedObject:
         ss = self.store.slice_size
         if first < 0:  # a suffix range: ask for the tail (whole slices of it are kept)
@@ -172,10 +225,10 @@ class Filler:
             if stale.meta.last_modified:
                 conditional["If-Modified-Since"] = stale.meta.last_modified
         try:
-            reply = await self.origin.fetch(path, rfirst, rlast, conditional or None)
+            reply = await self.origin.fetch(path, rfirst, rlast, conditional or None, via=via)
             if reply.code == 416 and rfirst != 0:
                 # the wanted range starts past the end: learn the object from its first slice instead
-                reply = await self.origin.fetch(path, 0, ss - 1, conditional or None)
+                reply = await self.origin.fetch(path, 0, ss - 1, conditional or None, via=via)
         except OriginUnavailable:
             if stale is not None:
                 log.warn("serving stale {key}: no origin answered", key=key)
@@ -185,11 +238,21 @@ class Filler:
                 self._down_until[key] = now + self.stale_retry
                 return stale
             raise
+        self._heard_upstream(key, reply)
         try:
             return self._adopt(key, path, reply, stale)
         except BaseException:
             reply.discard()
             raise
+
+    def _heard_upstream(self, key: str, reply: OriginReply) -> None:
+        """Keep what caches nearer the origin (a parent edge) said of C{key}: the answers name them too."""
+        via, status = reply.header("Via"), reply.header("Cache-Status")
+        self.upstream.pop(key, None)
+        if via or status:
+            self.upstream[key] = Upstream(via, status)
+            if len(self.upstream) > UPSTREAM_KEYS:
+                del self.upstream[next(iter(self.upstream))]
 
     def _adopt(self, key: str, path: str, reply: OriginReply, stale: Optional[CachedObject]) -> CachedObject:
         """Turn the first origin answer into the cached object and start filling from its body."""
@@ -266,6 +329,8 @@ class Filler:
             written = state.progress.get(index)
             if written:
                 return max(0, index * ss + written - offset)
+            if index in state.remote and state.locks is not None:
+                return max(0, index * ss + state.locks.written(index) - offset)
         return 0
 
     def arriving(self, obj: CachedObject, offset: int) -> bool:
@@ -275,7 +340,11 @@ class Filler:
         fails; the other case is a fetch whose answer may yet say the object changed.
         """
         state = self._states.get(id(obj))
-        fetch = state.inflight.get(offset // obj.slice_size) if state is not None else None
+        if state is None:
+            return False
+        if offset // obj.slice_size in state.remote:
+            return True  # another process's fetch: it writes only after checking the origin's answer
+        fetch = state.inflight.get(offset // obj.slice_size)
         return fetch is not None and fetch.transport is not None and not fetch.finished
 
     def ensure(self, obj: CachedObject, path: str, first: int, last: int) -> None:
@@ -287,7 +356,7 @@ class Filler:
         state = self._state(obj, path)
         run: list[int] = []
         for index in range(first // ss, last // ss + 1):
-            if obj.has_slice(index) or index in state.inflight:
+            if obj.has_slice(index) or index in state.inflight or index in state.remote:
                 if run:
                     self._fetch_run(state, run)
                     run = []
@@ -298,7 +367,8 @@ class Filler:
 
     def wait(self, obj: CachedObject, path: str, offset: int) -> "Deferred[None]":
         """
-        Fires once bytes are readable at C{offset}; fails with L{FillFailed} if they never will be.
+        Fires once bytes are readable at C{offset}; fails with L{FillFailed} if they never will be
+        (at once for an offset outside the object: no fill brings bytes past its end).
 
         If the slice is owned by a fetch still more than C{steal_distance} slices behind it (a viewer
         seeking ahead of another viewer's sequential fill), that fetch's slices from here on are taken
@@ -306,16 +376,19 @@ class Filler:
         """
         if self.readable(obj, offset):
             return succeed(None)
+        if not 0 <= offset < obj.meta.size:
+            return fail(FillFailed(f"byte {offset} is outside {obj.meta.key}, which has {obj.meta.size}"))
         state = self._state(obj, path)
         index = offset // obj.slice_size
         owner = state.inflight.get(index)
         if owner is None:
-            self.ensure(obj, path, offset, offset)
+            if index not in state.remote:
+                self.ensure(obj, path, offset, offset)
         elif index - owner.position // obj.slice_size > self.steal_distance:
             self._steal(state, owner, index)
         d: Deferred[None] = Deferred()
         state.waiters.append((offset, d))
-        if index not in state.inflight:
+        if index not in state.inflight and index not in state.remote:
             self._wake(state)  # nothing fetches it (no fetch could start): the reader fails now
         return d
 
@@ -346,11 +419,87 @@ class Filler:
         return state
 
     def _forget_if_idle(self, state: _ObjectState) -> None:
-        if not state.inflight and not state.waiters and not state.progress:
+        if not state.inflight and not state.waiters and not state.progress and not state.remote:
             if self._states.get(id(state.obj)) is state:
                 del self._states[id(state.obj)]
 
+    def _locks(self, state: _ObjectState) -> Optional[SliceLocks]:
+        """The object's slice locks when fills are shared (not for transient objects: nobody shares those)."""
+        if self.shared is None or state.obj.transient:
+            return None
+        if state.locks is None:
+            obj = state.obj
+            state.locks = self.shared.slices(obj.meta.key, obj.token, obj.slice_size, obj.meta.size)
+        return state.locks
+
+    def _claim(self, state: _ObjectState, indexes: list[int]) -> list[int]:
+        """
+        Of C{indexes} (missing, not in flight here), those this process may fetch; with shared fills,
+        the others are being fetched by another process and are followed (L{_follow}).
+        """
+        locks = self._locks(state)
+        if locks is None:
+            return indexes
+        mine = []
+        for index in indexes:
+            try:
+                taken = locks.take(index)
+            except OSError as e:
+                log.warn("fill lock of {key}: {error}; fetching without it", key=state.obj.meta.key, error=e)
+                taken = TAKEN
+            if taken == TAKEN:
+                mine.append(index)
+            elif taken == HELD:
+                state.remote.add(index)
+            else:
+                state.remote.add(index)  # whole already: the next look takes it as present
+        if state.remote and state.poller is None:
+            state.poller = self.reactor.callLater(self.poll_interval, self._follow, state)
+        return mine
+
+    def _follow(self, state: _ObjectState) -> None:
+        """
+        Look at the slices another process fetches: a whole one is present here too; one that
+        process gave up (its lock free, its count short) is fetched here.
+        """
+        state.poller = None
+        locks, obj = state.locks, state.obj
+        if locks is None:
+            return
+        orphaned = []
+        try:
+            for index in sorted(state.remote):
+                if obj.has_slice(index):
+                    state.remote.discard(index)
+                elif locks.whole(index):
+                    state.remote.discard(index)
+                    obj.commit_slice(index)  # written by the other process; synced before any sidecar lists it
+                elif locks.free(index):
+                    state.remote.discard(index)
+                    orphaned.append(index)
+        except (OSError, StoreError) as e:
+            log.warn("following another process's fill of {key} failed: {error}", key=obj.meta.key, error=e)
+            state.remote.clear()
+            state.failure = Failure(FillFailed(f"following another process's fill: {e}"))
+            self._wake(state)
+            state.failure = None
+            return
+        if orphaned:  # one origin request per run of them
+            self.ensure(obj, state.path, orphaned[0] * obj.slice_size, (orphaned[-1] + 1) * obj.slice_size - 1)
+        self._wake(state)
+        if state.remote and state.poller is None:
+            state.poller = self.reactor.callLater(self.poll_interval, self._follow, state)
+        self._forget_if_idle(state)
+
     def _fetch_run(self, state: _ObjectState, run: list[int]) -> None:
+        mine = self._claim(state, run)
+        start = 0
+        for i in range(1, len(mine) + 1):  # contiguous runs of what is ours to fetch
+            if i == len(mine) or mine[i] != mine[i - 1] + 1:
+                self._fetch_own_run(state, mine[start:i])
+                start = i
+
+    def _fetch_own_run(self, state: _ObjectState, run: list[int]) -> None:
         fetch = _Fetch(self, state, set(run))
         for index in run:
             state.inflight[index] = fetch
@@ -377,11 +526,12 @@ class Filler:
         obj = state.obj
         ss = obj.slice_size
         end = reply.first + (reply.length if reply.length is not None else obj.meta.size - reply.first)
-        owned = {
+        owned = set(self._claim(state, [
             index
             for index in range(reply.first // ss, (min(end, obj.meta.size) - 1) // ss + 1)
             if index * ss >= reply.first and not obj.has_slice(index) and index not in state.inflight
-        }
+            and index not in state.remote
+        ]))
         fetch = _Fetch(self, state, owned)
         for index in owned:
             state.inflight[index] = fetch
@@ -400,7 +550,8 @@ class Filler:
         for offset, d in state.waiters:
             if self.readable(state.obj, offset):
                 ready.append((d, True))
-            elif offset // ss not in state.inflight and not state.obj.has_slice(offset // ss):
+            elif offset // ss not in state.inflight and offset // ss not in state.remote \
+                    and not state.obj.has_slice(offset // ss):
                 ready.append((d, False))  # nothing will fill it: fail the reader
             else:
                 keep.append((offset, d))
@@ -444,6 +595,8 @@ class _Fetch:
 
     def _timed_out(self) -> None:
         log.warn("origin body idle for {s}s at byte {pos}; dropping it", s=self.filler.idle_timeout, pos=self.position)
+        if self.reply is not None:
+            self.filler.origin.body_failed(self.reply.url)  # resume from another origin, if there is one
         if self.transport is not None:
             self.transport.stopProducing()
 
@@ -452,7 +605,7 @@ class _Fetch:
         validator = meta.etag if meta.etag and not meta.etag.startswith("W/") else meta.last_modified
         conditional = {"If-Range": validator} if validator else None
         self.position = first
-        reply = await self.filler.origin.fetch(self.state.path, first, last, conditional)
+        reply = await self.filler.origin.fetch(self.state.path, first, last, conditional, via=self.filler.via)
         self.check(reply)
         self.receive(reply)
 
@@ -501,11 +654,15 @@ class _Fetch:
                     elif position == written_to:
                         obj.write(position, view[i : i + n])
                         written = state.progress[index] = state.progress[index] + n
+                        if state.locks is not None:
+                            state.locks.wrote(index, written)  # after the bytes: readers elsewhere follow
                         if slice_start + written == slice_end:
                             obj.commit_slice(index)
                             del state.inflight[index]
                             del state.progress[index]
                             self.owned.discard(index)
+                            if state.locks is not None:
+                                state.locks.release(index)
                     # position > written_to cannot happen: bodies are contiguous and start at or before it
                 i += n
                 position += n
@@ -532,6 +689,8 @@ class _Fetch:
             if state.inflight.get(index) is self:
                 del state.inflight[index]
                 state.progress.pop(index, None)
+                if state.locks is not None:
+                    state.locks.release(index)
         self.owned.clear()
         self.stop()
         self.filler._forget_if_idle(state)
@@ -602,6 +761,8 @@ class _Fetch:
             if state.inflight.get(index) is self:
                 del state.inflight[index]
                 state.progress.pop(index, None)
+                if state.locks is not None:
+                    state.locks.release(index)
         self.owned.clear()
         state.failure = failure if failure.check(EdgeError) else Failure(FillFailed(failure.getErrorMessage()))
         self.filler._wake(state)

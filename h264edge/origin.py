@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import re
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import treq
-from attrs import frozen
-from twisted.internet.defer import CancelledError
+from attrs import field, frozen
+from twisted.internet.defer import CancelledError, TimeoutError as DeferredTimeoutError
 from twisted.internet.task import deferLater
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as TxTimeoutError
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -29,6 +29,8 @@ from zope.interface import implementer
 
 from h264edge._twisted_compat import TreqResponse, set_read_size, treq_raw_response
 from h264edge.errors import OriginStatus, OriginUnavailable
+from h264edge.health import OriginHealth, RetryBudget
+from h264edge.s3 import S3_AUTH_ERRORS, S3Origin, error_code as s3_error_code
 from h264edge.tcpio import write_at_once
 
 log = Logger()
@@ -56,6 +58,36 @@ def header(headers: Headers, name: str) -> Optional[str]:
     return values[-1].decode("latin-1") if isinstance(values[-1], bytes) else values[-1]
 
 
+class _Slot:
+    """A connection slot held for one origin answer until its body is read or dropped (released once)."""
+
+    def __init__(self, release: Callable[[], None] = lambda: None) -> None:
+        self._release: Optional[Callable[[], None]] = release
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+class _Releasing:
+    """Passes an origin body to C{protocol} and frees the answer's slot when the body ends."""
+
+    def __init__(self, protocol: Any, slot: _Slot) -> None:
+        self._protocol = protocol
+        self._slot = slot
+
+    def makeConnection(self, transport: Any) -> None:
+        self._protocol.makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._protocol.dataReceived(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        self._slot.release()
+        self._protocol.connectionLost(reason)
+
+
 @frozen
 class OriginReply:
     """
@@ -72,16 +104,18 @@ class OriginReply:
     total: Optional[int]
     url: str
     response: Any
+    slot: _Slot = field(factory=_Slot)
 
     def header(self, name: str) -> Optional[str]:
         return header(self.headers, name)
 
     def deliver(self, protocol: IProtocol) -> None:
         """Stream the body into C{protocol} (its transport can pause and stop the origin socket)."""
-        self.response.deliverBody(protocol)
+        self.response.deliverBody(_Releasing(protocol, self.slot))
 
     def discard(self) -> None:
         """We do not want this body: drop the connection rather than read it."""
+        self.slot.release()
         discard_body(self.response)
 
 
@@ -210,6 +244,10 @@ class OriginClient:
 
     A connect failure, a timeout before the headers, or a 5xx moves on to the next origin; a 4xx is the
     object's answer and is raised as L{OriginStatus}; when every origin failed, L{OriginUnavailable}.
+    Origins whose circuit is open or that health checks marked down are skipped (L{health}, see
+    L{h264edge.health}); extra attempts draw on a L{RetryBudget}; C{connection_limit} caps the
+    answers in flight per origin (0: no cap; a request waits up to C{timeout} for a free slot, then
+    tries the next origin).
     """
 
     def __init__(
@@ -218,16 +256,23 @@ class OriginClient:
         reactor: Any = None,
         timeout: float = 10.0,
         pool_size: int = 16,
+        *,
+        health: Optional[OriginHealth] = None,
+        retry_budget: Optional[RetryBudget] = None,
+        connection_limit: int = 0,
+        check_path: str = "",
+        s3_origins: Iterable[S3Origin] = (),
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
             reactor = global_reactor
+        self._s3 = {s3.base: s3 for s3 in s3_origins}
         self.bases = [b if b.endswith("/") else b + "/" for b in bases]
         if not self.bases:
             raise ValueError("at least one origin URL is needed")
         for base in self.bases:
-            if not base.startswith(("http://", "https://")):
+            if not base.startswith(("http://", "https://")) and base not in self._s3:
                 raise ValueError(f"origin {base!r} is not an http(s) URL")
         self.reactor = reactor
         self.timeout = timeout
@@ -240,10 +285,34 @@ class OriginClient:
         self.requests = 0  # statistics: origin requests sent
         self.passes = 2  # rounds over the origin list before giving up (a dropped connection gets a second try)
         self.retry_delay = 0.05
+        self.health = health or OriginHealth(self.bases, reactor, limit=connection_limit)
+        self.budget = retry_budget or RetryBudget(reactor)
+        self.check_path = check_path.lstrip("/")
 
     def url_for(self, base: str, path: str) -> str:
         """C{path} is already normalised and percent-encoded, starting with C{/}."""
+        s3 = self._s3.get(base)
+        if s3 is not None:
+            return s3.url_for(path)
         return base + path.lstrip("/")
+
+    def _signed(self, base: str, method: str, url: str, headers: Mapping[str, str], body: bytes = b"") -> Any:
+        """C{headers} as sent to C{base}: signed for an S3 origin, as they are for an HTTP one."""
+        s3 = self._s3.get(base)
+        return s3.sign(method, url, dict(headers), body) if s3 is not None else headers
+
+    async def _refused_credentials(self, base: str, response: Any) -> Optional[str]:
+        """
+        For an S3 origin's 400/403, the error code if it says our signature or key was refused (the
+        body, a small XML document, is read; a large one is dropped unread); else None.
+        """
+        if base not in self._s3 or response.code not in (400, 403):
+            return None
+        if not isinstance(response.length, int) or response.length > 65536:
+            discard_body(response)
+            return None
+        code = s3_error_code(await response.content())
+        return code if code in S3_AUTH_ERRORS else None
 
     async def fetch(
         self,
@@ -252,6 +321,7 @@ class OriginClient:
         last: Optional[int] = None,
         conditional: Optional[Mapping[str, str]] = None,
         method: str = "GET",
+        via: Optional[str] = None,
     ) -> OriginReply:
         """
         GET C{path} asking for bytes C{first}..C{last} (inclusive; None = to the end; a negative
@@ -267,45 +337,126 @@ class OriginClient:
         headers: dict[Any, Any] = {"Range": wanted, "Accept-Encoding": "identity"}
         if conditional:
             headers.update(conditional)
+        if via:
+            headers["Via"] = via  # a parent edge adds itself and refuses a request that went round
         failures: list[str] = []
         timed_out = False
+        attempts = 0
+        health = self.health
         for attempt in range(self.passes):
             if attempt:
                 if timed_out:
                     break  # a second round of timeouts would only make the viewer wait longer
                 await deferLater(self.reactor, self.retry_delay, lambda: None)
             for base in self.bases:
+                if not health.admit(base):
+                    continue  # down: the next origin at once
+                attempts += 1
+                if attempts == 1:
+                    self.budget.deposit()
+                elif not self.budget.withdraw():
+                    health.abandoned(base)
+                    failures.append("retry budget spent")
+                    raise OriginUnavailable("no origin answered: " + "; ".join(failures), timeout=timed_out)
+                slot = await self._slot(base)
+                if slot is None:
+                    failures.append(f"{base}: {health.limit} requests in flight for {self.timeout}s")
+                    continue
                 url = self.url_for(base, path)
                 self.requests += 1
                 try:
                     response = await self._client.request(
                         method,
                         url,
-                        headers=headers,
+                        headers=self._signed(base, method, url, headers),
                         unbuffered=True,
                         allow_redirects=False,
                         timeout=self.timeout,
                         reactor=self.reactor,
                     )
                 except EncodedBody as e:
+                    slot.release()
+                    health.succeeded(base)  # it answered; the answer is unusable
                     failures.append(str(e))
                     log.warn("{error}", error=e)
                     continue
                 except _TRANSIENT as e:
+                    slot.release()
                     timed_out = timed_out or _is_timeout(e)
+                    # no connection or no answer in time: skip it for a while; a connection dropped
+                    # before the answer (a restart, a stale keep-alive) counts like a 5xx
+                    health.failed(base, hard=not isinstance(e, ResponseNeverReceived) or _is_timeout(e))
                     failures.append(f"{base}: {'timeout' if _is_timeout(e) else e.__class__.__name__}")
                     log.warn("origin {url} failed: {error}", url=url, error=e)
                     continue
                 code = response.code
                 if code >= 500:
+                    slot.release()
+                    health.failed(base, hard=False)
                     discard_body(response)
                     failures.append(f"{base}: {code}")
                     log.warn("origin {url} answered {code}", url=url, code=code)
                     continue
-                return self._reply(response, url)
+                try:
+                    refused = await self._refused_credentials(base, response)
+                except Exception as e:  # the error body was lost: treat it like a dropped answer
+                    slot.release()
+                    health.failed(base, hard=False)
+                    failures.append(f"{base}: {code} and a lost body ({e.__class__.__name__})")
+                    continue
+                if refused is not None:
+                    slot.release()
+                    health.failed(base, hard=False)
+                    failures.append(f"{base}: origin authentication failed ({refused})")
+                    log.error("origin {base} refused our credentials: {code} {error} (check --s3-credentials, "
+                              "the AWS_* variables or ~/.aws/credentials, and --s3-region)",
+                              base=base, code=code, error=refused)
+                    continue
+                health.succeeded(base)
+                return self._reply(response, url, slot)
+        if not attempts:
+            raise OriginUnavailable(health.all_skipped_message())
         raise OriginUnavailable("no origin answered: " + "; ".join(failures), timeout=timed_out)
 
-    def _reply(self, response: TreqResponse, url: str) -> OriginReply:
+    async def _slot(self, base: str) -> Optional[_Slot]:
+        """A connection slot for C{base}, or None after waiting C{timeout} seconds for one."""
+        wait = self.health.slot(base)
+        if wait.called:
+            return _Slot(lambda: self.health.release(base))
+        wait.addTimeout(self.timeout, self.reactor)
+        try:
+            await wait
+        except (CancelledError, DeferredTimeoutError):
+            self.health.abandoned(base)
+            return None
+        return _Slot(lambda: self.health.release(base))
+
+    def body_failed(self, url: str) -> None:
+        """The body of an answer from C{url} went silent: count it against that origin like a timeout."""
+        for base in self.bases:
+            if url.startswith(base):
+                self.health.failed(base, hard=True)
+                return
+
+    async def check(self, base: str) -> bool:
+        """One health check: C{HEAD} of the check path on C{base}; healthy if it answers 2xx or 3xx in time."""
+        url = self.url_for(base, "/" + self.check_path)
+        response = await self._client.request(
+            "HEAD", url, headers=self._signed(base, "HEAD", url, {}), unbuffered=True, allow_redirects=False,
+            timeout=self.timeout, reactor=self.reactor,
+        )
+        discard_body(response)
+        return 200 <= response.code < 400
+
+    def _reply(self, response: TreqResponse, url: str, slot: Optional[_Slot] = None) -> OriginReply:
+        slot = slot or _Slot()
+        try:
+            return self._checked_reply(response, url, slot)
+        except BaseException:
+            slot.release()
+            raise
+
+    def _checked_reply(self, response: Any, url: str, slot: _Slot) -> OriginReply:
         code = response.code
         raw = treq_raw_response(response)
         hdrs: Headers = response.headers
@@ -329,6 +480,7 @@ class OriginClient:
         elif code == 200:
             total = length
         elif code in (304,):
+            slot.release()
             discard_body(response)
         elif code == 416:
             value = header(hdrs, "Content-Range")
@@ -337,11 +489,12 @@ class OriginClient:
                     total = parse_content_range(value)[2]
                 except ValueError:
                     pass
+            slot.release()
             discard_body(response)
         else:
             discard_body(response)
             raise OriginStatus(code)
-        return OriginReply(code, hdrs, first, length, total, url, raw)
+        return OriginReply(code, hdrs, first, length, total, url, raw, slot)
 
     async def probe(self) -> dict[str, str]:
         """
@@ -351,9 +504,11 @@ class OriginClient:
         """
         results: dict[str, str] = {}
         for base in self.bases:
+            url = self.url_for(base, "/")
             try:
                 response = await self._client.request(
-                    "HEAD", base, unbuffered=True, allow_redirects=False, timeout=self.timeout, reactor=self.reactor
+                    "HEAD", url, headers=self._signed(base, "HEAD", url, {}), unbuffered=True,
+                    allow_redirects=False, timeout=self.timeout, reactor=self.reactor,
                 )
             except EncodedBody:
                 results[base] = "HTTP, with an encoded body although asked for identity"
@@ -375,7 +530,7 @@ class OriginClient:
             self.requests += 1
             try:
                 response = await self._client.request(
-                    method, url, headers=dict[Any, Any](headers), data=body or None,
+                    method, url, headers=self._signed(base, method, url, headers, body), data=body or None,
                     allow_redirects=False, timeout=self.timeout, reactor=self.reactor,
                 )
             except _TRANSIENT as e:

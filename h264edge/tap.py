@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import ipaddress
 import re
+import socket
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -19,8 +20,13 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
+from h264edge.fill import Filler
+from h264edge.health import HealthChecks, OriginHealth, RetryBudget
 from h264edge.origin import OriginClient
+from h264edge.s3 import S3ConfigError, S3Location, S3Origin, load_credentials
 from h264edge.store import SliceStore
+from h264edge.tiers import BadEdgeName, check_name
+from h264edge.store._fill_locks import FillLocks
 from h264edge.store._store import ORPHAN_GRACE
 from h264edge.web.hot import EdgeSite
 from h264edge.web.limits import ConnectionLimits
@@ -55,6 +61,17 @@ class Options(usage.Options):
         ["slice-size", None, "1M", "Cache objects are kept in slices of this many bytes."],
         ["default-ttl", None, "3600", "Seconds an answer stays fresh when the origin says nothing."],
         ["origin-timeout", None, "10", "Seconds to wait for an origin to connect or answer."],
+        ["origin-idle-timeout", None, "30", "Seconds an origin body may stay silent before it is dropped "
+         "(and resumed, from the next origin if that one is now marked down)."],
+        ["origin-retry-after", None, "1", "Seconds an origin is skipped after a connect failure or timeout "
+         "(doubling up to 60 while it keeps failing; then one request tries it again)."],
+        ["origin-retry-budget", None, "0.2", "Extra origin attempts (failover, resumption) allowed, as a share "
+         "of the requests of the last 10 s (plus 5 per second)."],
+        ["origin-connections", None, "0", "Requests in flight per origin at most (0: no limit)."],
+        ["origin-check", None, "", "Path to HEAD on every origin in the background (empty: no health checks)."],
+        ["origin-check-interval", None, "5", "Seconds between health checks of each origin."],
+        ["origin-rise", None, "2", "Good health checks in a row that mark a down origin up."],
+        ["origin-fall", None, "3", "Failed health checks (or 5xx answers) in a row that mark an origin down."],
         ["seek-cache", None, "256M", "Memory for parsed MP4 seek indexes, plus a quarter more for recent seek answers."],
         ["max-moov", None, "64M", "Largest MP4 moov box the edge will parse for a seek."],
         ["workers", None, "1", "Processes serving the --listen port (TCP only) from one cache directory."],
@@ -72,6 +89,13 @@ class Options(usage.Options):
         ["max-connections-per-ip", None, "0", "Viewer connections at once from one address (per process); "
          "0: no cap (an edge behind a load balancer sees one address)."],
         ["max-body", None, "1M", "Largest request body of a --pass-method (GET/HEAD take at most 8K); 413 above."],
+        ["name", None, socket.gethostname(), "This edge's name in Via and Cache-Status; a request whose Via "
+         "already names it is refused with 508 (give each edge of a chain its own name)."],
+        ["s3-endpoint", None, "", "URL of the S3-compatible endpoint for s3:// origins (path-style requests)."],
+        ["s3-region", None, "us-east-1", "Region s3:// requests are signed for (AWS Signature V4)."],
+        ["s3-credentials", None, "", "AWS shared-credentials file for s3:// origins (else the AWS_* variables, "
+         "then ~/.aws/credentials)."],
+        ["s3-profile", None, "", "Profile to read from the credentials file (else AWS_PROFILE, else 'default')."],
     ]
     optFlags = [
         ["ignore-query", None, "Leave the query string out of the cache key (tracking parameters)."],
@@ -117,9 +141,14 @@ class Options(usage.Options):
         return [sys.executable, "-m", "twisted", "--log-format=text", "h264edge", *args, f"--listen-fd={LISTEN_FD}"]
 
     def opt_origin(self, url: str) -> None:
-        """Origin base URL; give it several times for failover in order."""
-        if not url.startswith(("http://", "https://")):
-            raise usage.UsageError(f"--origin={url!r} must be an http:// or https:// URL")
+        """Origin base URL (http://, https://, or s3://BUCKET/PREFIX); give it several times for failover in order."""
+        if not url.startswith(("http://", "https://", "s3://")):
+            raise usage.UsageError(f"--origin={url!r} must be an http://, https:// or s3:// URL")
+        if url.startswith("s3://"):
+            try:
+                url = S3Location.parse(url).base
+            except S3ConfigError as e:
+                raise usage.UsageError(f"--origin: {e}") from None
         self["origins"].append(url)
 
     def opt_pass_method(self, method: str) -> None:
@@ -128,29 +157,45 @@ class Options(usage.Options):
             raise usage.UsageError(f"--pass-method={method!r} is not a method name")
         self["pass-methods"].append(method.upper())
 
+    def _s3_origins(self) -> list[S3Origin]:
+        """The s3:// origins, with their endpoint and credentials (loaded now: a missing one is a usage error)."""
+        locations = [S3Location.parse(url) for url in self["origins"] if url.startswith("s3://")]
+        if not locations:
+            return []
+        if not self["s3-endpoint"]:
+            raise usage.UsageError("s3:// origins need --s3-endpoint=URL")
+        try:
+            credentials = load_credentials(self["s3-credentials"] or None, self["s3-profile"] or None)
+            return [S3Origin(location, self["s3-endpoint"], self["s3-region"], credentials)
+                    for location in locations]
+        except S3ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
     def postOptions(self) -> None:
         if not self["origins"]:
             raise usage.UsageError("--origin=URL is required")
         for name in ("max-size", "slice-size", "seek-cache", "max-moov", "hot-cache"):
             self[name] = parse_size(self[name])
-        for name in ("default-ttl", "origin-timeout", "header-timeout", "idle-timeout", "send-timeout"):
-            try:
-                self[name] = float(self[name])
-            except ValueError:
-                raise usage.UsageError(f"--{name} must be a number of seconds") from None
+        for name in ("default-ttl", "origin-timeout", "origin-idle-timeout", "origin-retry-after",
+                     "origin-check-interval", "origin-retry-budget"):
+            self[name] = parse_number(name, self[name])
+        for name in ("origin-connections", "origin-rise", "origin-fall"):
+            self[name] = parse_count(name, self[name])
+        if self["origin-rise"] < 1 or self["origin-fall"] < 1:
+            raise usage.UsageError("--origin-rise and --origin-fall must be at least 1")
+        for name in ("origin-timeout", "origin-idle-timeout", "origin-retry-after", "origin-check-interval"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be more than 0 seconds")
         for name in ("header-timeout", "idle-timeout", "send-timeout"):
-            if not 0 < self[name] < 1e6:
-                raise usage.UsageError(f"--{name} must be a number of seconds above 0")
+            self[name] = parse_number(name, self[name])
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be more than 0 seconds")
         self["max-body"] = parse_size(self["max-body"])
-        for name in ("max-connections", "max-connections-per-ip"):
-            value = self[name]
-            if name == "max-connections" and value == "auto":
-                self[name] = 0
-            elif value.isascii() and value.isdigit() and len(value) <= 9:
-                self[name] = int(value)
-            else:
-                raise usage.UsageError(f"--{name} must be a whole number" + (" or auto" if name == "max-connections"
-                                                                             else ""))
+        if self["max-connections"] == "auto":
+            self["max-connections"] = 0
+        else:
+            self["max-connections"] = parse_count("max-connections", self["max-connections"])
+        self["max-connections-per-ip"] = parse_count("max-connections-per-ip", self["max-connections-per-ip"])
         if self["slice-size"] < 64 * 1024:
             raise usage.UsageError("--slice-size must be at least 64K")
         try:
@@ -159,8 +204,29 @@ class Options(usage.Options):
             raise usage.UsageError("--workers must be a whole number") from None
         if not 1 <= self["workers"] <= 256:
             raise usage.UsageError("--workers must be between 1 and 256")
+        self["s3-origins"] = self._s3_origins()
+        try:
+            check_name(self["name"])
+        except BadEdgeName as e:
+            raise usage.UsageError(f"--name={e}") from None
         if self["workers"] > 1 and self["listen-fd"] is None:
             self["tcp-listen"] = tcp_listen_address(self["listen"])
+
+
+_NUMBER = re.compile(r"^[0-9]{1,9}(?:\.[0-9]{1,9})?$")
+
+
+def parse_number(name: str, value: str) -> float:
+    """A non-negative decimal option value (seconds, a ratio)."""
+    if not _NUMBER.match(value.strip()):
+        raise usage.UsageError(f"--{name} must be a non-negative number, not {value!r}")
+    return float(value)
+
+
+def parse_count(name: str, value: str) -> int:
+    if not re.match(r"^[0-9]{1,6}$", value.strip()):
+        raise usage.UsageError(f"--{name} must be a whole number, not {value!r}")
+    return int(value)
 
 
 _PORT = re.compile(r"[0-9]{1,5}")
@@ -386,6 +452,26 @@ def quiet_hachoir() -> None:
     hachoir.core.config.quiet = True
 
 
+def origin_client(options: Options) -> OriginClient:
+    """The origin client the options describe: origins, timeouts, health, retry budget, limits."""
+    health = OriginHealth(
+        [b if b.endswith("/") else b + "/" for b in options["origins"]], reactor_clock(),
+        fall=options["origin-fall"], rise=options["origin-rise"], retry_after=options["origin-retry-after"],
+        limit=options["origin-connections"],
+    )
+    return OriginClient(
+        options["origins"], timeout=options["origin-timeout"], health=health,
+        retry_budget=RetryBudget(reactor_clock(), ratio=options["origin-retry-budget"]),
+        check_path=options["origin-check"], s3_origins=options["s3-origins"],
+    )
+
+
+def reactor_clock() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
 def makeService(options: Options) -> service.MultiService:
     quiet_hachoir()
     top = service.MultiService()
@@ -400,7 +486,11 @@ def makeService(options: Options) -> service.MultiService:
         # several processes on one directory: a young unnamed data file may be another's fill
         orphan_grace=ORPHAN_GRACE if options["workers"] > 1 or options["listen-fd"] is not None else 0.0,
     )
-    origin = OriginClient(options["origins"], timeout=options["origin-timeout"])
+    origin = origin_client(options)
+    filler = Filler(store, origin, default_ttl=options["default-ttl"], idle_timeout=options["origin-idle-timeout"])
+    shared = options["workers"] > 1 or options["listen-fd"] is not None
+    if shared:  # one origin fetch per slice for all the processes on the directory
+        filler.shared = FillLocks(options["cache-dir"])
     resource = EdgeResource(
         store,
         origin,
@@ -411,10 +501,13 @@ def makeService(options: Options) -> service.MultiService:
         pass_methods=options["pass-methods"],
         exact_seek=options["exact-seek"],
         hot_bytes=options["hot-cache"],
+        filler=filler,
+        name=options["name"],
     )
-    shared = options["workers"] > 1 or options["listen-fd"] is not None
     IndexLoader(store, rescan_every=RESCAN_INTERVAL if shared else None).setServiceParent(top)
     OriginProbe(origin).setServiceParent(top)
+    if options["origin-check"]:
+        HealthChecks(origin.health, origin.check, options["origin-check-interval"]).setServiceParent(top)
     access_log = options["access-log"]
     limits = ConnectionLimits(
         header_timeout=options["header-timeout"],

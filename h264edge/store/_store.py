@@ -304,6 +304,11 @@ class CachedObject:
         return self._entry.meta
 
     @property
+    def token(self) -> str:
+        """The data file's token: one per representation of the key (see the layout)."""
+        return self._entry.token
+
+    @property
     def identity(self) -> object:
         """What L{SliceStore.peek_complete} reports for this object while this data file serves its key."""
         return self._entry
@@ -631,6 +636,19 @@ class SliceStore:
             raise StoreError(f"creating {entry.meta.key!r}: {e.strerror}", e.errno) from e
         return fd
 
+    def publish(self, obj: CachedObject) -> None:
+        """
+        Put C{obj}'s data file and a sidecar (listing what is synced: at first nothing) on disk now,
+        rather than at its first persist, so other processes on this directory find the object and
+        share its fill (see L{h264edge.store._fill_locks}).  A no-op for objects already on disk and
+        for transient ones.
+
+        @raise StoreError: the disk refused; the object was dropped.
+        """
+        entry = obj._entry
+        if entry.indexed and not entry.on_disk:
+            self._persist_or_drop(entry, obj.fileno())
+
     def refresh(self, obj: CachedObject, meta: ObjectMeta) -> None:
         """
         C{obj} was revalidated as the same representation: take C{meta}'s times and persist them.
@@ -696,6 +714,10 @@ class SliceStore:
                 sidecars.append(h)
             elif rest.endswith(".data"):
                 data_files.append((h, rest[:-5], name))
+            elif rest.endswith(".fill"):  # a data file's fill counts (_fill_locks): kept with it
+                data_files.append((h, rest[:-5], name))
+            elif rest == "lock":  # a key's contact lock (_fill_locks): kept while the key is
+                data_files.append((h, "", name))
             elif rest.endswith(".tmp"):
                 self._unlink_orphan(os.path.join(directory, name))
         prefix = os.path.basename(os.path.dirname(directory)) + os.path.basename(directory)
@@ -725,7 +747,7 @@ class SliceStore:
             self._rebuilt.add(entry.meta.key)
         for h, token, name in data_files:
             live = self._by_hash.get(h)
-            if live is None or live.token != token:
+            if live is None or (token and live.token != token):
                 self._unlink_orphan(f"{directory}/{name}")
         return len(sidecars)
 
@@ -1161,6 +1183,8 @@ class SliceStore:
         entry.pending = 0
         # data file first: a sidecar found without its data file is a miss everywhere
         _unlink(self._data_path(entry))
+        if self._orphan_grace > 0:  # shared directory: the data file's fill counts (_fill_locks)
+            _unlink(os.path.join(self._dir(entry.hash), f"{entry.hash}.{entry.token}.fill"))
         if entry.on_disk:
             self._unlink_sidecar_if_ours(entry)
 

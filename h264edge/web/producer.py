@@ -24,9 +24,6 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from h264edge.fill import Filler
-from h264edge.plan import Literal, Plan
-from h264edge.store import CachedObject
 from h264edge._twisted_compat import (
     flush_now,
     transport_connected,
@@ -34,6 +31,9 @@ from h264edge._twisted_compat import (
     transport_producer,
     want_writable,
 )
+from h264edge.fill import Filler, FillFailed
+from h264edge.plan import Literal, Plan
+from h264edge.store import CachedObject, StoreError
 from h264edge.tcpio import plain_tcp, queued
 
 log = Logger()
@@ -88,8 +88,10 @@ def sendfile_socket(request: Request) -> Optional[int]:
 @implementer(IPushProducer)
 class PlanProducer:
     """
-    Streams C{plan} into C{request} and finishes it; on a fill failure mid-body the connection is
-    aborted, so the viewer sees a short body (Content-Length tells it) and never wrong bytes.
+    Streams C{plan} into C{request} and finishes it; on a fill failure or a disk error mid-body the
+    connection is aborted (with one warning), so the viewer sees a short body (Content-Length tells
+    it) and never wrong bytes.  A plan whose spans reach past the end of their object fails before
+    its first byte: those bytes would never come.
 
     @param objects: the cached object for each key a span of the plan names.
     @param paths: the origin path for each key (for fetches of missing slices).
@@ -129,6 +131,15 @@ class PlanProducer:
         self.sent = 0
 
     def start(self) -> None:
+        for span in self.parts:
+            if isinstance(span, Literal):
+                continue
+            size = self.objects[span.key].meta.size
+            if span.offset + span.length > size:
+                self._abort(Failure(FillFailed(
+                    f"the answer needs bytes {span.offset}-{span.offset + span.length - 1} of {span.key}, "
+                    f"which has {size}")))
+                return
         self._held = list({id(obj): obj for obj in self.objects.values()}.values())
         for obj in self._held:
             self.filler.hold(obj)
@@ -217,7 +228,7 @@ class PlanProducer:
                     continue  # the run goes on by itself, or it is already over (see _SendfileRun)
                 try:
                     data = obj.read(position, min(run, self.chunk))
-                except OSError as e:
+                except (StoreError, OSError) as e:  # the store has dropped the object (see CachedObject.read)
                     self._abort(Failure(e))
                     return
                 if not data:

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from h264edge import flv, mp4
+from h264edge import flv, mp4, tiers
 from h264edge.errors import EdgeError, ObjectChanged, OriginStatus, OriginUnavailable
 from h264edge.fill import Filler, FillFailed, SharedResult
 from h264edge.origin import OriginClient
@@ -47,6 +47,9 @@ from h264edge.web.producer import PlanProducer
 log = Logger()
 
 MAX_TOP_LEVEL_BOXES = 4096
+REWRITE_VERSION = 2
+"""Part of every rewritten answer's ETag: bumped whenever the bytes of a seek answer change for the same
+request (2: timed tracks kept, ends on frame boundaries), so that no client joins old and new bytes."""
 THREAD_MOOV_BYTES = 512 * 1024  # moov boxes at least this big are indexed in a thread
 
 
@@ -114,6 +117,7 @@ class EdgeResource(Resource):
         exact_seek: bool = False,
         filler: Optional[Filler] = None,
         hot_bytes: int = 0,
+        name: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.store = store
@@ -128,11 +132,17 @@ class EdgeResource(Resource):
         self._parsing: dict[tuple[Any, ...], SharedResult] = {}
         #: answers to plain GETs of small complete objects, for L{EdgeSite}'s hot path (None: off)
         self.hot = HotAnswers(store, hot_bytes, reactor) if hot_bytes > 0 else None
+        #: this edge's name in Via and Cache-Status (see L{h264edge.tiers}); None: no Via, no loop check
+        self.name = tiers.check_name(name) if name is not None else None
+        if self.name is not None and self.filler.via is None:
+            self.filler.via = tiers.via_onward(self.name, [])
 
     # -- dispatch -----------------------------------------------------------------------------
 
     def render(self, request: Request) -> Any:  # type: ignore[override]
         method = request.method.decode("ascii", "replace").upper()
+        if self.name is not None and tiers.is_loop(self.name, _via(request)):
+            return self._plain(request, 508, f"loop detected: this request already passed through {self.name}")
         if method in ("GET", "HEAD"):
             d = Deferred.fromCoroutine(self._serve(request))
         elif method in self.pass_methods:
@@ -153,7 +163,7 @@ class EdgeResource(Resource):
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         request.setHeader(b"Content-Length", str(len(body)).encode())
         if not request.responseHeaders.hasHeader(b"X-Cache"):
-            request.setHeader(b"X-Cache", b"MISS")
+            self._mark(request, "MISS")
         return body
 
     def _failed(self, failure: Failure, request: Request) -> None:
@@ -200,8 +210,11 @@ class EdgeResource(Resource):
                 first, last = hint
         cached = self.store.get(target.key)
         existed = cached is not None
-        obj = await self.filler.object_for(target.key, origin_path, first, last, cached=cached)
+        via = tiers.via_onward(self.name, _via(request)) if self.name is not None else None
+        obj = await self.filler.object_for(target.key, origin_path, first, last, cached=cached, via=via)
         meta = obj.meta
+        # what an error answer about the object says from here on (a seek's 416, 501 or 502)
+        request.setHeader(b"X-Cache", b"HIT" if existed else b"MISS")
 
         etag, last_modified = meta.etag, meta.last_modified
         if seek is not None:
@@ -227,7 +240,7 @@ class EdgeResource(Resource):
             request.setHeader(b"Last-Modified", last_modified.encode("latin-1"))
         request.setHeader(b"Accept-Ranges", b"bytes")
         if not_modified(_h(request, b"If-None-Match"), _h(request, b"If-Modified-Since"), etag, last_modified):
-            request.setHeader(b"X-Cache", b"HIT" if existed else b"MISS")
+            self._mark(request, "HIT" if existed else "MISS", target.key)
             request.setResponseCode(304)
             request.finish()
             return
@@ -242,14 +255,14 @@ class EdgeResource(Resource):
                 byte_range = parse_range(_h(request, b"Range"), total)
             except Unsatisfiable:
                 request.setHeader(b"Content-Range", f"bytes */{total}".encode())
-                request.setHeader(b"X-Cache", b"HIT" if existed else b"MISS")
+                self._mark(request, "HIT" if existed else "MISS", target.key)
                 raise
         if byte_range is not None:
             plan = plan.slice(*byte_range)
             request.setResponseCode(206)
             request.setHeader(b"Content-Range", f"bytes {byte_range[0]}-{byte_range[1]}/{total}".encode())
         cache_status = self._cache_status(obj, plan, existed)
-        request.setHeader(b"X-Cache", cache_status.encode())
+        self._mark(request, cache_status, target.key)
         request.setHeader(b"Content-Length", str(plan.length).encode())
         if request.method == b"HEAD" or plan.length == 0:
             request.finish()
@@ -261,6 +274,19 @@ class EdgeResource(Resource):
                                 on_early_failure=lambda failure: self._failed(failure, request))
         request.notifyFinish().addErrback(lambda _: producer.stopProducing())
         producer.start()
+
+    def _mark(self, request: Request, x_cache: str, key: Optional[str] = None) -> None:
+        """
+        Say how the answer was found: C{X-Cache} (HIT, MISS, PARTIAL), the RFC 9211 C{Cache-Status}
+        chain (the members of caches nearer the origin, then ours) and, when the edge has a name, C{Via}.
+        """
+        request.setHeader(b"X-Cache", x_cache.encode())
+        upstream = self.filler.upstream.get(key) if key is not None else None
+        request.setHeader(b"Cache-Status", tiers.cache_status(
+            self.name or "h264edge", x_cache, upstream.cache_status if upstream else None).encode("latin-1"))
+        if self.name is not None:
+            request.setHeader(b"Via", tiers.via_onward(self.name, [upstream.via] if upstream and upstream.via else [])
+                              .encode("latin-1"))
 
     def _cache_status(self, obj: CachedObject, plan: Plan, existed: bool) -> str:
         if not existed:
@@ -346,8 +372,8 @@ class EdgeResource(Resource):
         if offset < 4:
             raise flv.BadFLVOffset(f"start={offset} is not a tag boundary")
         # even offsets listed in onMetaData: that list is the file's word too, and a wrong entry would
-        # send a viewer a stream that starts mid-tag; the 15 bytes are in the slice the answer needs
-        around = await self.filler.read(obj, path, offset - 4, 15)
+        # send a viewer a stream that starts mid-tag; these bytes are in the slice the answer needs
+        around = await self.filler.read(obj, path, offset - 4, flv.CHECK_TAG_READ)
         flv.check_tag_at(index, offset, around)
         return flv.plan_for_flv_seek(index, meta.key, offset)
 
@@ -386,7 +412,7 @@ class EdgeResource(Resource):
             if values:
                 request.setHeader(name, values[-1])
         request.setHeader(b"Content-Length", str(len(content)).encode())
-        request.setHeader(b"X-Cache", b"MISS")
+        self._mark(request, "MISS")
         request.write(content)
         request.finish()
 
@@ -440,6 +466,10 @@ def path_below_mount(request: Request, raw_path: bytes) -> bytes:
     return ("/" + "/".join(quote_from_bytes(segment, safe=b"") for segment in request.postpath or [])).encode("ascii")
 
 
+def _via(request: Request) -> list[str]:
+    return [v.decode("latin-1") for v in request.requestHeaders.getRawHeaders(b"Via") or []]
+
+
 def _h(request: Request, name: bytes) -> Optional[str]:
     value = request.getHeader(name)
     return value.decode("latin-1") if value is not None else None
@@ -453,6 +483,6 @@ def _derived_etag(obj: CachedObject, variant: str) -> Optional[str]:
     meta = obj.meta
     if meta.etag is None and meta.last_modified is None:
         return None
-    basis = f"{meta.etag}|{meta.last_modified}|{meta.size}|{variant}".encode("utf-8", "replace")
+    basis = f"{meta.etag}|{meta.last_modified}|{meta.size}|{variant}|{REWRITE_VERSION}".encode("utf-8", "replace")
     weak = "W/" if meta.etag is not None and meta.etag.startswith("W/") else ""
     return weak + '"' + hashlib.sha256(basis).hexdigest()[:24] + '"'
