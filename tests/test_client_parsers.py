@@ -104,6 +104,18 @@ class ConditionalProperties(SynchronousTestCase):
         self.assertTrue(when is None or isinstance(when, float))
 
 
+class ViaProperties(SynchronousTestCase):
+    @PROPERTY
+    @given(st.lists(header_text.filter(lambda t: "\r" not in t and "\n" not in t and "\x00" not in t), max_size=4))
+    def test_any_via_is_names_or_nothing(self, values: list[str]) -> None:
+        from h264edge import tiers
+
+        self.assertIsInstance(tiers.is_loop("edge-1", values), bool)
+        onward = tiers.via_onward("edge-1", values)
+        self.assertTrue(onward.endswith("1.1 edge-1"))
+        self.assertLessEqual(len(onward), tiers.MAX_VIA + 20)
+
+
 class HeadProperties(SynchronousTestCase):
     @PROPERTY
     @given(st.binary(max_size=400))

@@ -232,7 +232,7 @@ class SlowPeerTests(LimitsTestCase):
         self.assertEqual(site.counters.send_timeouts, 1)
 
     def test_twisted_web_idle_timeout_is_off(self) -> None:
-        """The channels keep their own deadlines; twisted.web's 12-hour idle timeout would only add a timer."""
+        """The channels keep their own deadlines; twisted.web's idle timeout (60 s, restarted by every byte) is off."""
         self.assertIsNone(self.site.timeOut)
 
 
