@@ -91,6 +91,25 @@ class ReadmeEmbeddingTests(TestCase):
         self.assertEqual(len(store), 0)
 
 
+    async def test_pass_through_below_a_mount_point(self) -> None:
+        from h264edge.origin import OriginClient
+        from h264edge.store import SliceStore
+        from h264edge.web.resource import EdgeResource
+
+        store = SliceStore(self.mktemp(), max_size=2**30, sync=False)
+        self.addCleanup(store.close)
+        origin = OriginClient([self.origin_url])
+        self.addCleanup(origin.pool.closeCachedConnections)
+        root = Resource()
+        root.putChild(b"video", EdgeResource(store, origin, pass_methods=["POST"]))
+        port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.origin.add("/form.bin", b"ok")
+        response = await self.client.post(f"http://127.0.0.1:{port.getHost().port}/video/form.bin?a=%ff", data=b"x=1")
+        self.assertEqual((response.code, await response.content()), (200, b"ok"))
+        self.assertEqual([(e.method, e.path) for e in self.origin.log], [("POST", "/form.bin?a=%ff")])
+
+
 class MountTests(SynchronousTestCase):
     def request(self, prepath: list[bytes], postpath: list[bytes]) -> Request:
         request: Any = DummyRequest(postpath)
