@@ -10,6 +10,12 @@ one cold object cause one origin request per slice.  A body that ends early resu
 request from the first byte not written; bytes are never marked present before they are written, and
 an object whose validators change under a fill is dropped.
 
+An object held in memory (transient, or uncached by a full disk: L{CachedObject.in_memory}) has room
+for a few slices only: before a fetch writes a slice it asks for room, ranking slices by how soon a
+reader will read them (readers say what they still want: L{hold} and L{read}); with none to spare it
+pauses its origin socket and goes on when a reader moves on (L{moved}) or leaves.  So a slow viewer
+of such an object slows the origin down instead of filling memory.
+
 With C{shared} (several processes on one cache directory), fills are coordinated across processes
 through L{FillLocks}: a key not cached yet is asked of the origin by one process, which publishes
 the new object's sidecar at once; a slice is fetched by the process holding its lock, and the others
@@ -18,7 +24,8 @@ read it as that process writes it (its write counts) and take it as present once
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 import attrs
 from attrs import define, field
@@ -79,6 +86,13 @@ class SharedResult:
         return w
 
 
+class Reader(Protocol):
+    """Who reads an object held in memory: what it has still to read of it, in reading order."""
+
+    def wanted(self, obj: CachedObject) -> Iterable[tuple[int, int]]:
+        """C{(offset, length)} spans of C{obj} still to be read, soonest first."""
+
+
 @define(eq=False)
 class _ObjectState:
     obj: CachedObject
@@ -87,6 +101,7 @@ class _ObjectState:
     progress: dict[int, int] = field(factory=dict)  # slice -> bytes written from the slice start
     waiters: list[tuple[int, "Deferred[None]"]] = field(factory=list)
     failure: Optional[Failure] = None
+    blocked: list["_Fetch"] = field(factory=list)  # fetches paused for want of room (in memory)
     locks: Optional[SliceLocks] = None  # with shared fills: this object's slice locks
     remote: set[int] = field(factory=set)  # slices another process is fetching
     poller: Any = None  # the delayed call that next looks at the remote slices
@@ -139,6 +154,7 @@ class Filler:
         self._down_until: dict[str, float] = {}
         self.stale_retry = 10.0
         self._viewers: dict[int, int] = {}  # id(object) -> viewers streaming from it
+        self._readers: dict[int, list[Reader]] = {}  # id(object) -> its readers that said what they want
         self.steal_distance = 4  # slices
         self.origin_bytes = 0  # statistics: body bytes received from origins
         #: fills coordinated with other processes on the store's directory (None: this process alone)
@@ -287,18 +303,25 @@ class Filler:
         self._start(self._state(obj, path), reply)
         return obj
 
-    def hold(self, obj: CachedObject) -> None:
-        """A viewer streams from C{obj}; paired with L{let_go}."""
+    def hold(self, obj: CachedObject, reader: Optional[Reader] = None) -> None:
+        """
+        A viewer streams from C{obj}; paired with L{let_go}.  C{reader} tells what it will read
+        (see L{Reader}): it ranks the slices of an object held in memory.
+        """
         self._viewers[id(obj)] = self._viewers.get(id(obj), 0) + 1
+        if reader is not None:
+            self._readers.setdefault(id(obj), []).append(reader)
 
-    def let_go(self, obj: CachedObject) -> None:
+    def let_go(self, obj: CachedObject, reader: Optional[Reader] = None) -> None:
         """
         A viewer of C{obj} is done.  When the last viewer of a transient (no-store) object leaves, its
         fetches stop: nobody will read those bytes and they are kept nowhere.
         """
+        self._forget_reader(obj, reader)
         left = self._viewers.get(id(obj), 1) - 1
         if left > 0:
             self._viewers[id(obj)] = left
+            self.moved(obj)  # what it wanted may make room
             return
         self._viewers.pop(id(obj), None)
         state = self._states.get(id(obj))
@@ -306,6 +329,44 @@ class Filler:
             for fetch in {id(f): f for f in state.inflight.values()}.values():
                 fetch.abandon()
             self._wake(state)  # waiters left behind by the viewers that went away
+        else:
+            self.moved(obj)
+
+    def _forget_reader(self, obj: CachedObject, reader: Optional[Reader]) -> None:
+        readers = self._readers.get(id(obj))
+        if reader is not None and readers is not None and reader in readers:
+            readers.remove(reader)
+            if not readers:
+                del self._readers[id(obj)]
+
+    def moved(self, obj: CachedObject) -> None:
+        """A reader of C{obj} read on (or left): fetches waiting for room in memory may go on."""
+        state = self._states.get(id(obj))
+        if state is not None and state.blocked:
+            for fetch in list(state.blocked):
+                fetch.unblock()
+
+    def _room(self, obj: CachedObject, index: int) -> bool:
+        """Whether slice C{index} of C{obj} may be written now (see L{CachedObject.room_for})."""
+        readers = self._readers.get(id(obj), [])
+        wants: list[list[tuple[int, int]]] = []
+        ss, size = obj.slice_size, obj.meta.size
+
+        def rank(i: int) -> float:
+            if not wants:  # asked only when memory is full
+                wants.extend(list(reader.wanted(obj)) for reader in readers)
+            lo, hi = i * ss, min((i + 1) * ss, size)
+            best = math.inf
+            for spans in wants:
+                distance = 0
+                for offset, length in spans:
+                    if offset < hi and offset + length > lo:
+                        best = min(best, distance + max(0, lo - offset))
+                        break
+                    distance += length
+            return best
+
+        return obj.room_for(index, rank, spare=len(readers))
 
     @property
     def busy(self) -> bool:
@@ -397,18 +458,25 @@ class Filler:
         length = max(0, min(length, obj.meta.size - offset))
         if length == 0:
             return b""
-        self.ensure(obj, path, offset, offset + length - 1)
-        chunks = []
-        position, end = offset, offset + length
-        while position < end:
-            n = self.readable(obj, position)
-            if n == 0:
-                await self.wait(obj, path, position)
-                continue
-            data = obj.read(position, min(n, end - position))
-            chunks.append(data)
-            position += len(data)
-        return b"".join(chunks)
+        reader = _RangeReader(offset, offset + length)
+        self._readers.setdefault(id(obj), []).append(reader)
+        try:
+            self.ensure(obj, path, offset, offset + length - 1)
+            chunks = []
+            while reader.position < reader.end:
+                n = self.readable(obj, reader.position)
+                if n == 0:
+                    await self.wait(obj, path, reader.position)
+                    continue
+                data = obj.read(reader.position, min(n, reader.end - reader.position))
+                chunks.append(data)
+                reader.position += len(data)
+                if obj.in_memory:
+                    self.moved(obj)
+            return b"".join(chunks)
+        finally:
+            self._forget_reader(obj, reader)
+            self.moved(obj)
 
     # -- fetch machinery ----------------------------------------------------------------------
 
@@ -505,6 +573,7 @@ class Filler:
             state.inflight[index] = fetch
             state.progress.setdefault(index, 0)
         ss = state.obj.slice_size
+        state.obj.reserve(min((run[-1] + 1) * ss, state.obj.meta.size) - run[0] * ss)
         d = Deferred.fromCoroutine(fetch.request(run[0] * ss, min((run[-1] + 1) * ss, state.obj.meta.size) - 1))
         d.addErrback(fetch.resume)
 
@@ -539,6 +608,7 @@ class Filler:
         if not owned:
             reply.discard()
             return
+        obj.reserve(sum(min((index + 1) * ss, obj.meta.size) - index * ss for index in owned))
         fetch.receive(reply)
 
     def _wake(self, state: _ObjectState) -> None:
@@ -567,8 +637,23 @@ class Filler:
         self._forget_if_idle(state)
 
 
+@define(eq=False)
+class _RangeReader:
+    """L{Filler.read}'s reader: one range, read from its start."""
+
+    position: int
+    end: int
+
+    def wanted(self, obj: CachedObject) -> Iterable[tuple[int, int]]:
+        return [(self.position, self.end - self.position)]
+
+
 class _Fetch:
-    """One origin body (and its resumptions) writing the slices it owns into one object."""
+    """
+    One origin body (and its resumptions) writing the slices it owns into one object.  Into an
+    object held in memory it writes a slice only when there is room for it; until then it is
+    I{blocked}: the origin socket is paused and what it had already received waits in C{stash}.
+    """
 
     def __init__(self, filler: Filler, state: _ObjectState, owned: set[int]) -> None:
         self.filler = filler
@@ -581,6 +666,9 @@ class _Fetch:
         self.idle: Any = None
         self.reply: Optional[OriginReply] = None
         self.finished = False
+        self.stash: Optional[list[bytes]] = None  # received while blocked (None: not blocked)
+        self.blocked_at = -1  # the slice it waits to have room for
+        self.lost: Optional[Failure] = None  # the body ended while blocked
 
     # the IProtocol that receives the origin body
     def makeConnection(self, transport: Any) -> None:
@@ -594,11 +682,27 @@ class _Fetch:
             self.idle = self.filler.reactor.callLater(self.filler.idle_timeout, self._timed_out)
 
     def _timed_out(self) -> None:
+        if self.stash is not None:
+            self._blocked_too_long()
+            return
         log.warn("origin body idle for {s}s at byte {pos}; dropping it", s=self.filler.idle_timeout, pos=self.position)
         if self.reply is not None:
             self.filler.origin.body_failed(self.reply.url)  # resume from another origin, if there is one
         if self.transport is not None:
             self.transport.stopProducing()
+
+    def _blocked_too_long(self) -> None:
+        """
+        Nobody made room for a whole idle timeout (a paused viewer): drop the origin body rather than
+        hold its connection; the slices are fetched again when a reader needs them.
+        """
+        state = self.state
+        log.info("fill of {key} waited {s}s for room at byte {pos}; dropping its origin body",
+                 key=state.obj.meta.key, s=self.filler.idle_timeout, pos=self.position)
+        self.abandon()
+        for offset, _ in list(state.waiters):
+            self.filler.ensure(state.obj, state.path, offset, offset)
+        self.filler._wake(state)
 
     async def request(self, first: int, last: int) -> None:
         meta = self.state.obj.meta
@@ -635,8 +739,14 @@ class _Fetch:
             if self.transport is not None:
                 self.transport.stopProducing()
             return
-        self._arm_idle()
         self.filler.origin_bytes += len(data)
+        if self.stash is not None:
+            self.stash.append(data)  # received before the pause took hold (at most one socket read)
+            return
+        self._arm_idle()
+        self._write_body(data)
+
+    def _write_body(self, data: bytes) -> None:
         state, obj = self.state, self.state.obj
         ss, size = obj.slice_size, obj.meta.size
         view = memoryview(data)
@@ -652,10 +762,15 @@ class _Fetch:
                     if position < written_to:
                         n = min(n, written_to - position)  # already written (a resend from earlier): skip
                     elif position == written_to:
+                        if obj.in_memory and not self.filler._room(obj, index):
+                            self._block(index, view[i:], position)
+                            return
                         obj.write(position, view[i : i + n])
                         written = state.progress[index] = state.progress[index] + n
-                        if state.locks is not None:
-                            state.locks.wrote(index, written)  # after the bytes: readers elsewhere follow
+                        if state.locks is not None and not obj.in_memory:
+                            # after the bytes: readers elsewhere follow (not bytes held in our memory:
+                            # they take the slice up from its last count when we release it)
+                            state.locks.wrote(index, written)
                         if slice_start + written == slice_end:
                             obj.commit_slice(index)
                             del state.inflight[index]
@@ -682,22 +797,62 @@ class _Fetch:
             if self.transport is not None and more:
                 self.transport.stopProducing()
 
-    def abandon(self) -> None:
-        """Nobody needs our slices any more: release them (their partial bytes are dropped) and stop."""
+    def _block(self, index: int, rest: memoryview, position: int) -> None:
+        """No room for slice C{index} (in memory): pause the origin and keep C{rest} until there is."""
+        self.position = position
+        self.stash = [bytes(rest)]
+        self.blocked_at = index
+        self.state.blocked.append(self)
+        self._arm_idle()  # a viewer paused for that long: see _blocked_too_long
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def unblock(self) -> None:
+        """Room may have come: write what waits and read the origin on, or stay blocked."""
+        if self.stash is None or self.finished or not self.filler._room(self.state.obj, self.blocked_at):
+            return
+        data, lost = b"".join(self.stash), self.lost
+        self._leave_blocked()
+        self._write_body(data)
+        if self.finished:
+            return
+        if self.stash is not None:  # blocked again
+            self.lost = lost
+            return
+        if lost is not None:
+            self.connectionLost(lost)
+        elif self.transport is not None:
+            self._arm_idle()
+            self.transport.resumeProducing()
+
+    def _leave_blocked(self) -> None:
+        self.stash = None
+        self.lost = None
+        if self in self.state.blocked:
+            self.state.blocked.remove(self)
+
+    def _release_owned(self) -> None:
+        """Give up every slice we own that is still ours (their partial bytes are dropped)."""
         state = self.state
         for index in list(self.owned):
             if state.inflight.get(index) is self:
                 del state.inflight[index]
-                state.progress.pop(index, None)
+                if state.progress.pop(index, 0):
+                    state.obj.drop_partial(index)
                 if state.locks is not None:
                     state.locks.release(index)
         self.owned.clear()
+
+    def abandon(self) -> None:
+        """Nobody needs our slices any more: release them (their partial bytes are dropped) and stop."""
+        self._release_owned()
         self.stop()
-        self.filler._forget_if_idle(state)
+        self.filler._forget_if_idle(self.state)
 
     def stop(self) -> None:
         """Every slice we owned went to other fetches: drop the origin body."""
         self.finished = True
+        self._leave_blocked()
         self._cancel_idle()
         if self.transport is not None:
             self.transport.stopProducing()
@@ -708,8 +863,11 @@ class _Fetch:
         self.idle = None
 
     def connectionLost(self, reason: Failure) -> None:
-        self._cancel_idle()
         self.transport = None
+        if self.stash is not None and not self.finished:
+            self.lost = reason  # what the origin sent before waits in the stash: go on after it
+            return
+        self._cancel_idle()
         if self.finished or not self.owned:
             self.finished = True
             self.filler._forget_if_idle(self.state)
@@ -750,20 +908,15 @@ class _Fetch:
         if self.finished:
             return
         self.finished = True
+        self._leave_blocked()
         self._cancel_idle()
         if self.transport is not None:
             self.transport.stopProducing()
         state = self.state
         log.warn("fill of {key} failed: {why}", key=state.obj.meta.key, why=failure.getErrorMessage())
         if failure.check(StoreError, OriginStatus) and self.filler.store.get(state.obj.meta.key) is state.obj:
-            self.filler.store.remove(state.obj.meta.key)  # a full disk, or the object is gone at the origin
-        for index in list(self.owned):
-            if state.inflight.get(index) is self:
-                del state.inflight[index]
-                state.progress.pop(index, None)
-                if state.locks is not None:
-                    state.locks.release(index)
-        self.owned.clear()
+            self.filler.store.remove(state.obj.meta.key)  # a disk error, or the object is gone at the origin
+        self._release_owned()
         state.failure = failure if failure.check(EdgeError) else Failure(FillFailed(failure.getErrorMessage()))
         self.filler._wake(state)
         state.failure = None

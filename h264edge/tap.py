@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import ipaddress
+import os
 import re
 import socket
 import sys
@@ -27,7 +28,7 @@ from h264edge.s3 import S3ConfigError, S3Location, S3Origin, load_credentials
 from h264edge.store import SliceStore
 from h264edge.tiers import BadEdgeName, check_name
 from h264edge.store._fill_locks import FillLocks
-from h264edge.store._store import ORPHAN_GRACE
+from h264edge.store._store import ORPHAN_GRACE, CacheDirUnusable, check_cache_dir, default_min_free
 from h264edge.web.hot import EdgeSite
 from h264edge.web.limits import ConnectionLimits
 from h264edge.web.resource import EdgeResource
@@ -48,6 +49,35 @@ def parse_size(value: str) -> int:
     return int(float(number) * _UNITS[unit.upper()])
 
 
+_SHARE = re.compile(r"^\s*(\d{1,2}(?:\.\d{1,3})?)\s*%\s*$")
+
+
+def parse_min_free(value: str) -> int | float | None:
+    """
+    C{--min-free}: C{"auto"} -> None (the store's default), C{"5%"} -> 0.05 (a share of the cache's
+    file system, below 100%), a size -> bytes.
+    """
+    if value.strip().lower() == "auto":
+        return None
+    match = _SHARE.match(value)
+    if match is not None:
+        return float(match.group(1)) / 100
+    try:
+        return parse_size(value)
+    except usage.UsageError:
+        raise usage.UsageError(f"--min-free={value!r} is not a size, a percentage below 100% or 'auto'") from None
+
+
+def min_free_bytes(setting: int | float | None, cache_dir: str) -> int:
+    """The floor in bytes for a parsed C{--min-free} on the file system of C{cache_dir}."""
+    if setting is None:
+        return default_min_free(cache_dir)
+    if isinstance(setting, float):
+        st = os.statvfs(cache_dir)
+        return int(st.f_blocks * st.f_frsize * setting)
+    return setting
+
+
 class Options(usage.Options):
     synopsis = "--origin=URL [--origin=URL2 ...] [options]"
     longdesc = (
@@ -57,6 +87,8 @@ class Options(usage.Options):
     optParameters = [
         ["cache-dir", "d", "/var/cache/h264edge", "Directory of the disk cache (created if missing)."],
         ["max-size", "s", "10G", "Bytes of disk the cache may use (K/M/G/T suffixes)."],
+        ["min-free", None, "auto", "Free space kept on the cache's file system, evicting to keep it: a size or "
+         "a percentage of the file system; auto: 1G, or 5% if that is less."],
         ["listen", "l", "tcp:8080", "Where to listen for viewers (a Twisted endpoint description)."],
         ["slice-size", None, "1M", "Cache objects are kept in slices of this many bytes."],
         ["default-ttl", None, "3600", "Seconds an answer stays fresh when the origin says nothing."],
@@ -176,6 +208,7 @@ class Options(usage.Options):
             raise usage.UsageError("--origin=URL is required")
         for name in ("max-size", "slice-size", "seek-cache", "max-moov", "hot-cache"):
             self[name] = parse_size(self[name])
+        self["min-free"] = parse_min_free(self["min-free"])
         for name in ("default-ttl", "origin-timeout", "origin-idle-timeout", "origin-retry-after",
                      "origin-check-interval", "origin-retry-budget"):
             self[name] = parse_number(name, self[name])
@@ -477,15 +510,21 @@ def makeService(options: Options) -> service.MultiService:
     top = service.MultiService()
     sync_threads = SyncThreads()
     sync_threads.setServiceParent(top)  # first in, last out: stops after the store closed
-    store = SliceStore(
-        options["cache-dir"],
-        max_size=options["max-size"],
-        slice_size=options["slice-size"],
-        sync=not options["no-sync"],
-        run_in_thread=sync_threads.run,  # batches are fdatasync'ed off the reactor
-        # several processes on one directory: a young unnamed data file may be another's fill
-        orphan_grace=ORPHAN_GRACE if options["workers"] > 1 or options["listen-fd"] is not None else 0.0,
-    )
+    cache_dir = options["cache-dir"]
+    try:
+        check_cache_dir(cache_dir)
+        store = SliceStore(
+            cache_dir,
+            max_size=options["max-size"],
+            slice_size=options["slice-size"],
+            sync=not options["no-sync"],
+            run_in_thread=sync_threads.run,  # batches are fdatasync'ed off the reactor
+            # several processes on one directory: a young unnamed data file may be another's fill
+            orphan_grace=ORPHAN_GRACE if options["workers"] > 1 or options["listen-fd"] is not None else 0.0,
+            min_free=min_free_bytes(options["min-free"], cache_dir),
+        )
+    except CacheDirUnusable as e:
+        raise SystemExit(f"h264edge: {e}") from None  # one line on stderr and exit status 1, as twistd does
     origin = origin_client(options)
     filler = Filler(store, origin, default_ttl=options["default-ttl"], idle_timeout=options["origin-idle-timeout"])
     shared = options["workers"] > 1 or options["listen-fd"] is not None

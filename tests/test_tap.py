@@ -9,7 +9,8 @@ from twisted.application.service import IServiceCollection
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from h264edge.tap import IndexLoader, Options, OriginProbe, SyncThreads, makeService, parse_size
+from h264edge.tap import IndexLoader, Options, OriginProbe, SyncThreads, makeService, parse_min_free, parse_size
+from tests.smallfs import mount_tmpfs, unwritable_dir
 
 
 class SizeTests(SynchronousTestCase):
@@ -51,8 +52,58 @@ class OptionsTests(SynchronousTestCase):
         text = str(Options())
         for name in ("--origin", "--cache-dir", "--max-size", "--listen", "--slice-size", "--default-ttl",
                      "--origin-timeout", "--seek-cache", "--max-moov", "--ignore-query", "--exact-seek",
-                     "--pass-method", "--no-sync", "--workers", "--hot-cache", "--access-log"):
+                     "--pass-method", "--no-sync", "--workers", "--hot-cache", "--access-log", "--min-free"):
             self.assertIn(name, text)
+
+
+class MinFreeTests(SynchronousTestCase):
+    def test_a_size_a_percentage_or_auto(self) -> None:
+        self.assertEqual(parse_min_free("auto"), None)
+        self.assertEqual(parse_min_free("2G"), 2 * 2**30)
+        self.assertEqual(parse_min_free("0"), 0)
+        self.assertEqual(parse_min_free("5%"), 0.05)
+        self.assertEqual(parse_min_free("12.5%"), 0.125)
+        for bad in ("100%", "-1%", "5 percent", "lots", "%", "1e3%"):
+            self.assertRaises(usage.UsageError, parse_min_free, bad)
+
+    def test_the_floor_reaches_the_store(self) -> None:
+        disk = mount_tmpfs(self, "8m")
+        for value, floor in (("auto", 8 * 2**20 // 20), ("25%", 2 * 2**20), ("1M", 2**20), ("0", 0)):
+            options = Options()
+            options.parseOptions(["--origin=http://127.0.0.1:1/", f"--cache-dir={disk}/c", "--listen=tcp:0",
+                                  f"--min-free={value}"])
+            [loader] = [s for s in makeService(options) if isinstance(s, IndexLoader)]
+            self.assertEqual(loader.store.min_free, floor, value)
+        options = Options()
+        options.parseOptions(["--origin=http://127.0.0.1:1/", f"--cache-dir={self.mktemp()}"])
+        [loader] = [s for s in makeService(options) if isinstance(s, IndexLoader)]
+        self.assertLessEqual(loader.store.min_free, 2**30)  # auto on a big disk: 1G (5% of a small one)
+
+
+class CacheDirTests(SynchronousTestCase):
+    def test_an_unwritable_cache_dir_stops_twistd_with_one_line(self) -> None:
+        cache_dir = unwritable_dir(self)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        result = subprocess.run(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+             "h264edge", "--origin=http://127.0.0.1:1/", f"--cache-dir={cache_dir}", "--listen=tcp:0"],
+            capture_output=True, text=True, env=env, timeout=60,
+        )
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        lines = result.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertIn(cache_dir, lines[0])
+        self.assertIn("not usable", lines[0])
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+    def test_a_cache_dir_that_is_a_file_stops_make_service(self) -> None:
+        path = self.mktemp()
+        with open(path, "w"):
+            pass
+        options = Options()
+        options.parseOptions(["--origin=http://127.0.0.1:1/", f"--cache-dir={path}", "--listen=tcp:0"])
+        error = self.assertRaises(SystemExit, makeService, options)
+        self.assertIn(path, str(error))
 
 
 class ServiceTests(SynchronousTestCase):

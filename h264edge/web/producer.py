@@ -8,13 +8,15 @@ hits, misses, partial hits, seeks and ranges all take the same road.  It is a pu
 viewer's socket buffer is full, Twisted pauses it and nothing more is read until it resumes.
 
 On a plain TCP connection, span bytes that are already readable go out with C{os.sendfile} instead
-(zero copy, see L{_SendfileRun}); literal parts and bytes still being fetched take the path above.
+(zero copy, see L{_SendfileRun}); literal parts and bytes still being fetched take the path above,
+and so do objects held in memory (transient, or uncached by a full disk), whose fill waits for this
+producer to read on (L{PlanProducer.wanted}, L{Filler.moved}).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from attrs import define
 from twisted.internet.defer import Deferred
@@ -142,7 +144,7 @@ class PlanProducer:
                 return
         self._held = list({id(obj): obj for obj in self.objects.values()}.values())
         for obj in self._held:
-            self.filler.hold(obj)
+            self.filler.hold(obj, self)
         self.request.notifyFinish().addBoth(self._let_go)
         if self.use_sendfile:
             self._socket = sendfile_socket(self.request)
@@ -178,7 +180,17 @@ class PlanProducer:
         """The answer ended (sent, aborted or the viewer left): the objects need us no more."""
         held, self._held = self._held, []
         for obj in held:
-            self.filler.let_go(obj)
+            self.filler.let_go(obj, self)
+
+    def wanted(self, obj: CachedObject) -> Iterator[tuple[int, int]]:
+        """The spans of C{obj} this answer has still to send, in order, as C{(offset, length)}."""
+        for number in range(self._part, len(self.parts)):
+            part = self.parts[number]
+            if isinstance(part, Literal) or self.objects[part.key] is not obj:
+                continue
+            done = self._done_in_part if number == self._part else 0
+            if part.length > done:
+                yield part.offset + done, part.length - done
 
     # IPushProducer
     def pauseProducing(self) -> None:
@@ -214,6 +226,7 @@ class PlanProducer:
                 self._part += 1
                 self._done_in_part = 0
                 continue
+            in_memory = None
             if isinstance(part, Literal):
                 data = part.data[self._done_in_part : self._done_in_part + self.chunk]
             else:
@@ -224,7 +237,9 @@ class PlanProducer:
                     self._wait(obj, self.paths[part.key], position)
                     return
                 run = min(ready, remaining)
-                if self._socket is not None and run >= SENDFILE_MIN and self._start_run(obj, position, run):
+                if obj.in_memory:
+                    in_memory = obj  # no file to sendfile from; its fill waits for us to read on
+                elif self._socket is not None and run >= SENDFILE_MIN and self._start_run(obj, position, run):
                     continue  # the run goes on by itself, or it is already over (see _SendfileRun)
                 try:
                     data = obj.read(position, min(run, self.chunk))
@@ -237,6 +252,8 @@ class PlanProducer:
             self._done_in_part += len(data)
             self.sent += len(data)
             self.request.write(data)
+            if in_memory is not None:
+                self.filler.moved(in_memory)
 
     # -- sendfile -------------------------------------------------------------------------------
 
@@ -457,6 +474,8 @@ class _SendfileRun:
         if left is None or self.owner._stopped:
             return False
         obj, path, position, length = left
+        if obj.in_memory:
+            return False  # uncached meanwhile (a full disk): the owner copies from memory
         ready = self.owner.filler.readable(obj, position, length)
         if ready:
             self.remaining = min(ready, length)
