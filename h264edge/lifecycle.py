@@ -31,6 +31,16 @@ class StartupRefused(SystemExit):
     """The edge cannot start as configured.  Its message is one line that names the option."""
 
 
+def open_more_files() -> int:
+    """L{raise_open_files_limit}, logged; the limit now."""
+    before, after = raise_open_files_limit()
+    if after != before:
+        log.info("open files limit raised from {before} to {after}", before=before, after=after)
+    else:
+        log.info("open files limit: {n}", n=after)
+    return after
+
+
 def raise_open_files_limit() -> tuple[int, int]:
     """
     Raise this process's soft limit of open files to its hard limit (a viewer is a descriptor,
@@ -83,11 +93,6 @@ class EdgeService(service.MultiService):
         return self.clock
 
     def privilegedStartService(self) -> None:
-        before, after = raise_open_files_limit()
-        if after != before:
-            log.info("open files limit raised from {before} to {after}", before=before, after=after)
-        else:
-            log.info("open files limit: {n}", n=after)
         for child in list(self):
             self._refusing(child, child.privilegedStartService)
         service.Service.privilegedStartService(self)

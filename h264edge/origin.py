@@ -27,6 +27,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
+from h264edge._twisted_compat import TreqResponse, set_read_size, treq_raw_response
 from h264edge.errors import OriginStatus, OriginUnavailable
 from h264edge.health import OriginHealth, RetryBudget
 from h264edge.observer import NULL_OBSERVER, EdgeObserver
@@ -154,8 +155,8 @@ class _LargeReads:
     def connect(self, factory: Any) -> Any:
         def grow(protocol: Any) -> Any:
             transport = getattr(protocol, "transport", None)
-            if transport is not None and hasattr(transport, "bufferSize"):
-                transport.bufferSize = self._size
+            if transport is not None:
+                set_read_size(transport, self._size)
             # a request leaves when it is written, not on the reactor's next turn (~0.2 ms of a miss)
             write_at_once(transport)
             return protocol
@@ -455,7 +456,7 @@ class OriginClient:
         discard_body(response)
         return 200 <= response.code < 400
 
-    def _reply(self, response: "treq.response._Response", url: str, slot: Optional[_Slot] = None) -> OriginReply:
+    def _reply(self, response: TreqResponse, url: str, slot: Optional[_Slot] = None) -> OriginReply:
         slot = slot or _Slot()
         try:
             return self._checked_reply(response, url, slot)
@@ -465,7 +466,7 @@ class OriginClient:
 
     def _checked_reply(self, response: Any, url: str, slot: _Slot) -> OriginReply:
         code = response.code
-        raw = response.original if hasattr(response, "original") else response
+        raw = treq_raw_response(response)
         hdrs: Headers = response.headers
         length = response.length if isinstance(response.length, int) else None
         first, total = 0, None
@@ -529,7 +530,7 @@ class OriginClient:
 
     async def forward(
         self, method: str, path: str, headers: Mapping[str, str], body: bytes
-    ) -> "treq.response._Response":
+    ) -> TreqResponse:
         """Pass an unsafe method through to the first origin that answers (uncached)."""
         failures = []
         for base in self.bases:
@@ -559,7 +560,7 @@ def _is_timeout(error: BaseException) -> bool:
 
 
 def discard_body(response: Any) -> None:
-    raw: Any = getattr(response, "original", response)
+    raw: Any = treq_raw_response(response)
     try:
         raw.deliverBody(_Discard())
     except RuntimeError:

@@ -34,13 +34,25 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
-from twisted.web.http import HTTPChannel, datetimeToString
-from twisted.web.server import Request, Site
+from twisted.web.http import combinedLogFormatter, datetimeToString
+from twisted.web.http_headers import Headers
+from twisted.web.server import Request
 
+
+from h264edge._twisted_compat import (
+    access_log_sink,
+    channel_is_idle,
+    channel_state_known,
+    plain_tcp,
+    read_now,
+    reopen_access_log,
+    transport_open,
+)
 from h264edge.store import CachedObject, ObjectMeta, SliceStore
-from h264edge.tcpio import plain_tcp, send_now
+from h264edge.tcpio import send_now
 from h264edge.web.answers import CLIENT_CLOSED, Answer, Draining, EdgeRequest, combined_line, escape, iso_time, json_line
 from h264edge.web.http import forwarded_client, trusted_peer
+from h264edge.web.limits import LimitedChannel, LimitedSite
 
 log = Logger()
 
@@ -199,21 +211,11 @@ def plain_get_target(data: bytes) -> Optional[tuple[bytes, dict[bytes, bytes]]]:
     return match.group(1), headers
 
 
-def _channel_state_known() -> bool:
-    """Whether this Twisted's HTTPChannel has the state L{HotChannel} reads to know it is idle."""
-    channel = HTTPChannel()
-    return all(
-        hasattr(channel, name)
-        for name in ("requests", "_handlingRequest", "_dataBuffer", "_waitingForTransport", "_buffer", "line_mode",
-                     "_HTTPChannel__first_line")
-    )
-
-
-class HotChannel(HTTPChannel):
+class HotChannel(LimitedChannel):
     """An HTTP/1.1 channel that answers plain GETs known to L{HotAnswers} itself (see the module)."""
 
     hot: Optional[HotAnswers] = None
-    state_known = _channel_state_known()
+    state_known = channel_state_known()
     log_ip: Optional[str] = None  # the peer's address as the access log writes it
 
     def connectionMade(self) -> None:
@@ -226,7 +228,7 @@ class HotChannel(HTTPChannel):
         transport: Any = self.transport
         if plain_tcp(transport):
             try:
-                transport.doRead()
+                read_now(transport)
             except Exception:
                 log.failure("reading a new connection's first request")
                 transport.abortConnection()
@@ -235,26 +237,15 @@ class HotChannel(HTTPChannel):
         hot = self.hot
         if (
             hot is not None
-            and self.state_known
-            and not self.requests
-            and not self._handlingRequest
-            and not self._waitingForTransport
-            and not self._buffer
-            and not self._dataBuffer
-            and self.line_mode
-            # not after a bare CRLF (Twisted ignores one before a request and remembers it did)
-            and self._HTTPChannel__first_line == 1  # type: ignore[attr-defined]
-            and self.persistent
-            and not getattr(self, "paused", False)
-            and self.transport is not None
-            and not self.transport.disconnecting
+            and channel_is_idle(self)
+            and transport_open(self.transport)
         ):
             parsed = plain_get_target(data)
             if parsed is not None:
                 found = hot.answer(parsed[0])
                 if found is not None:
-                    self.resetTimeout()
                     send_now(self.transport, found[0])
+                    self.idle_again()
                     factory = self.factory
                     if isinstance(factory, EdgeSite):
                         factory.log_hot(self, parsed[0], parsed[1], found[1])
@@ -262,10 +253,36 @@ class HotChannel(HTTPChannel):
         super().dataReceived(data)
 
 
-class EdgeSite(Site):
+class _LoggedHit:
+    """What an access-log formatter reads of a request, for an answer from the hot path."""
+
+    method = b"GET"
+    clientproto = b"HTTP/1.1"
+    code = 200
+
+    def __init__(self, channel: HotChannel, uri: bytes, headers: dict[bytes, bytes], length: int) -> None:
+        self.channel = channel
+        self.uri = self.path = uri
+        self._headers = headers
+        self.sentLength = length
+
+    def getClientAddress(self) -> Any:
+        transport: Any = self.channel.transport
+        return transport.getPeer() if transport is not None else None
+
+    def getHeader(self, name: bytes) -> Optional[bytes]:
+        return self._headers.get(name.lower())
+
+    @property
+    def requestHeaders(self) -> Headers:
+        return Headers({name: [value] for name, value in self._headers.items()})
+
+
+class EdgeSite(LimitedSite):
     """
-    A L{Site} whose connections take the hot path for C{hot} (usually C{EdgeResource.hot}).  It speaks
-    HTTP/1.x only (plain Site negotiates HTTP/2 over TLS when the h2 package is installed).
+    A L{Site} whose connections take the hot path for C{hot} (usually C{EdgeResource.hot}), held to
+    C{limits} (L{ConnectionLimits}: deadlines, connection caps, body caps; see L{h264edge.web.limits}).
+    It speaks HTTP/1.x only (plain Site negotiates HTTP/2 over TLS when the h2 package is installed).
 
     Hot answers are replayed without walking the resource tree: give it a C{hot} only when nothing
     above the L{EdgeResource} looks at requests (authentication, headers added by a wrapper).
@@ -292,6 +309,7 @@ class EdgeSite(Site):
         self.metrics: Any = None
         self.hot_tally: Optional[dict[bytes, list[int]]] = None  # metrics.hot_tally, counted inline
         self.drain = Draining()
+        self.fast_log_lines = 0  # hot answers' log lines written from cached pieces
         self._escaped: dict[bytes, str] = {}  # access-log fields already escaped
         self._iso: tuple[int, str] = (-1, "")
 
@@ -302,8 +320,8 @@ class EdgeSite(Site):
     def answered(self, request: Any, cut: bool = False, unsent: int = 0) -> None:
         """Count and log one answer of the normal road (finished, or C{cut} short with C{unsent} bytes left)."""
         metrics = self.metrics
-        logging = self.access_log and getattr(self, "_logFile", None) is not None
-        if metrics is None and not logging:
+        sink = access_log_sink(self) if self.access_log else None
+        if metrics is None and sink is None:
             return
         now = _now(self)
         began = getattr(request, "began_at", now)
@@ -329,12 +347,14 @@ class EdgeSite(Site):
         )
         if metrics is not None:
             metrics.answered(answer)
-        if logging:
-            log_file: Any = self._logFile
-            if self.access_log_format == "json":
-                log_file.write(json_line(answer, self._iso_time(now)) + "\n")
+        if sink is not None:
+            write, stamp, formatter = sink
+            if formatter is not combinedLogFormatter:  # an embedder's own formatter
+                write(formatter(stamp, request) + "\n")
+            elif self.access_log_format == "json":
+                write(json_line(answer, self._iso_time(now)) + "\n")
             else:
-                log_file.write(combined_line(answer, str(self._logDateTime)) + "\n")
+                write(combined_line(answer, stamp) + "\n")
 
     def _iso_time(self, now: float) -> str:
         second = int(now)
@@ -358,8 +378,12 @@ class EdgeSite(Site):
             counts[1] += length
         if not self.access_log:
             return
-        log_file = getattr(self, "_logFile", None)
-        if log_file is None:
+        sink = access_log_sink(self)
+        if sink is None:
+            return
+        write, stamp, formatter = sink
+        if formatter is not combinedLogFormatter:  # an embedder's own formatter
+            write(formatter(stamp, _LoggedHit(channel, uri, headers, length)) + "\n")
             return
         ip = channel.log_ip
         if ip is None:
@@ -374,7 +398,7 @@ class EdgeSite(Site):
         if self.access_log_format == "json":
             answer = Answer(ip, b"GET", uri, b"HTTP/1.1", 200, length, False, "HIT", 0.0, 0.0,
                             headers.get(b"referer"), headers.get(b"user-agent"))
-            log_file.write(json_line(answer, self._iso_time(_now(self))) + "\n")
+            write(json_line(answer, self._iso_time(_now(self))) + "\n")
             return
         escaped = self._escaped
         if len(escaped) > 4096:
@@ -385,8 +409,9 @@ class EdgeSite(Site):
             if text is None:
                 text = escaped[value] = escape(value)
             parts.append(text)
-        log_file.write(f'{ip} - - {self._logDateTime} "GET {parts[0]} HTTP/1.1" 200 {length} "{parts[1]}" '
-                       f'"{parts[2]}" cache=HIT time=0.000 ttfb=0.000 cut=0\n')
+        self.fast_log_lines += 1
+        write(f'{ip} - - {stamp} "GET {parts[0]} HTTP/1.1" 200 {length} "{parts[1]}" "{parts[2]}" '
+              f"cache=HIT time=0.000 ttfb=0.000 cut=0\n")
 
     def stopFactory(self) -> None:
         # the listener stopped: while its connections drain, their answers are still logged
@@ -394,10 +419,7 @@ class EdgeSite(Site):
 
     def reopen_log(self) -> None:
         """Close and open the access log file again (after logrotate moved it: SIGUSR1)."""
-        if self.logPath and getattr(self, "_logFile", None) is not None:
-            old: Any = self._logFile
-            self._logFile = self._openLogFile(self.logPath)
-            old.close()
+        reopen_access_log(self)
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
@@ -408,7 +430,7 @@ class EdgeSite(Site):
         return channel
 
 
-def _now(site: Site) -> float:
+def _now(site: Any) -> float:
     reactor: Any = site.reactor
     return float(reactor.seconds())
 

@@ -72,7 +72,11 @@ class ViewerRoot(Resource):
     def getChildWithDefault(self, path: bytes, request: Request) -> Any:
         if path == b"player" and request.postpath == []:
             return self.player
-        return self.edge  # a leaf: it reads the whole request target itself
+        # the edge is mounted at the root: give back the segment Site took for this level
+        if request.prepath:
+            request.prepath.pop()
+        request.postpath = [path, *(request.postpath or [])]
+        return self.edge
 
     def render(self, request: Request) -> Any:  # type: ignore[override]
         return self.edge.render(request)

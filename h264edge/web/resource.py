@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Optional
+from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -25,11 +26,14 @@ from h264edge.fill import Filler, FillFailed, SharedResult
 from h264edge.origin import OriginClient
 from h264edge.plan import Literal, Plan
 from h264edge.store import CachedObject, SliceStore, StoreError
+from h264edge._twisted_compat import request_disconnected
 from h264edge.web.http import (
     BadRequest,
     PurgeAuth,
+    Target,
     Unsatisfiable,
     allowed_methods,
+    excerpt,
     not_modified,
     parse_byte_offset,
     parse_range,
@@ -154,7 +158,7 @@ class EdgeResource(Resource):
             return self._purge(request)
         else:
             request.setHeader(b"Allow", allowed_methods(self.pass_methods).encode())
-            return self._plain(request, 405, f"{method} is not allowed here")
+            return self._plain(request, 405, f"{excerpt(request.method)} is not allowed here")
         d.addErrback(self._failed, request)
         return NOT_DONE_YET
 
@@ -170,7 +174,7 @@ class EdgeResource(Resource):
         return body
 
     def _failed(self, failure: Failure, request: Request) -> None:
-        if request.finished or getattr(request, "_disconnected", False):
+        if request.finished or request_disconnected(request):
             return
         if request.startedWriting:
             log.failure("failed after the headers went out; dropping the connection", failure)
@@ -187,9 +191,13 @@ class EdgeResource(Resource):
 
     # -- GET / HEAD ---------------------------------------------------------------------------
 
-    async def _serve(self, request: Request) -> None:
+    def _target(self, request: Request) -> Target:
+        """What C{request} names below this resource's mount point (see L{path_below_mount})."""
         raw_path, _, raw_query = request.uri.partition(b"?")
-        target = parse_target(raw_path, raw_query, self.keep_query)
+        return parse_target(path_below_mount(request, raw_path), raw_query, self.keep_query)
+
+    async def _serve(self, request: Request) -> None:
+        target = self._target(request)
         origin_path = target.path + ("?" + target.origin_query if target.origin_query else "")
         seek: Optional[tuple[float, Optional[float]]] = None
         flv_offset = 0
@@ -386,15 +394,16 @@ class EdgeResource(Resource):
         if refusal is not None:
             return self._plain(request, *refusal)
         try:
-            removed = self.purge(request.uri.decode("latin-1"))
+            target = self._target(request)
         except BadRequest as e:
             return self._plain(request, 400, str(e))
+        removed = self.purge_target(target)
+        shown = target.key if len(target.key) <= 200 else target.key[:200] + "..."  # percent-encoded ASCII
         if self.on_purge is not None:
-            self.on_purge(removed, "viewer", request.uri.decode("latin-1"))
-        uri = request.uri.decode("latin-1")
+            self.on_purge(removed, "viewer", shown)
         if not removed:
-            return self._plain(request, 404, "not cached: " + uri)
-        return self._plain(request, 200, f"purged {uri}" + (f" and {removed - 1} variants" if removed > 1 else ""))
+            return self._plain(request, 404, "not cached: " + shown)
+        return self._plain(request, 200, f"purged {shown}" + (f" and {removed - 1} variants" if removed > 1 else ""))
 
     def clip_bitrate(self, obj: CachedObject, path: str) -> "Deferred[Optional[float]]":
         """An MP4's bytes per second of media (its size over its duration); None if it cannot be read."""
@@ -410,7 +419,8 @@ class EdgeResource(Resource):
 
     def purge(self, target: str) -> int:
         """
-        Drop the cached objects of a request target; how many went.  C{/clip.mp4} drops that path's
+        Drop the cached objects of a request target (below this resource's mount point, as its keys
+        are); how many went.  C{/clip.mp4} drops that path's
         object and those of the path with any query string (every variant kept under it); with a
         query (less C{start}/C{end}), only that key.  Seek answers, Range answers and hot answers are
         made from those objects, so they go with them.
@@ -418,10 +428,13 @@ class EdgeResource(Resource):
         @raise BadRequest: the target is not a path the edge would serve.
         """
         raw_path, _, raw_query = target.encode("latin-1").partition(b"?")
-        parsed = parse_target(raw_path, raw_query, self.keep_query)
-        removed = int(self.store.remove(parsed.key))
-        if parsed.key == parsed.path:
-            removed += self.store.remove_matching(lambda key: key.startswith(parsed.path + "?"))
+        return self.purge_target(parse_target(raw_path, raw_query, self.keep_query))
+
+    def purge_target(self, target: Target) -> int:
+        """L{purge} for a parsed target."""
+        removed = int(self.store.remove(target.key))
+        if target.key == target.path:
+            removed += self.store.remove_matching(lambda key: key.startswith(target.path + "?"))
         return removed
 
     def purge_prefix(self, prefix: str) -> int:
@@ -433,8 +446,7 @@ class EdgeResource(Resource):
     # -- other methods ------------------------------------------------------------------------
 
     async def _forward(self, request: Request, method: str) -> None:
-        raw_path, _, raw_query = request.uri.partition(b"?")
-        target = parse_target(raw_path, raw_query, self.keep_query)
+        target = self._target(request)
         origin_path = target.path + ("?" + target.origin_query if target.origin_query else "")
         headers = {}
         for name in (b"Content-Type", b"Authorization", b"If-Match", b"If-Unmodified-Since"):
@@ -499,6 +511,22 @@ def purge_refusal(auth: PurgeAuth, request: Request, viewer_listener: bool) -> O
     if refusal is not None and refusal[0] == 401:
         request.setHeader(b"WWW-Authenticate", b'Bearer realm="h264edge"')
     return refusal
+
+
+def path_below_mount(request: Request, raw_path: bytes) -> bytes:
+    """
+    The part of C{raw_path} (as sent, still percent-encoded) below the resource that renders
+    C{request}: C{/clip.mp4} for C{/video/clip.mp4} when the resource is the child C{video} of the
+    root.  Site consumed one segment into C{request.prepath} per level above it; when those are not
+    the path's first segments (a wrapper rewrote them), the path is rebuilt from C{request.postpath}.
+    """
+    prepath = request.prepath or []
+    if not prepath or not raw_path.startswith(b"/"):
+        return raw_path
+    segments = raw_path.split(b"/")[1:]
+    if [unquote_to_bytes(segment) for segment in segments[: len(prepath)]] == prepath:
+        return b"/" + b"/".join(segments[len(prepath):])
+    return ("/" + "/".join(quote_from_bytes(segment, safe=b"") for segment in request.postpath or [])).encode("ascii")
 
 
 def _via(request: Request) -> list[str]:
