@@ -396,6 +396,8 @@ def check_endpoint(name: str, description: str) -> None:
         return  # needs the sockets systemd passes at start: checked then (see listening_service)
     try:
         endpoints.serverFromString(MemoryReactor(), description)
+    except OSError:
+        pass  # a file it names (an ssl: certificate): read when it listens, and refused then
     except Exception as e:
         raise usage.UsageError(f"--{name}={description}: {e} (examples: tcp:8080, tcp:80:interface=192.0.2.1)") \
             from None

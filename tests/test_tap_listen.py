@@ -10,6 +10,7 @@ from typing import Any
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
+from h264edge.lifecycle import SignalHandlers
 from h264edge.tap import IndexLoader, Options, OriginProbe, SyncThreads, makeService
 from h264edge.web.limits import ConnectionLimits, default_max_connections
 
@@ -55,7 +56,7 @@ class WorkersListenTests(SynchronousTestCase):
 class LimitOptionTests(SynchronousTestCase):
     def site(self, *argv: str) -> Any:
         built = makeService(options("--listen=tcp:0", f"--cache-dir={self.mktemp()}", *argv))
-        [port] = [s for s in built if not isinstance(s, (IndexLoader, OriginProbe, SyncThreads))]
+        [port] = [s for s in built if not isinstance(s, (IndexLoader, OriginProbe, SyncThreads, SignalHandlers))]
         return port.factory
 
     def test_defaults(self) -> None:
