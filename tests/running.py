@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable, Optional
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
@@ -129,8 +130,14 @@ class RunningEdge:
         await until(lambda: proc.poll() is not None, timeout)
         return int(proc.returncode)
 
-    async def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it has not ended within 20 s (a cleanup)."""
+    def stop(self) -> "Deferred[None]":
+        """
+        SIGTERM, then SIGKILL if it has not ended within 20 s (a cleanup: a Deferred, which every
+        trial waits for; an older trial would not run a coroutine given to addCleanup).
+        """
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
@@ -153,3 +160,30 @@ def need_tool(name: str, install: str) -> str:
             raise AssertionError(f"{name} is missing on CI: dev/setup installs it ({install})")
         raise SkipTest(f"{name} is not installed ({install})")
     return path
+
+
+def serve_origin(test: Any, origin: Any) -> str:
+    """
+    Serve C{origin} (a L{MemoryOrigin}) on 127.0.0.1 for an edge in a child process; its URL.  At
+    the test's end (after the edge's own cleanup, when it was added later) the origin waits until
+    the connections that edge made to it are closed, then stops listening: a dead child's sockets
+    are closed by the kernel, and the reactor needs a turn or two to see it.
+    """
+    from twisted.protocols.policies import WrappingFactory
+    from twisted.web.server import Site
+
+    site = Site(origin)
+    site.log = lambda request: None  # type: ignore[method-assign]
+    factory = WrappingFactory(site)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+
+    async def close() -> None:
+        try:
+            await until(lambda: not factory.protocols, 5)
+        except AssertionError:
+            for protocol in list(factory.protocols):
+                protocol.transport.abortConnection()
+        await port.stopListening()
+
+    test.addCleanup(lambda: Deferred.fromCoroutine(close()))
+    return f"http://127.0.0.1:{port.getHost().port}/"

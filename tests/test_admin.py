@@ -15,11 +15,11 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from h264edge.testing import MemoryOrigin, listen_origin
+from h264edge.testing import MemoryOrigin
 from h264edge.web.http import PurgeAuth, bearer_token, forwarded_client, parse_networks
 from tests.edgekit import RawClient, random_bytes
 from tests.media import clip, have_ffmpeg
-from tests.running import RunningEdge, free_port, sleep, until
+from tests.running import RunningEdge, free_port, serve_origin, sleep, until
 from tests.served import ServedEdgeTestCase, samples, value
 
 
@@ -212,8 +212,7 @@ class WorkersMetricsTests(TestCase):
 
     async def test_every_process_is_counted(self) -> None:
         origin = MemoryOrigin()
-        origin_port, origin_url = listen_origin(origin)
-        self.addCleanup(origin_port.stopListening)
+        origin_url = serve_origin(self, origin)
         origin.add("/w.bin", b"w" * 2000)
         port, admin_port = free_port(), free_port()
         workdir = os.path.abspath(self.mktemp())

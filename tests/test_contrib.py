@@ -13,8 +13,8 @@ import sys
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from h264edge.testing import MemoryOrigin, listen_origin
-from tests.running import RunningEdge, connects, free_port, need_tool, until
+from h264edge.testing import MemoryOrigin
+from tests.running import RunningEdge, connects, free_port, need_tool, serve_origin, until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTRIB = os.path.join(ROOT, "contrib")
@@ -89,8 +89,7 @@ class UnitCommandTests(TestCase):
     async def test_the_service_command_serves_on_the_socket_systemd_passes(self) -> None:
         activate = need_tool("systemd-socket-activate", "apt-get install -y systemd")
         origin = MemoryOrigin()
-        origin_port, origin_url = listen_origin(origin)
-        self.addCleanup(origin_port.stopListening)
+        origin_url = serve_origin(self, origin)
         origin.add("/clip.bin", b"c" * 4000)
         workdir = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(workdir, "etc"))

@@ -23,9 +23,9 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from h264edge.lifecycle import StartupRefused
 from h264edge.tap import Options
-from h264edge.testing import MemoryOrigin, listen_origin
+from h264edge.testing import MemoryOrigin
 from tests.edgekit import RawClient, random_bytes
-from tests.running import TWISTD, RunningEdge, child_env, connects, free_port, sleep, until
+from tests.running import TWISTD, RunningEdge, child_env, connects, free_port, serve_origin, sleep, until
 
 
 class RunningEdgeTestCase(TestCase):
@@ -33,8 +33,7 @@ class RunningEdgeTestCase(TestCase):
 
     def setUp(self) -> None:
         self.origin = MemoryOrigin()
-        self.origin_port, self.origin_url = listen_origin(self.origin)
-        self.addCleanup(self.origin_port.stopListening)
+        self.origin_url = serve_origin(self, self.origin)
         self.workdir = os.path.abspath(self.mktemp())
         self.cache_dir = os.path.join(self.workdir, "cache")
         pool = HTTPConnectionPool(reactor, persistent=False)
@@ -72,8 +71,7 @@ class SignalTests(RunningEdgeTestCase):
 
     async def test_hup_reloads_what_is_safe_and_names_what_needs_a_restart(self) -> None:
         second = MemoryOrigin()
-        second_port, second_url = listen_origin(second)
-        self.addCleanup(second_port.stopListening)
+        second_url = serve_origin(self, second)
         second.add("/only-on-b.bin", b"b" * 500)
         config = os.path.join(self.workdir, "edge.toml")
         os.makedirs(self.workdir, exist_ok=True)

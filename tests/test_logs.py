@@ -16,8 +16,9 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.web.server import NOT_DONE_YET
 
+from h264edge.testing import MemoryOrigin
 from tests.edgekit import RawClient, random_bytes
-from tests.running import RunningEdge, free_port, need_tool, until
+from tests.running import RunningEdge, free_port, need_tool, serve_origin, until
 from tests.served import ServedEdgeTestCase
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,9 +151,11 @@ class LogrotateTests(ServedEdgeTestCase):
         workdir = os.path.abspath(self.mktemp())
         logs = os.path.join(workdir, "log")
         os.makedirs(logs)
-        self.origin.add("/r.bin", b"r" * 2000)
+        origin = MemoryOrigin()
+        origin.add("/r.bin", b"r" * 2000)
+        origin_url = serve_origin(self, origin)
         port = free_port()
-        edge = RunningEdge(workdir, [f"--origin={self.origin_url}", f"--cache-dir={workdir}/cache",
+        edge = RunningEdge(workdir, [f"--origin={origin_url}", f"--cache-dir={workdir}/cache",
                                      f"--listen=tcp:{port}:interface=127.0.0.1",
                                      f"--access-log={logs}/access.log", f"--event-log={logs}/events.log"], port)
         self.addCleanup(edge.stop)
