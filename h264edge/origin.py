@@ -9,7 +9,6 @@ whose body it streams with L{OriginReply.deliver}, pausing the socket when it mu
 
 from __future__ import annotations
 
-import re
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Iterable, Mapping, Optional
 
@@ -22,31 +21,23 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
 from twisted.logger import Logger
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseNeverReceived
+from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    ResponseNeverReceived,
+    _HTTP11ClientFactory,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
 from h264edge.errors import OriginStatus, OriginUnavailable
+from h264edge.httpcache import HeaderError, check_partial, parse_content_range
 from h264edge.tcpio import write_at_once
 
 log = Logger()
-
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*$", re.IGNORECASE)
-
-
-def parse_content_range(value: str) -> tuple[Optional[int], Optional[int], Optional[int]]:
-    """C{(first, last, total)} of a Content-Range value; parts are None where the header has C{*}."""
-    match = _CONTENT_RANGE.match(value)
-    if match is None:
-        raise ValueError(f"bad Content-Range {value!r}")
-    first, last, total = match.groups()
-    return (
-        int(first) if first is not None else None,
-        int(last) if last is not None else None,
-        int(total) if total != "*" else None,
-    )
-
 
 def header(headers: Headers, name: str) -> Optional[str]:
     values = headers.getRawHeaders(name)
@@ -186,6 +177,35 @@ class _PlainAgent:
         return response
 
 
+class _OneAnswerPerRequest(HTTP11ClientProtocol):
+    """
+    An origin connection that goes back to the pool only if its answer ended where the bytes
+    received ended.  Twisted's client drops bytes that come after an answer's end in the same read
+    (C{rest}) and pools the connection; an origin that wrote more than it was asked for (a second
+    answer, a body longer than its Content-Length) may then have the rest of those bytes taken as
+    the answer to the next request sent on that connection.  So such a connection is closed.  (Bytes
+    arriving while the connection is idle in the pool close it too: Twisted gives it up.)
+
+    Reaches into Twisted's HTTP11ClientProtocol: its state-dispatched C{_finishResponse_WAITING}
+    and C{_currentRequest.persistent}, stable since Twisted 11; tests.test_origin_lies checks
+    what it means.
+    """
+
+    def _finishResponse_WAITING(self, rest: bytes) -> None:
+        request: Any = getattr(self, "_currentRequest", None)
+        if rest and request is not None:
+            log.warn("origin sent {n} bytes after its answer's end; closing that connection", n=len(rest))
+            request.persistent = False  # the connection is given up instead of pooled
+        super()._finishResponse_WAITING(rest)  # type: ignore[misc]
+
+    _finishResponse_TRANSMITTING = _finishResponse_WAITING
+
+
+class _StrictConnections(_HTTP11ClientFactory):
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+        return _OneAnswerPerRequest(self._quiescentCallback)
+
+
 class _NoCookies(CookieJar):
     """A cookie jar that keeps nothing: the edge is stateless towards its origins."""
 
@@ -231,11 +251,16 @@ class OriginClient:
         self.reactor = reactor
         self.timeout = timeout
         pool = HTTPConnectionPool(reactor, persistent=True)
+        pool._factory = _StrictConnections  # type: ignore[attr-defined]
         pool.maxPersistentPerHost = pool_size
         pool.retryAutomatically = True  # GETs are idempotent: a stale keep-alive connection is retried once
         self.pool = pool
         agent = Agent.usingEndpointFactory(reactor, _OriginEndpoints(reactor, timeout, ORIGIN_READ_SIZE), pool=pool)
         self._client = treq.client.HTTPClient(_PlainAgent(agent), cookiejar=_NoCookies())  # type: ignore[arg-type]
+        # pass-through methods: one connection per request, never a pooled one (see forward())
+        once = Agent.usingEndpointFactory(reactor, _OriginEndpoints(reactor, timeout, ORIGIN_READ_SIZE),
+                                          pool=HTTPConnectionPool(reactor, persistent=False))
+        self._once = treq.client.HTTPClient(_PlainAgent(once), cookiejar=_NoCookies())  # type: ignore[arg-type]
         self.requests = 0  # statistics: origin requests sent
         self.passes = 2  # rounds over the origin list before giving up (a dropped connection gets a second try)
         self.retry_delay = 0.05
@@ -301,10 +326,15 @@ class OriginClient:
                     failures.append(f"{base}: {code}")
                     log.warn("origin {url} answered {code}", url=url, code=code)
                     continue
-                return self._reply(response, url)
+                return self._reply(response, url, first, last)
         raise OriginUnavailable("no origin answered: " + "; ".join(failures), timeout=timed_out)
 
-    def _reply(self, response: "treq.response._Response", url: str) -> OriginReply:
+    def _reply(self, response: "treq.response._Response", url: str, asked_first: int,
+               asked_last: Optional[int]) -> OriginReply:
+        """
+        The answer to a GET of bytes C{asked_first}..C{asked_last} (see L{fetch}) as an L{OriginReply};
+        a 206 is used only if it holds exactly those bytes (or more) and agrees with itself.
+        """
         code = response.code
         raw = response.original if hasattr(response, "original") else response
         hdrs: Headers = response.headers
@@ -312,19 +342,17 @@ class OriginClient:
         first, total = 0, None
         if code == 206:
             value = header(hdrs, "Content-Range")
-            if value is None:
-                discard_body(response)
-                raise OriginUnavailable(f"{url}: 206 without Content-Range")
             try:
-                cr_first, cr_last, total = parse_content_range(value)
-            except ValueError as e:
+                if value is None:
+                    raise HeaderError("206 without Content-Range")
+                content_range = parse_content_range(value)
+                check_partial(asked_first, asked_last, content_range, length)
+            except HeaderError as e:
                 discard_body(response)
+                log.warn("origin {url}: {error}", url=url, error=e)
                 raise OriginUnavailable(f"{url}: {e}") from None
-            if cr_first is None or cr_last is None:
-                discard_body(response)
-                raise OriginUnavailable(f"{url}: 206 with unsatisfied Content-Range")
-            first = cr_first
-            length = cr_last - cr_first + 1
+            assert content_range.first is not None and content_range.length is not None
+            first, length, total = content_range.first, content_range.length, content_range.total
         elif code == 200:
             total = length
         elif code in (304,):
@@ -333,8 +361,8 @@ class OriginClient:
             value = header(hdrs, "Content-Range")
             if value:
                 try:
-                    total = parse_content_range(value)[2]
-                except ValueError:
+                    total = parse_content_range(value).total
+                except HeaderError:
                     pass
             discard_body(response)
         else:
@@ -367,24 +395,34 @@ class OriginClient:
     async def forward(
         self, method: str, path: str, headers: Mapping[str, str], body: bytes
     ) -> "treq.response._Response":
-        """Pass an unsafe method through to the first origin that answers (uncached)."""
+        """
+        Pass a method other than GET/HEAD through to the origins (uncached), sending it at most once:
+        only a connection that could not be made moves on to the next origin.  Whatever the first
+        origin that took the request answers (a 5xx included) is the answer, and an answer lost after
+        the request went out is L{OriginUnavailable}: the method may have taken effect, so it is never
+        sent again.  Each request has a connection of its own, so that no stale pooled connection
+        can lose a request the origin may or may not have seen.
+        """
         failures = []
         for base in self.bases:
             url = self.url_for(base, path)
             self.requests += 1
             try:
-                response = await self._client.request(
+                return await self._once.request(
                     method, url, headers=dict[Any, Any](headers), data=body or None,
                     allow_redirects=False, timeout=self.timeout, reactor=self.reactor,
                 )
-            except _TRANSIENT as e:
+            except (ConnectError, DNSLookupError) as e:
                 failures.append(f"{base}: {e.__class__.__name__}")
+                log.warn("origin {url} could not be reached for {method}: {error}", url=url, method=method, error=e)
                 continue
-            if response.code >= 500 and base is not self.bases[-1]:
-                failures.append(f"{base}: {response.code}")
-                continue
-            return response
-        raise OriginUnavailable("no origin answered: " + "; ".join(failures))
+            except Exception as e:
+                log.warn("origin {url} took {method} but its answer was lost: {error}", url=url, method=method,
+                         error=e)
+                raise OriginUnavailable(f"{base}: the answer to {method} was lost "
+                                        f"({'timeout' if _is_timeout(e) else e.__class__.__name__}); "
+                                        "not sent again", timeout=_is_timeout(e)) from None
+        raise OriginUnavailable("no origin could be reached: " + "; ".join(failures))
 
 
 def _is_timeout(error: BaseException) -> bool:

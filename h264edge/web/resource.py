@@ -369,7 +369,10 @@ class EdgeResource(Resource):
                 headers[name.decode()] = value.decode("latin-1")
         body = request.content.read() if request.content is not None else b""
         response = await self.origin.forward(method, origin_path, headers, body)
-        content = await response.content()
+        try:
+            content = await response.content()
+        except Exception as e:
+            raise OriginUnavailable(f"the origin's answer to {method} was cut short ({e.__class__.__name__})") from None
         if 200 <= response.code < 400:
             # RFC 9111 §4.4: a successful unsafe method invalidates the stored response
             self.store.remove(target.key)
