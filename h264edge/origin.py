@@ -4,18 +4,23 @@ The origin client: ranged GETs over treq with timeouts and failover across sever
 
 An origin is any HTTP server that honours (or ignores) C{Range}: a plain web server, an S3-compatible
 store behind a URL, or a parent h264edge.  Bodies are never buffered: the caller gets an L{OriginReply}
-whose body it streams with L{OriginReply.deliver}, pausing the socket when it must.
+whose body it streams with L{OriginReply.deliver}, pausing the socket when it must (small bodies of
+unknown length can be read whole with L{read_body}).
+
+Each origin is asked at most once per call: a GET moves on to the next origin after a connect
+failure, a lost or broken answer (cut headers, an unknown transfer coding, conflicting
+Content-Lengths) or a 5xx, and the last origin's 5xx is the answer; other methods are sent once
+(see L{OriginClient.forward}).
 """
 
 from __future__ import annotations
 
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import treq
 from attrs import frozen
-from twisted.internet.defer import CancelledError
-from twisted.internet.task import deferLater
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as TxTimeoutError
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
@@ -26,18 +31,18 @@ from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
-    ResponseNeverReceived,
     _HTTP11ClientFactory,
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
-from h264edge.errors import OriginStatus, OriginUnavailable
-from h264edge.httpcache import HeaderError, check_partial, parse_content_range
+from h264edge.errors import OriginUnavailable
+from h264edge.httpcache import Fields, HeaderError, check_partial, parse_content_range
 from h264edge.tcpio import write_at_once
 
 log = Logger()
+
 
 def header(headers: Headers, name: str) -> Optional[str]:
     values = headers.getRawHeaders(name)
@@ -46,13 +51,38 @@ def header(headers: Headers, name: str) -> Optional[str]:
     return values[-1].decode("latin-1") if isinstance(values[-1], bytes) else values[-1]
 
 
+def field_list(headers: Headers) -> Fields:
+    """Twisted's Headers as a field list (names as Twisted spells them, values latin-1 text)."""
+    return tuple(
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, values in headers.getAllRawHeaders()
+        for value in values
+    )
+
+
+class OriginPath(str):
+    """
+    An origin path (what L{OriginClient.fetch} asks for: normalised, percent-encoded, query included)
+    that also carries the request fields forwarded with every request made for it (see
+    L{h264edge.httpcache.forwarded_request_fields}).  It is a C{str}, so it travels where paths do.
+    """
+
+    fields: Fields
+
+    def __new__(cls, path: str, fields: Fields = ()) -> "OriginPath":
+        self = super().__new__(cls, path)
+        self.fields = fields
+        return self
+
+
 @frozen
 class OriginReply:
     """
     One origin answer: status, headers, where its body lies in the object, and the body still unread.
 
-    C{first} is the object offset of the body's first byte (0 for a 200), C{total} the object's size
-    when the origin told it (Content-Length of a 200, Content-Range of a 206).
+    C{first} is the object offset of the body's first byte (0 but for a 206), C{total} the object's
+    size when the origin told it (Content-Length, or the Content-Range of a 206).  C{request_time}
+    and C{response_time} are when the request left and its answer's head arrived (RFC 9111 §4.2.3).
     """
 
     code: int
@@ -62,9 +92,15 @@ class OriginReply:
     total: Optional[int]
     url: str
     response: Any
+    request_time: float = 0.0
+    response_time: float = 0.0
 
     def header(self, name: str) -> Optional[str]:
         return header(self.headers, name)
+
+    @property
+    def fields(self) -> Fields:
+        return field_list(self.headers)
 
     def deliver(self, protocol: IProtocol) -> None:
         """Stream the body into C{protocol} (its transport can pause and stop the origin socket)."""
@@ -73,6 +109,55 @@ class OriginReply:
     def discard(self) -> None:
         """We do not want this body: drop the connection rather than read it."""
         discard_body(self.response)
+
+
+class BodyTooLarge(OriginUnavailable):
+    """An answer of unknown length went on past the cap given to L{read_body}."""
+
+
+class _Collect:
+    def __init__(self, cap: int, done: "Deferred[bytes]") -> None:
+        self.cap = cap
+        self.done = done
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.transport: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self.size += len(data)
+        if self.size > self.cap:
+            self.done.errback(BodyTooLarge(f"the answer's body is over {self.cap} bytes and has no length"))
+            if self.transport is not None:
+                self.transport.stopProducing()
+            return
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        if self.done.called:
+            return
+        from twisted.web.client import ResponseDone
+
+        if reason.check(ResponseDone):
+            self.done.callback(b"".join(self.chunks))
+        else:
+            self.done.errback(OriginUnavailable(f"the answer's body was cut short ({reason.getErrorMessage()})"))
+
+
+def read_body(reply: OriginReply, cap: int) -> "Deferred[bytes]":
+    """
+    The whole body of C{reply}, at most C{cap} bytes (for small answers of unknown length).
+
+    @raise BodyTooLarge: it went on past C{cap} (the connection is dropped).
+    @raise OriginUnavailable: it was cut short.
+    """
+    done: Deferred[bytes] = Deferred()
+    reply.deliver(_Collect(cap, done))  # type: ignore[arg-type]
+    return done
 
 
 class _Discard:
@@ -151,11 +236,12 @@ class EncodedBody(OriginUnavailable):
 class _PlainAgent:
     """
     The agent under treq's wrappers.  treq always adds C{Accept-Encoding: gzip} (its
-    ContentDecoderAgent) and replays cookies the origin set: an edge must not do either, since a
+    ContentDecoderAgent) and would replay cookies the origin set: an edge must not do either, since a
     gzip-decoded body no longer matches the origin's Content-Length and Content-Range, and one
     viewer's cookies must not reach the origin on another's behalf.  So every request leaves with
-    C{Accept-Encoding: identity} only and no Cookie, and an answer that is encoded anyway is
-    refused (L{EncodedBody}) before treq could decode it: nothing of it is cached or served.
+    C{Accept-Encoding: identity} only, the cookie jar keeps nothing (L{_NoCookies}: a Cookie field
+    is only ever the viewer's own, forwarded for its request), and an answer that is encoded anyway
+    is refused (L{EncodedBody}) before treq could decode it: nothing of it is cached or served.
     """
 
     def __init__(self, agent: Any) -> None:
@@ -164,7 +250,6 @@ class _PlainAgent:
     def request(self, method: bytes, uri: bytes, headers: Optional[Headers] = None, bodyProducer: Any = None) -> Any:
         headers = headers.copy() if headers is not None else Headers()
         headers.setRawHeaders(b"Accept-Encoding", [b"identity"])
-        headers.removeHeader(b"Cookie")
         return self._agent.request(method, uri, headers, bodyProducer).addCallback(self._plain, uri)
 
     @staticmethod
@@ -212,23 +297,17 @@ class _NoCookies(CookieJar):
     def __init__(self) -> None:
         super().__init__(DefaultCookiePolicy(allowed_domains=[]))
 
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
 
-_TRANSIENT = (
-    ConnectError,
-    DNSLookupError,
-    TxTimeoutError,
-    CancelledError,
-    ResponseNeverReceived,
-    OSError,
-)
+    def set_cookie(self, cookie: Any) -> None:
+        pass
 
 
 class OriginClient:
     """
-    Ranged GETs against one or more origin base URLs, tried in order.
-
-    A connect failure, a timeout before the headers, or a 5xx moves on to the next origin; a 4xx is the
-    object's answer and is raised as L{OriginStatus}; when every origin failed, L{OriginUnavailable}.
+    Ranged GETs against one or more origin base URLs, tried in order, each once (see L{fetch}), and
+    other methods passed through at most once (see L{forward}).
     """
 
     def __init__(
@@ -253,7 +332,9 @@ class OriginClient:
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool._factory = _StrictConnections  # type: ignore[attr-defined]
         pool.maxPersistentPerHost = pool_size
-        pool.retryAutomatically = True  # GETs are idempotent: a stale keep-alive connection is retried once
+        # a GET lost on a pooled keep-alive connection the origin had closed meanwhile is sent again
+        # once on a new connection (idempotent, RFC 9110 §9.2.2; Twisted retries only such requests)
+        pool.retryAutomatically = True
         self.pool = pool
         agent = Agent.usingEndpointFactory(reactor, _OriginEndpoints(reactor, timeout, ORIGIN_READ_SIZE), pool=pool)
         self._client = treq.client.HTTPClient(_PlainAgent(agent), cookiejar=_NoCookies())  # type: ignore[arg-type]
@@ -262,8 +343,6 @@ class OriginClient:
                                           pool=HTTPConnectionPool(reactor, persistent=False))
         self._once = treq.client.HTTPClient(_PlainAgent(once), cookiejar=_NoCookies())  # type: ignore[arg-type]
         self.requests = 0  # statistics: origin requests sent
-        self.passes = 2  # rounds over the origin list before giving up (a dropped connection gets a second try)
-        self.retry_delay = 0.05
 
     def url_for(self, base: str, path: str) -> str:
         """C{path} is already normalised and percent-encoded, starting with C{/}."""
@@ -279,61 +358,74 @@ class OriginClient:
     ) -> OriginReply:
         """
         GET C{path} asking for bytes C{first}..C{last} (inclusive; None = to the end; a negative
-        C{first} asks for the last C{-first} bytes).
+        C{first} asks for the last C{-first} bytes), with the request fields C{path} carries when it
+        is an L{OriginPath}.
 
         With C{first == 0 and last is None} we still send C{Range: bytes=0-} so that the answer carries
         the total size in Content-Range even from an origin that streams without Content-Length.
+
+        Every final status is returned (the caller decides what a 404 or a 301 means); the origins are
+        asked in order, each once: a connect failure, a lost or malformed answer, an encoded body or
+        a 5xx moves on to the next, and the last origin's 5xx is returned.
+
+        @raise OriginUnavailable: no origin gave an answer (C{timeout} set when one timed out).
         """
         if first < 0:
             wanted = f"bytes=-{-first}"  # a suffix range: the last -first bytes
         else:
             wanted = f"bytes={first}-{'' if last is None else last}"
-        headers: dict[Any, Any] = {"Range": wanted, "Accept-Encoding": "identity"}
-        if conditional:
-            headers.update(conditional)
+        headers = Headers()
+        for name, value in getattr(path, "fields", ()):
+            headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        headers.setRawHeaders(b"Range", [wanted.encode("ascii")])
+        headers.setRawHeaders(b"Accept-Encoding", [b"identity"])
+        for name, value in (conditional or {}).items():
+            headers.setRawHeaders(name.encode("latin-1"), [value.encode("latin-1")])
         failures: list[str] = []
         timed_out = False
-        for attempt in range(self.passes):
-            if attempt:
-                if timed_out:
-                    break  # a second round of timeouts would only make the viewer wait longer
-                await deferLater(self.reactor, self.retry_delay, lambda: None)
-            for base in self.bases:
-                url = self.url_for(base, path)
-                self.requests += 1
-                try:
-                    response = await self._client.request(
-                        method,
-                        url,
-                        headers=headers,
-                        unbuffered=True,
-                        allow_redirects=False,
-                        timeout=self.timeout,
-                        reactor=self.reactor,
-                    )
-                except EncodedBody as e:
-                    failures.append(str(e))
-                    log.warn("{error}", error=e)
-                    continue
-                except _TRANSIENT as e:
-                    timed_out = timed_out or _is_timeout(e)
-                    failures.append(f"{base}: {'timeout' if _is_timeout(e) else e.__class__.__name__}")
-                    log.warn("origin {url} failed: {error}", url=url, error=e)
-                    continue
-                code = response.code
-                if code >= 500:
-                    discard_body(response)
-                    failures.append(f"{base}: {code}")
-                    log.warn("origin {url} answered {code}", url=url, code=code)
-                    continue
-                return self._reply(response, url, first, last)
+        for index, base in enumerate(self.bases):
+            url = self.url_for(base, path)
+            self.requests += 1
+            request_time = self.reactor.seconds()
+            try:
+                response = await self._client.request(
+                    method,
+                    url,
+                    headers=headers,
+                    unbuffered=True,
+                    allow_redirects=False,
+                    timeout=self.timeout,
+                    reactor=self.reactor,
+                )
+            except EncodedBody as e:
+                failures.append(str(e))
+                log.warn("{error}", error=e)
+                continue
+            except Exception as e:  # refused, timed out, cut, or not HTTP: a GET may go to the next origin
+                timed_out = timed_out or _is_timeout(e)
+                failures.append(f"{base}: {_why(e)}")
+                log.warn("origin {url} failed: {error}", url=url, error=_why(e))
+                continue
+            code = response.code
+            if code >= 500 and index < len(self.bases) - 1:
+                discard_body(response)
+                failures.append(f"{base}: {code}")
+                log.warn("origin {url} answered {code}; trying the next origin", url=url, code=code)
+                continue
+            try:
+                return self._reply(response, url, first, last, request_time)
+            except OriginUnavailable as e:
+                failures.append(str(e))
+                continue
         raise OriginUnavailable("no origin answered: " + "; ".join(failures), timeout=timed_out)
 
     def _reply(self, response: "treq.response._Response", url: str, asked_first: int,
-               asked_last: Optional[int]) -> OriginReply:
+               asked_last: Optional[int], request_time: float) -> OriginReply:
         """
         The answer to a GET of bytes C{asked_first}..C{asked_last} (see L{fetch}) as an L{OriginReply};
         a 206 is used only if it holds exactly those bytes (or more) and agrees with itself.
+
+        @raise OriginUnavailable: a 206 that does not (its body is dropped).
         """
         code = response.code
         raw = response.original if hasattr(response, "original") else response
@@ -353,22 +445,18 @@ class OriginClient:
                 raise OriginUnavailable(f"{url}: {e}") from None
             assert content_range.first is not None and content_range.length is not None
             first, length, total = content_range.first, content_range.length, content_range.total
-        elif code == 200:
-            total = length
-        elif code in (304,):
-            discard_body(response)
-        elif code == 416:
-            value = header(hdrs, "Content-Range")
-            if value:
+        elif code in (304, 416):
+            if code == 416:
+                value = header(hdrs, "Content-Range")
                 try:
-                    total = parse_content_range(value).total
+                    total = parse_content_range(value).total if value else None
                 except HeaderError:
                     pass
             discard_body(response)
+            length = 0
         else:
-            discard_body(response)
-            raise OriginStatus(code)
-        return OriginReply(code, hdrs, first, length, total, url, raw)
+            total = length
+        return OriginReply(code, hdrs, first, length, total, url, raw, request_time, self.reactor.seconds())
 
     async def probe(self) -> dict[str, str]:
         """
@@ -393,7 +481,7 @@ class OriginClient:
         return results
 
     async def forward(
-        self, method: str, path: str, headers: Mapping[str, str], body: bytes
+        self, method: str, path: str, fields: Sequence[tuple[str, str]], body: bytes
     ) -> "treq.response._Response":
         """
         Pass a method other than GET/HEAD through to the origins (uncached), sending it at most once:
@@ -403,13 +491,16 @@ class OriginClient:
         sent again.  Each request has a connection of its own, so that no stale pooled connection
         can lose a request the origin may or may not have seen.
         """
+        headers = Headers()
+        for name, value in fields:
+            headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
         failures = []
         for base in self.bases:
             url = self.url_for(base, path)
             self.requests += 1
             try:
                 return await self._once.request(
-                    method, url, headers=dict[Any, Any](headers), data=body or None,
+                    method, url, headers=headers, data=body or None,
                     allow_redirects=False, timeout=self.timeout, reactor=self.reactor,
                 )
             except (ConnectError, DNSLookupError) as e:
@@ -423,6 +514,17 @@ class OriginClient:
                                         f"({'timeout' if _is_timeout(e) else e.__class__.__name__}); "
                                         "not sent again", timeout=_is_timeout(e)) from None
         raise OriginUnavailable("no origin could be reached: " + "; ".join(failures))
+
+
+def _why(error: BaseException) -> str:
+    """A short reason for a failed request: the timeout, or the innermost error's class and message."""
+    if _is_timeout(error):
+        return "timeout"
+    reasons = getattr(error, "reasons", None) or []
+    inner = [reason.value for reason in reasons if reason.value is not None]
+    shown = inner[-1] if inner else error
+    text = str(shown)[:100]
+    return f"{shown.__class__.__name__}: {text}" if text else shown.__class__.__name__
 
 
 def _is_timeout(error: BaseException) -> bool:

@@ -29,6 +29,8 @@ log = Logger()
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_VIA_NAME = re.compile(r"[A-Za-z0-9._\-:\[\]]{1,255}")  # RFC 9110 §7.6.3: received-by
+_METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}")  # RFC 9110 §9.1: method = token
 
 
 def parse_size(value: str) -> int:
@@ -51,7 +53,11 @@ class Options(usage.Options):
         ["max-size", "s", "10G", "Bytes of disk the cache may use (K/M/G/T suffixes)."],
         ["listen", "l", "tcp:8080", "Where to listen for viewers (a Twisted endpoint description)."],
         ["slice-size", None, "1M", "Cache objects are kept in slices of this many bytes."],
-        ["default-ttl", None, "3600", "Seconds an answer stays fresh when the origin says nothing."],
+        ["default-ttl", None, "3600", "Seconds an answer stays fresh when the origin gives neither freshness nor "
+         "Last-Modified, and the cap of the heuristic freshness (10% of the time since Last-Modified)."],
+        ["stale-if-error", None, "86400", "Seconds past its freshness a stored answer may stand in when the "
+         "origins fail, unless the answer says otherwise (stale-if-error) or forbids it (must-revalidate)."],
+        ["via-name", None, None, "How this edge names itself in Via (default: the host name)."],
         ["origin-timeout", None, "10", "Seconds to wait for an origin to connect or answer."],
         ["seek-cache", None, "256M", "Memory for parsed MP4 seek indexes, plus a quarter more for recent seek answers."],
         ["max-moov", None, "64M", "Largest MP4 moov box the edge will parse for a seek."],
@@ -64,6 +70,10 @@ class Options(usage.Options):
         ["ignore-query", None, "Leave the query string out of the cache key (tracking parameters)."],
         ["exact-seek", None, "Start MP4 seeks exactly at start= (lead-in hidden by an edit list)."],
         ["no-sync", None, "Do not fdatasync before recording slices as present (faster; unsafe on power loss)."],
+        ["viewer-no-cache", None, "Honour viewers' Cache-Control no-cache / max-age / min-fresh (and Pragma: "
+         "no-cache): they make the edge revalidate with the origin."],
+        ["cache-set-cookie", None, "Store answers that carry Set-Cookie, without the Set-Cookie (by default "
+         "they pass through unstored)."],
     ]
 
     def __init__(self) -> None:
@@ -111,8 +121,8 @@ class Options(usage.Options):
 
     def opt_pass_method(self, method: str) -> None:
         """Forward this HTTP method to the origin uncached (repeatable)."""
-        if not method.isalpha():
-            raise usage.UsageError(f"--pass-method={method!r} is not a method name")
+        if not _METHOD.fullmatch(method):
+            raise usage.UsageError(f"--pass-method={method!r} is not a method name (an RFC 9110 token)")
         self["pass-methods"].append(method.upper())
 
     def postOptions(self) -> None:
@@ -120,11 +130,13 @@ class Options(usage.Options):
             raise usage.UsageError("--origin=URL is required")
         for name in ("max-size", "slice-size", "seek-cache", "max-moov", "hot-cache"):
             self[name] = parse_size(self[name])
-        for name in ("default-ttl", "origin-timeout"):
+        for name in ("default-ttl", "origin-timeout", "stale-if-error"):
             try:
                 self[name] = float(self[name])
             except ValueError:
                 raise usage.UsageError(f"--{name} must be a number of seconds") from None
+        if self["via-name"] is not None and not _VIA_NAME.fullmatch(self["via-name"]):
+            raise usage.UsageError("--via-name must be a host name or a token (letters, digits, . _ - : [ ])")
         if self["slice-size"] < 64 * 1024:
             raise usage.UsageError("--slice-size must be at least 64K")
         try:
@@ -338,6 +350,10 @@ def makeService(options: Options) -> service.MultiService:
         pass_methods=options["pass-methods"],
         exact_seek=options["exact-seek"],
         hot_bytes=options["hot-cache"],
+        via_name=options["via-name"],
+        viewer_no_cache=options["viewer-no-cache"],
+        stale_if_error=options["stale-if-error"],
+        store_set_cookie=options["cache-set-cookie"],
     )
     shared = options["workers"] > 1 or options["listen-fd"] is not None
     IndexLoader(store, rescan_every=RESCAN_INTERVAL if shared else None).setServiceParent(top)

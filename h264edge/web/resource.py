@@ -9,22 +9,36 @@ and goes out through one L{PlanProducer}.  Errors become one status and a short 
 from __future__ import annotations
 
 import hashlib
+import socket
 from collections import OrderedDict
 from typing import Any, Iterable, Optional
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from h264edge import flv, mp4
 from h264edge.errors import EdgeError, ObjectChanged, OriginStatus, OriginUnavailable
-from h264edge.fill import Filler, FillFailed, SharedResult
-from h264edge.origin import OriginClient
+from h264edge.fill import BYPASS, HIT, MISS, STALE, Filler, FillFailed, Found, SharedResult, Want
+from h264edge.httpcache import (
+    CONTENT_DIGESTS,
+    NOT_MODIFIED_FIELDS,
+    REPRESENTATION_DIGESTS,
+    Fields,
+    format_http_date,
+    forwarded_request_fields,
+    hop_by_hop,
+    request_directives,
+    values,
+)
+from h264edge.origin import OriginClient, OriginPath, field_list
 from h264edge.plan import Literal, Plan
-from h264edge.store import CachedObject, SliceStore, StoreError
+from h264edge.store import CachedObject, ObjectMeta, SliceStore, StoreError
 from h264edge.web.http import (
     BadRequest,
     Unsatisfiable,
@@ -50,6 +64,10 @@ class MoovTooLarge(mp4.UnsupportedMP4):
     """The clip's moov is over the --max-moov cap: seeking it would cost too much memory."""
 
 
+class NotCached(EdgeError):
+    """A request that may only be answered from the store (only-if-cached) and has nothing fresh there: 504."""
+
+
 def _status_for(failure: Failure) -> tuple[int, str]:
     error = failure.value
     message = str(error) or error.__class__.__name__
@@ -63,6 +81,8 @@ def _status_for(failure: Failure) -> tuple[int, str]:
         return error.code, message
     if isinstance(error, OriginUnavailable):
         return (504 if error.timeout else 502), message
+    if isinstance(error, NotCached):
+        return 504, message
     if isinstance(error, mp4.UnsupportedMP4):
         return 501, "cannot seek in this MP4: " + message
     if isinstance(error, mp4.MalformedMP4):
@@ -92,6 +112,12 @@ class EdgeResource(Resource):
     @param pass_methods: methods forwarded uncached to the origin (others than GET/HEAD answer 405).
     @param exact_seek: start MP4 seeks exactly at C{start} (lead-in hidden by an edit list) rather than
         at the keyframe before it.
+    @param via_name: how this edge names itself in Via (default: the host name).
+    @param viewer_no_cache: honour viewers' request no-cache / max-age / min-fresh (off: as nginx and
+        Varnish, a viewer cannot make the edge ask the origin).
+    @param stale_if_error: seconds past its freshness a stored answer may stand in when the origins
+        fail, unless the answer says otherwise (see L{Filler.stale_if_error}).
+    @param store_set_cookie: store answers that set cookies, without their Set-Cookie.
     """
 
     isLeaf = True
@@ -110,11 +136,20 @@ class EdgeResource(Resource):
         exact_seek: bool = False,
         filler: Optional[Filler] = None,
         hot_bytes: int = 0,
+        via_name: Optional[str] = None,
+        viewer_no_cache: bool = False,
+        stale_if_error: float = 86400.0,
+        store_set_cookie: bool = False,
     ) -> None:
         super().__init__()
         self.store = store
         self.origin = origin
-        self.filler = filler or Filler(store, origin, reactor=reactor, default_ttl=default_ttl)
+        self.filler = filler or Filler(store, origin, reactor=reactor, default_ttl=default_ttl,
+                                       stale_if_error=stale_if_error, store_set_cookie=store_set_cookie)
+        #: the name this edge gives itself in Via (and, for a later loop check, looks for there)
+        self.via_name = via_name or socket.gethostname()
+        self.via = "1.1 " + self.via_name
+        self.viewer_no_cache = viewer_no_cache
         self.indexes = mp4.SeekIndexCache(seek_cache_bytes)
         self.seek_plans = SeekPlanCache(seek_cache_bytes // 4)
         self.max_moov = max_moov
@@ -124,6 +159,8 @@ class EdgeResource(Resource):
         self._parsing: dict[tuple[Any, ...], SharedResult] = {}
         #: answers to plain GETs of small complete objects, for L{EdgeSite}'s hot path (None: off)
         self.hot = HotAnswers(store, hot_bytes, reactor) if hot_bytes > 0 else None
+        if self.hot is not None:
+            self.hot.viewer_cache_control = viewer_no_cache
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -163,6 +200,7 @@ class EdgeResource(Resource):
         code, message = _status_for(failure)
         if code == 500:
             log.failure("internal error on {uri}", failure, uri=request.uri)
+        _edge_answer_only(request, code)
         body = self._plain(request, code, message)
         if request.method != b"HEAD":
             request.write(body)
@@ -173,7 +211,6 @@ class EdgeResource(Resource):
     async def _serve(self, request: Request) -> None:
         raw_path, _, raw_query = request.uri.partition(b"?")
         target = parse_target(raw_path, raw_query, self.keep_query)
-        origin_path = target.path + ("?" + target.origin_query if target.origin_query else "")
         seek: Optional[tuple[float, Optional[float]]] = None
         flv_offset = 0
         if target.kind == "mp4":
@@ -190,43 +227,51 @@ class EdgeResource(Resource):
             hint = range_hint(_h(request, b"Range"))
             if hint is not None:
                 first, last = hint
-        cached = self.store.get(target.key)
-        existed = cached is not None
-        obj = await self.filler.object_for(target.key, origin_path, first, last, cached=cached)
+        fields = request_fields(request)
+        want = self._want(request, target, fields, first, last)
+        asked = request_directives(fields)
+        if asked.only_if_cached:
+            _, stored = self.filler.lookup(want)
+            if stored is None or not self.filler.fresh_enough(stored.meta, want, self.filler.reactor.seconds()):
+                raise NotCached("only-if-cached, and no fresh answer is stored")
+            found = Found(stored, HIT)
+        else:
+            found = await self.filler.find(want)
+        obj = found.obj
         meta = obj.meta
+        if meta.status != 200:
+            self._relay(request, found, want.path)
+            return
 
         etag, last_modified = meta.etag, meta.last_modified
         if seek is not None:
-            index = await self._mp4_index(obj, origin_path)
+            index = await self._mp4_index(obj, want.path)
             # an end at or past the last track's end keeps every sample, exactly as no end does; passing
             # a huge one on overflows the media-time arithmetic (end=1e308 was a 502)
             end = seek[1] if seek[1] is not None and seek[1] < index.duration else None
-            plan_key = (target.key, meta.size, meta.etag, meta.last_modified, seek[0], end, self.exact_seek)
+            plan_key = (meta.key, meta.size, meta.etag, meta.last_modified, seek[0], end, self.exact_seek)
             plan = self.seek_plans.get(plan_key)
             if plan is None:
-                plan = mp4.plan_for_seek(index, target.key, seek[0], end, self.exact_seek)
+                plan = mp4.plan_for_seek(index, meta.key, seek[0], end, self.exact_seek)
                 self.seek_plans.put(plan_key, plan)
             etag = _derived_etag(obj, f"mp4:{seek[0]!r}:{end!r}:{self.exact_seek}")
         elif flv_offset:
-            plan = await self._flv_plan(obj, origin_path, flv_offset)
+            plan = await self._flv_plan(obj, want.path, flv_offset)
             etag = _derived_etag(obj, f"flv:{flv_offset}")
         else:
-            plan = Plan.whole(target.key, meta.size)
+            plan = Plan.whole(meta.key, meta.size)
+        rewritten = seek is not None or bool(flv_offset)
 
-        if etag:
-            request.setHeader(b"ETag", etag.encode("latin-1"))
-        if last_modified:
-            request.setHeader(b"Last-Modified", last_modified.encode("latin-1"))
-        request.setHeader(b"Accept-Ranges", b"bytes")
         if not_modified(_h(request, b"If-None-Match"), _h(request, b"If-Modified-Since"), etag, last_modified):
-            request.setHeader(b"X-Cache", b"HIT" if existed else b"MISS")
+            self._replay(request, meta, found.how, keep=NOT_MODIFIED_FIELDS)
+            self._validators(request, etag, last_modified)
+            request.setHeader(b"X-Cache", found.how.encode())
             request.setResponseCode(304)
             request.finish()
             return
 
         content_type = "video/mp4" if seek is not None and meta.content_type == "application/octet-stream" \
             else meta.content_type
-        request.setHeader(b"Content-Type", content_type.encode("latin-1"))
         total = plan.length
         byte_range = None
         if range_applies(_h(request, b"If-Range"), etag, last_modified):
@@ -234,34 +279,115 @@ class EdgeResource(Resource):
                 byte_range = parse_range(_h(request, b"Range"), total)
             except Unsatisfiable:
                 request.setHeader(b"Content-Range", f"bytes */{total}".encode())
-                request.setHeader(b"X-Cache", b"HIT" if existed else b"MISS")
+                request.setHeader(b"X-Cache", found.how.encode())
                 raise
+        drop = CONTENT_DIGESTS | (REPRESENTATION_DIGESTS if rewritten else frozenset())
+        self._replay(request, meta, found.how, drop=drop if rewritten or byte_range is not None else frozenset())
+        self._validators(request, etag, last_modified)
+        request.setHeader(b"Accept-Ranges", b"bytes")
+        request.setHeader(b"Content-Type", content_type.encode("latin-1"))
         if byte_range is not None:
             plan = plan.slice(*byte_range)
             request.setResponseCode(206)
             request.setHeader(b"Content-Range", f"bytes {byte_range[0]}-{byte_range[1]}/{total}".encode())
-        cache_status = self._cache_status(obj, plan, existed)
+        cache_status = self._cache_status(obj, plan, found.how)
         request.setHeader(b"X-Cache", cache_status.encode())
         request.setHeader(b"Content-Length", str(plan.length).encode())
         if request.method == b"HEAD" or plan.length == 0:
             request.finish()
             return
-        if self.hot is not None and cache_status == "HIT" and byte_range is None and seek is None and not flv_offset \
-                and request.method == b"GET":
+        if self.hot is not None and cache_status == HIT and byte_range is None and not rewritten \
+                and request.method == b"GET" and not meta.vary:
             self.hot.record(request.uri, obj, request)
-        producer = PlanProducer(request, plan, {target.key: obj}, {target.key: origin_path}, self.filler,
+        self._stream(request, plan, obj, want.path)
+
+    def _want(self, request: Request, target: Any, fields: Fields, first: int, last: Optional[int]) -> Want:
+        """What the cache needs to know of C{request}, with the fields forwarded to the origin for it."""
+        forwarded = forwarded_request_fields(fields, _client(request), self.via)
+        origin_path = OriginPath(target.path + ("?" + target.origin_query if target.origin_query else ""), forwarded)
+        asked = request_directives(fields)
+        honour = self.viewer_no_cache
+        return Want(
+            key=target.key,
+            path=origin_path,
+            fields=fields,
+            first=first,
+            last=last,
+            authorized=bool(values(fields, "Authorization")),
+            no_store=asked.no_store,
+            revalidate=honour and asked.no_cache,
+            max_age=asked.max_age if honour else None,
+            min_fresh=asked.min_fresh if honour else 0.0,
+        )
+
+    def _stream(self, request: Request, plan: Plan, obj: CachedObject, path: str) -> None:
+        producer = PlanProducer(request, plan, {obj.meta.key: obj}, {obj.meta.key: path}, self.filler,
                                 on_early_failure=lambda failure: self._failed(failure, request))
         request.notifyFinish().addErrback(lambda _: producer.stopProducing())
         producer.start()
 
-    def _cache_status(self, obj: CachedObject, plan: Plan, existed: bool) -> str:
-        if not existed:
-            return "MISS"
+    def _relay(self, request: Request, found: Found, path: str) -> None:
+        """
+        An answer with another status than 200 (a 301 with its Location, a 404 page): its status,
+        header block and body as the origin sent them.  Range and conditionals do not apply to it
+        (RFC 9110 §13.2.1, §14.2).
+        """
+        obj, meta = found.obj, found.obj.meta
+        request.setResponseCode(meta.status)
+        self._replay(request, meta, found.how)
+        self._validators(request, meta.etag, meta.last_modified)
+        if meta.content_type:
+            request.setHeader(b"Content-Type", meta.content_type.encode("latin-1"))
+        else:
+            request.defaultContentType = None
+        request.setHeader(b"X-Cache", self._cache_status(obj, Plan.whole(meta.key, meta.size), found.how).encode())
+        if meta.status in (204, 304) or meta.status < 200:
+            request.finish()
+            return
+        request.setHeader(b"Content-Length", str(meta.size).encode())
+        if request.method == b"HEAD" or meta.size == 0:
+            request.finish()
+            return
+        self._stream(request, Plan.whole(meta.key, meta.size), obj, path)
+
+    def _replay(self, request: Request, meta: ObjectMeta, how: str, *, drop: frozenset[str] = frozenset(),
+                keep: Optional[frozenset[str]] = None) -> None:
+        """
+        Put the stored header block on C{request}'s answer (less the fields in C{drop}, or only those
+        in C{keep}), with the stored Date, this edge added to Via (RFC 9110 §7.6.3) and an Age: on
+        every answer from the store, and on a fresh one when the origin's already had one (RFC 9111
+        §5.1, §4.2.3).
+        """
+        headers = request.responseHeaders
+        fields = [(name, value) for name, value in meta.headers
+                  if name.lower() not in drop and (keep is None or name.lower() in keep)]
+        for name in {name for name, _ in fields}:
+            headers.removeHeader(name)
+        for name, value in fields:
+            headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        if not values(meta.headers, "Date"):
+            headers.setRawHeaders(b"Date", [format_http_date(meta.fetched_at).encode("ascii")])
+        headers.setRawHeaders(b"Via", [", ".join(values(meta.headers, "Via") + [self.via]).encode("latin-1")])
+        age = int(meta.current_age(self.filler.reactor.seconds()))
+        if how in (HIT, STALE) or age > 0:
+            headers.setRawHeaders(b"Age", [str(age).encode("ascii")])
+
+    @staticmethod
+    def _validators(request: Request, etag: Optional[str], last_modified: Optional[str]) -> None:
+        if etag:
+            request.setHeader(b"ETag", etag.encode("latin-1"))
+        if last_modified:
+            request.setHeader(b"Last-Modified", last_modified.encode("latin-1"))
+
+    def _cache_status(self, obj: CachedObject, plan: Plan, how: str) -> str:
+        """The X-Cache value: C{how} the answer was had, a stored one told apart as HIT, PARTIAL or MISS."""
+        if how != HIT:
+            return how
         spans = list(plan.spans())
         ready = [self.filler.readable(obj, span.offset) >= span.length for span in spans]
         if all(ready):
-            return "HIT"
-        return "PARTIAL" if any(obj.available_from(s.offset) for s in spans) or any(ready) else "MISS"
+            return HIT
+        return "PARTIAL" if any(obj.available_from(s.offset) for s in spans) or any(ready) else MISS
 
     # -- containers -------------------------------------------------------------------------
 
@@ -354,21 +480,29 @@ class EdgeResource(Resource):
         except BadRequest as e:
             return self._plain(request, 400, str(e))
         removed = self.store.remove(target.key)
+        variants = target.key + "\x00"  # a Vary'd answer's variants (see httpcache.variant_key)
+        for key in [key for key in self.store.keys_lru() if key.startswith(variants)]:
+            removed = self.store.remove(key) or removed
+        request.setHeader(b"X-Cache", BYPASS.encode())
         return self._plain(request, 200 if removed else 404, ("purged " if removed else "not cached: ") + target.key)
 
     # -- other methods ------------------------------------------------------------------------
 
     async def _forward(self, request: Request, method: str) -> None:
+        """
+        A pass-through method: the viewer's end-to-end fields and body go to the origin once (see
+        L{OriginClient.forward}), its answer comes back as it is, and nothing is stored; a
+        successful answer invalidates the stored one (RFC 9111 §4.4).
+        """
         raw_path, _, raw_query = request.uri.partition(b"?")
         target = parse_target(raw_path, raw_query, self.keep_query)
         origin_path = target.path + ("?" + target.origin_query if target.origin_query else "")
-        headers = {}
-        for name in (b"Content-Type", b"Authorization", b"If-Match", b"If-Unmodified-Since"):
-            value = request.getHeader(name)
-            if value is not None:
-                headers[name.decode()] = value.decode("latin-1")
+        fields = request_fields(request)
+        forwarded = [(name, value) for name, value in forwarded_request_fields(fields, _client(request), self.via)]
+        for name in ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since", "If-Range", "Range"):
+            forwarded += [(name, value) for value in values(fields, name)]
         body = request.content.read() if request.content is not None else b""
-        response = await self.origin.forward(method, origin_path, headers, body)
+        response = await self.origin.forward(method, origin_path, forwarded, body)
         try:
             content = await response.content()
         except Exception as e:
@@ -377,12 +511,18 @@ class EdgeResource(Resource):
             # RFC 9111 §4.4: a successful unsafe method invalidates the stored response
             self.store.remove(target.key)
         request.setResponseCode(response.code)
-        for name in (b"Content-Type", b"Location", b"ETag", b"Last-Modified"):
-            values = response.headers.getRawHeaders(name)
-            if values:
-                request.setHeader(name, values[-1])
+        answer = field_list(response.headers)
+        skipped = hop_by_hop(answer) | {"content-length", "x-cache"}
+        kept = [(name, value) for name, value in answer if name.lower() not in skipped]
+        for name in {name for name, _ in kept}:
+            request.responseHeaders.removeHeader(name)
+        for name, value in kept:
+            request.responseHeaders.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        if not values(kept, "Content-Type"):
+            request.defaultContentType = None
+        request.responseHeaders.setRawHeaders(b"Via", [", ".join(values(kept, "Via") + [self.via]).encode("latin-1")])
         request.setHeader(b"Content-Length", str(len(content)).encode())
-        request.setHeader(b"X-Cache", b"MISS")
+        request.setHeader(b"X-Cache", BYPASS.encode())
         request.write(content)
         request.finish()
 
@@ -418,6 +558,31 @@ class SeekPlanCache:
         while self.size > self.max_bytes:
             _, (_, evicted) = self._entries.popitem(last=False)
             self.size -= evicted
+
+
+def request_fields(request: Request) -> Fields:
+    """A request's header fields as text (latin-1)."""
+    return field_list(request.requestHeaders)
+
+
+def _client(request: Request) -> Optional[str]:
+    peer = request.getClientAddress()
+    return peer.host if isinstance(peer, (IPv4Address, IPv6Address)) else None
+
+
+#: headers an error answer of the edge's own keeps of what was set for the answer it replaces
+_KEPT_ON_ERROR = frozenset({b"server", b"x-served-by", b"x-cache", b"allow"})
+
+
+def _edge_answer_only(request: Request, code: int) -> None:
+    """Drop what was set for an answer that became an error answer (a replayed Cache-Control above all)."""
+    headers = request.responseHeaders
+    for name, _ in list(headers.getAllRawHeaders()):
+        lower = name.lower()
+        if lower not in _KEPT_ON_ERROR and not (code == 416 and lower == b"content-range"):
+            headers.removeHeader(name)
+    headers.setRawHeaders(b"Date", [datetimeToString()])
+    request.defaultContentType = b"text/html"
 
 
 def _h(request: Request, name: bytes) -> Optional[str]:
