@@ -62,6 +62,7 @@ def _list_items(field_values: Iterable[str]) -> list[str]:
 
 _LIST_ITEM = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*"?)+')
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CTL = re.compile(r"[\x00\r\n]")
 
 
 # -- framing of partial answers (RFC 9110 §8.6, §14.4) ---------------------------------------------
@@ -231,7 +232,7 @@ INVALID = _Invalid()
 DirectiveValue = Union[None, str, _Invalid]
 Directives = dict[str, DirectiveValue]
 
-_DIRECTIVE = re.compile(r'([!#$%&\'*+\-.^_`|~0-9A-Za-z]+)(?:=([!#$%&\'*+\-.^_`|~0-9A-Za-z]+|"((?:[^"\\]|\\.)*)"))?')
+_DIRECTIVE = re.compile(r'([!#$%&\'*+\-.^_`|~0-9A-Za-z]+)(?:=(?:([!#$%&\'*+\-.^_`|~0-9A-Za-z]+)|"((?:[^"\\]|\\.)*)"))?')
 
 
 def parse_cache_control(field_values: Sequence[str]) -> Directives:
@@ -677,8 +678,9 @@ HOP_BY_HOP = frozenset({
 })
 #: fields the edge writes itself on every answer, never replayed from the origin's block
 EDGE_FIELDS = frozenset({"content-length", "content-range", "accept-ranges", "age", "x-cache"})
-#: fields kept out of the stored block: a 304 never updates them (they identify the stored bytes)
-IDENTIFYING = frozenset({"etag", "last-modified"})
+#: fields kept apart from the block, in the object's metadata (they identify and type the stored bytes,
+#: and a 304 never changes them: the edge keeps serving the bytes it has)
+META_FIELDS = frozenset({"etag", "last-modified", "content-type"})
 
 
 def hop_by_hop(fields: Fields) -> frozenset[str]:
@@ -690,13 +692,16 @@ def hop_by_hop(fields: Fields) -> frozenset[str]:
 def stored_fields(fields: Fields, *, strip: frozenset[str] = frozenset(), date: Optional[str] = None) -> Fields:
     """
     The header block kept with an answer and replayed with it: its fields minus hop-by-hop ones,
-    minus those the edge writes itself (framing, Age, X-Cache) and those in C{strip}; with a Date
+    minus those the edge writes itself (framing, Age, X-Cache), those kept in the metadata
+    (L{META_FIELDS}) and those in C{strip}; CR, LF and NUL in values become spaces (RFC 9110 §5.5);
+    with a Date
     (C{date}, the time it arrived) added when the origin sent none (RFC 9110 §6.6.1).
 
     @raise HeaderError: the block is over L{MAX_HEADER_BLOCK} bytes.
     """
-    dropped = hop_by_hop(fields) | EDGE_FIELDS | strip
-    kept = tuple((name, value) for name, value in fields if name.lower() not in dropped)
+    dropped = hop_by_hop(fields) | EDGE_FIELDS | META_FIELDS | strip
+    kept = tuple((name, _CTL.sub(" ", value)) for name, value in fields
+                 if name.lower() not in dropped and _TOKEN.fullmatch(name))
     if date is not None and not values(kept, "Date"):
         kept += (("Date", date),)
     size = sum(len(name) + len(value) + 4 for name, value in kept)
@@ -708,13 +713,12 @@ def stored_fields(fields: Fields, *, strip: frozenset[str] = frozenset(), date: 
 def updated_fields(stored: Fields, fresh: Fields, *, strip: frozenset[str] = frozenset()) -> Fields:
     """
     The stored block after a 304 (RFC 9111 §3.2): each field the 304 carries replaces every stored
-    line of that name, except the hop-by-hop and edge fields, those in C{strip}, and the validators
-    that identify the stored bytes (ETag, Last-Modified: an edge keeps serving the bytes it has).
+    line of that name, except the hop-by-hop and edge fields, those in C{strip}, and those kept in
+    the metadata (ETag, Last-Modified, Content-Type: the edge keeps serving the bytes it has).
 
     @raise HeaderError: the block is over L{MAX_HEADER_BLOCK} bytes.
     """
-    incoming = tuple((name, value) for name, value in stored_fields(fresh, strip=strip)
-                     if name.lower() not in IDENTIFYING)
+    incoming = stored_fields(fresh, strip=strip)
     replaced = {name.lower() for name, _ in incoming}
     kept = tuple((name, value) for name, value in stored if name.lower() not in replaced)
     return stored_fields(kept + incoming)

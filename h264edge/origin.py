@@ -100,7 +100,8 @@ class OriginReply:
 
     @property
     def fields(self) -> Fields:
-        return field_list(self.headers)
+        """Every field of the answer's head, the connection ones Twisted keeps apart included."""
+        return field_list(self.headers) + tuple(getattr(self.response, "connection_fields", ()))
 
     def deliver(self, protocol: IProtocol) -> None:
         """Stream the body into C{protocol} (its transport can pause and stop the origin socket)."""
@@ -271,10 +272,26 @@ class _OneAnswerPerRequest(HTTP11ClientProtocol):
     the answer to the next request sent on that connection.  So such a connection is closed.  (Bytes
     arriving while the connection is idle in the pool close it too: Twisted gives it up.)
 
-    Reaches into Twisted's HTTP11ClientProtocol: its state-dispatched C{_finishResponse_WAITING}
-    and C{_currentRequest.persistent}, stable since Twisted 11; tests.test_origin_lies checks
-    what it means.
+    Reaches into Twisted's HTTP11ClientProtocol: its state-dispatched C{_finishResponse_WAITING},
+    C{_currentRequest.persistent} and C{_parser.connHeaders}, stable since Twisted 11;
+    tests.test_origin_lies and tests.test_http_cache check what they mean.
     """
+
+    def request(self, request: Any) -> Any:
+        """
+        As Twisted's, and the answer remembers the fields Twisted's parser keeps to itself
+        (Connection, Transfer-Encoding, ...: its C{connHeaders}) as C{connection_fields}: the edge
+        needs them to know which fields are hop-by-hop and whether the framing is one it trusts.
+        """
+        d = super().request(request)
+        parser = getattr(self, "_parser", None)
+
+        def remember(response: Any) -> Any:
+            if parser is not None:
+                response.connection_fields = field_list(parser.connHeaders)
+            return response
+
+        return d.addCallback(remember)
 
     def _finishResponse_WAITING(self, rest: bytes) -> None:
         request: Any = getattr(self, "_currentRequest", None)
@@ -431,6 +448,14 @@ class OriginClient:
         raw = response.original if hasattr(response, "original") else response
         hdrs: Headers = response.headers
         length = response.length if isinstance(response.length, int) else None
+        framing = getattr(raw, "connection_fields", ())
+        codings = [item.strip().lower() for _, value in framing if _ == "Transfer-Encoding"
+                   for item in value.split(",") if item.strip()]
+        if codings and (codings != ["chunked"] or any(name == "Content-Length" for name, _ in framing)):
+            discard_body(response)
+            log.warn("origin {url}: Transfer-Encoding {codings} (with Content-Length: {both})", url=url,
+                     codings=codings, both=any(name == "Content-Length" for name, _ in framing))
+            raise OriginUnavailable(f"{url}: a transfer coding the edge does not take ({', '.join(codings)[:60]})")
         first, total = 0, None
         if code == 206:
             value = header(hdrs, "Content-Range")

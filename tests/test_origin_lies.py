@@ -10,7 +10,7 @@ import re
 from typing import Any, Callable, Optional
 
 from h264edge.testing import Answer, ScriptedOrigin, ScriptedRequest, listen_scripted, represent
-from tests.edgekit import SLICE, EdgeTestCase, header, random_bytes
+from tests.edgekit import SLICE, ScriptedEdgeTestCase, header, random_bytes
 
 DATA = random_bytes(5 * SLICE + 777, seed=21)
 ETAG = '"v1"'
@@ -35,28 +35,6 @@ def asked(request: ScriptedRequest) -> tuple[int, int]:
     if not first_s:
         return max(0, len(DATA) - int(last_s)), len(DATA) - 1
     return int(first_s), min(int(last_s), len(DATA) - 1) if last_s else len(DATA) - 1
-
-
-class ScriptedEdgeTestCase(EdgeTestCase):
-    """An edge in front of a L{ScriptedOrigin}."""
-
-    def setUp(self) -> None:
-        self.scripted = ScriptedOrigin()
-        port, self.scripted_url = listen_scripted(self.scripted)
-        self.addCleanup(port.stopListening)
-        super().setUp()
-
-    def start_edge(self, origins: Optional[list[str]] = None, **kwargs: Any) -> None:
-        super().start_edge(origins or [self.scripted_url], **kwargs)
-
-    async def fetch_ok(self, path: str, headers: Optional[dict[str, str]] = None) -> tuple[Any, bytes]:
-        """A GET whose body may be cut short, as (response, body so far)."""
-        response = await self.client.request("GET", self.edge_url + path, headers=headers or {})
-        try:
-            body = await response.content()
-        except Exception:
-            body = b"<cut>"
-        return response, body
 
 
 class InconsistentPartialContentTests(ScriptedEdgeTestCase):
