@@ -373,6 +373,7 @@ class Filler:
             vary=vary,
         )
         self._down_until.pop(want.key, None)
+        self._down_until.pop(key, None)
         reusable = (
             stale is not None
             and policy.store
@@ -399,12 +400,18 @@ class Filler:
     def _revalidated(
         self, want: Want, reply: OriginReply, stale: CachedObject, marker: Optional[CachedObject], now: float
     ) -> Found:
-        """A 304: the stored answer is still good; its header block and freshness are updated (RFC 9111 §4.3.4)."""
+        """
+        A 304: the stored answer is still good; its header block and freshness are updated (RFC 9111
+        §4.3.4).  A 304 to a private request (Authorization, no-store) validates the stored answer for
+        that request only: the store is left as it was.
+        """
         fresh = reply.fields
         reply.discard()
         etag = last_value(fresh, "ETag")
         if etag is not None and stale.meta.etag is not None and not weak_match(etag, stale.meta.etag):
             raise OriginUnavailable(f"{reply.url}: 304 for another entity-tag ({etag[:40]}) than the stored one")
+        if want.private:
+            return Found(stale, REVALIDATED)
         old = stale.meta
         try:
             block = updated_fields(old.headers, fresh)
@@ -412,7 +419,6 @@ class Filler:
             raise OriginUnavailable(f"{reply.url}: {e}") from None
         validators = tuple((name, value) for name, value in (("Last-Modified", old.last_modified),) if value)
         policy = response_policy(old.status, block + validators, response_time=now, default_ttl=self.default_ttl,
-                                 authorized=want.authorized, request_no_store=want.no_store,
                                  store_set_cookie=self.store_set_cookie)
         age = initial_age(fresh, reply.request_time, now)
         meta = attrs.evolve(

@@ -677,7 +677,7 @@ HOP_BY_HOP = frozenset({
     "proxy-authentication-info", "te", "trailer", "transfer-encoding", "upgrade",
 })
 #: fields the edge writes itself on every answer, never replayed from the origin's block
-EDGE_FIELDS = frozenset({"content-length", "content-range", "accept-ranges", "age", "x-cache"})
+EDGE_FIELDS = frozenset({"content-length", "content-range", "accept-ranges", "age", "x-cache", "x-served-by"})
 #: fields kept apart from the block, in the object's metadata (they identify and type the stored bytes,
 #: and a 304 never changes them: the edge keeps serving the bytes it has)
 META_FIELDS = frozenset({"etag", "last-modified", "content-type"})

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from twisted.internet import defer
+from twisted.trial.unittest import SkipTest
 
 from h264edge.httpcache import format_http_date
 from h264edge.testing import Answer, ScriptedOrigin, ScriptedRequest, listen_scripted, represent
@@ -503,6 +504,20 @@ class PrivacyTests(ScriptedEdgeTestCase):
         self.assertEqual((body, header(response, "X-Cache")), (DATA, "MISS"))
         self.assertEqual([r.header("authorization") for r in self.scripted.log], ["Bearer alice", None])
 
+    async def test_a_private_request_never_changes_the_stored_answer(self) -> None:
+        """RFC 9111 §3.5: what an answer to a request with Authorization says is for that request alone."""
+        self.scripted.serve("/p.bin", DATA, [("Cache-Control", "max-age=0")], etag=ETAG)
+        await self.get("/p.bin")
+        stored = self.store.get("/p.bin")
+        assert stored is not None
+        before = stored.meta
+        response, body = await self.get("/p.bin", {"Authorization": "Bearer alice"})
+        self.assertEqual((header(response, "X-Cache"), body), ("REVALIDATED", DATA))
+        seen = self.scripted.log[-1]
+        self.assertEqual((seen.header("authorization"), seen.header("if-none-match")), ("Bearer alice", ETAG))
+        after = self.store.get("/p.bin")
+        self.assertTrue(after is not None and after.meta is before)
+
     async def test_authorization_with_public_is_stored(self) -> None:
         """RFC 9111 §3.5: public (or s-maxage, must-revalidate) lets a shared cache keep it."""
         self.scripted.serve("/p.bin", DATA, [("Cache-Control", "public, max-age=600")])
@@ -656,3 +671,25 @@ class OldSidecarTests(ScriptedEdgeTestCase):
         self.assertEqual((header(response, "ETag"), header(response, "X-Lost")), (ETAG, None))
         self.assertIsNotNone(header(response, "Date"))
         self.assertEqual(self.scripted.requests, 1)
+
+
+class SeekHeaderTests(ScriptedEdgeTestCase):
+    async def test_a_seek_replays_the_block_with_its_own_validator(self) -> None:
+        """RFC 9110 §8.8.3: a rewritten answer has its own ETag; the representation's digest is not replayed."""
+        from tests.media import clip, have_ffmpeg
+
+        if not have_ffmpeg():
+            raise SkipTest("ffmpeg is needed")
+        data = clip("av_faststart.mp4").read_bytes()
+        self.scripted.serve("/c.mp4", data, [("Cache-Control", "max-age=600"), ("Link", "</c.vtt>; rel=x"),
+                                             ("Repr-Digest", "sha-256=:x:"), ("Content-Type", "video/mp4")], etag=ETAG)
+        whole, _ = await self.get("/c.mp4")
+        seek, body = await self.get("/c.mp4?start=5")
+        self.assertEqual((whole.code, seek.code), (200, 200))
+        self.assertEqual([header(r, "Link") for r in (whole, seek)], ["</c.vtt>; rel=x"] * 2)
+        self.assertEqual([header(r, "Repr-Digest") for r in (whole, seek)], ["sha-256=:x:", None])
+        self.assertEqual(header(whole, "ETag"), ETAG)
+        self.assertNotIn(header(seek, "ETag"), (ETAG, None))
+        self.assertEqual(header(seek, "Cache-Control"), "max-age=600")
+        self.assertEqual(len(body), seek.length)
+        self.assertEqual(header(seek, "X-Cache"), "HIT")

@@ -5,7 +5,7 @@ it follows; and property tests: any text an origin can send gives a value or a c
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -68,7 +68,7 @@ class ContentRangeTests(SynchronousTestCase):
             self.assertRaises(HeaderError, parse_content_range, value)
 
     @given(header_like)
-    @settings(max_examples=500)
+    @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     def test_any_text_parses_or_is_refused_cleanly(self, value: str) -> None:
         try:
             parsed = parse_content_range(value)
@@ -127,7 +127,7 @@ class HttpDateTests(SynchronousTestCase):
             self.assertIsNone(parse_http_date(value, NOW), value)
 
     @given(header_like)
-    @settings(max_examples=500)
+    @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     def test_any_text_is_a_date_or_none(self, value: str) -> None:
         result = parse_http_date(value, NOW)
         assert result is None or isinstance(result, float)
@@ -149,6 +149,7 @@ class DeltaSecondsTests(SynchronousTestCase):
         self.assertEqual(parse_age([]), 0)
 
     @given(st.lists(header_like, max_size=3))
+    @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
     def test_any_age_is_a_number(self, field_values: list[str]) -> None:
         assert 0 <= parse_age(field_values) <= 2**31
 
@@ -165,7 +166,7 @@ class CacheControlTests(SynchronousTestCase):
         self.assertEqual(parsed, {"max-age": INVALID, "s-maxage": INVALID, "max-stale": "1"})
 
     @given(st.lists(header_like, max_size=3))
-    @settings(max_examples=500)
+    @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     def test_any_text_gives_directives(self, field_values: list[str]) -> None:
         for name, value in parse_cache_control(field_values).items():
             assert name == name.lower() and (value is None or value is INVALID or isinstance(value, str))
@@ -183,7 +184,7 @@ class TargetedCacheControlTests(SynchronousTestCase):
             self.assertIsNone(parse_targeted([value]), value)
 
     @given(st.lists(header_like, max_size=3))
-    @settings(max_examples=500)
+    @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     def test_any_text_gives_directives_or_none(self, field_values: list[str]) -> None:
         parsed = parse_targeted(field_values)
         assert parsed is None or all(isinstance(name, str) for name in parsed)
@@ -343,7 +344,7 @@ class VaryTests(SynchronousTestCase):
         self.assertTrue(variant_key("/a", "0" * 16, "k").startswith("/a\x00"))
 
     @given(st.lists(header_like, max_size=3), st.lists(st.tuples(header_like, header_like), max_size=4))
-    @settings(max_examples=300)
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     def test_any_text_gives_names_and_a_key(self, field_values: list[str], request: list[tuple[str, str]]) -> None:
         names = parse_vary(field_values)
         if names is not None:
@@ -361,7 +362,7 @@ class EntityTagListTests(SynchronousTestCase):
             self.assertRaises(HeaderError, parse_etag_list, value)
 
     @given(header_like)
-    @settings(max_examples=500)
+    @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     def test_any_text_gives_tags_or_a_clean_error(self, value: str) -> None:
         try:
             tags = parse_etag_list(value)
@@ -414,7 +415,7 @@ class HeaderBlockTests(SynchronousTestCase):
             ("X-Forwarded-For", "10.0.0.1, 192.0.2.7"), ("Via", "1.0 browser-proxy, 1.1 edge1")))
 
     @given(st.lists(st.tuples(st.from_regex(r"[A-Za-z-]{1,12}", fullmatch=True), header_like), max_size=8))
-    @settings(max_examples=300)
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     def test_any_fields_give_a_block_or_a_clean_error(self, fields: list[tuple[str, str]]) -> None:
         try:
             block = stored_fields(tuple(fields), date=DATE)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -72,7 +72,7 @@ class SidecarVersionTests(SynchronousTestCase):
                                             "variants"]),
                            st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
                                         lambda inner: st.lists(inner, max_size=3), max_leaves=6)))
-    @settings(max_examples=300)
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     def test_any_values_decode_or_are_refused_cleanly(self, changes: dict[str, Any]) -> None:
         raw = record()
         raw.update(changes)
