@@ -69,6 +69,10 @@ class _Answer:
     after_age: bytes  # the headers after Age, the blank line and the body
     body_length: int
     born: float  # when the object's age was 0 (RFC 9111 §4.2.3: its current age is now - born)
+    # the Age line for the second of age [age_from, age_until): made once a second, not per answer
+    age_line: bytes = b""
+    age_from: float = 0.0
+    age_until: float = -1.0
 
     @property
     def cost(self) -> int:
@@ -158,8 +162,12 @@ class HotAnswers:
             return None
         self._answers.move_to_end(target)
         self.hits += 1
-        age = b"Age: %d\r\n" % max(0, int(now - answer.born))
-        return answer.before_age + age + answer.after_age, answer.body_length
+        if not answer.age_from <= now < answer.age_until:
+            age = max(0, int(now - answer.born))
+            answer.age_line = b"Age: %d\r\n" % age
+            answer.age_from = answer.born + age if age else float("-inf")
+            answer.age_until = answer.born + age + 1
+        return answer.before_age + answer.age_line + answer.after_age, answer.body_length
 
     def forget(self) -> None:
         self._answers.clear()
