@@ -1,6 +1,9 @@
-# -*- test-case-name: tests.test_edge -*-
+# -*- test-case-name: tests.test_edge,tests.test_http_cache,tests.test_origin_lies -*-
 """
-Single-flight fills: origin bodies written through into the store, readers woken as bytes land.
+The cache's decisions and single-flight fills: which stored answer a request gets (L{Filler.find}:
+fresh, stale while revalidating or while origins fail, revalidated, or fetched, following the rules
+of L{h264edge.httpcache}), and origin bodies written through into the store, readers woken as bytes
+land.
 
 Every slice of an object is, at any moment, present (on disk, committed), in flight (owned by exactly
 one L{_Fetch}, with a count of bytes written from the slice start) or missing.  A reader asks
@@ -52,6 +55,9 @@ BYPASS = "BYPASS"  # fetched from the origin for this request only: the answer o
 
 MAX_BUFFERED_BODY = 1 << 20
 """An answer without a length (chunked, not a 206) is read whole up to this size, else it is a 502."""
+MAX_SECONDARY_KEY = 4096
+"""A variant whose selecting request fields come to more than this is not stored (a huge Cookie or
+custom field would otherwise make a key, and an index entry, of that size for every value)."""
 
 
 class FillFailed(EdgeError):
@@ -135,7 +141,6 @@ class Found:
 @define(eq=False)
 class _ObjectState:
     obj: CachedObject
-    path: str
     inflight: dict[int, "_Fetch"] = field(factory=dict)
     progress: dict[int, int] = field(factory=dict)  # slice -> bytes written from the slice start
     waiters: list[tuple[int, "Deferred[None]"]] = field(factory=list)
@@ -349,11 +354,13 @@ class Filler:
         age = initial_age(fields, reply.request_time, now)
         vary = parse_vary(values(fields, "Vary")) or ()
         key = want.key
-        if not policy.store:
+        secondary = secondary_key(vary, want.fields) if vary else ""
+        store = policy.store and len(secondary) <= MAX_SECONDARY_KEY
+        if not store:
             key = f"{want.key}\x00bypass\x00{secrets.token_hex(8)}"  # kept nowhere, replaces nothing
         elif vary:
             marker = self._marker(want.key, vary, marker, now)
-            key = variant_key(want.key, marker.meta.variants, secondary_key(vary, want.fields))
+            key = variant_key(want.key, marker.meta.variants, secondary)
         content_type = last_value(fields, "Content-Type")
         meta = ObjectMeta(
             key=key,
@@ -376,7 +383,7 @@ class Filler:
         self._down_until.pop(key, None)
         reusable = (
             stale is not None
-            and policy.store
+            and store
             and stale.meta.key == key
             and not stale.evicted
             and (meta.etag is not None or meta.last_modified is not None)  # size alone proves nothing
@@ -387,14 +394,14 @@ class Filler:
             self.store.refresh(stale, meta)
             obj = stale
         else:
-            obj = self.store.create(meta, transient=not policy.store)
-        how = MISS if policy.store else BYPASS
+            obj = self.store.create(meta, transient=not store)
+        how = MISS if store else BYPASS
         if body is not None:
             self._write_whole(obj, body)
         elif meta.size == 0:
             reply.discard()
         else:
-            self._start(self._state(obj, want.path), reply, want.path)
+            self._start(self._state(obj), reply, want.path)
         return Found(obj, how)
 
     def _revalidated(
@@ -513,7 +520,7 @@ class Filler:
             return
         last = min(last, obj.meta.size - 1)
         ss = obj.slice_size
-        state = self._state(obj, path)
+        state = self._state(obj)
         run: list[int] = []
         for index in range(first // ss, last // ss + 1):
             if obj.has_slice(index) or index in state.inflight:
@@ -535,7 +542,7 @@ class Filler:
         """
         if self.readable(obj, offset):
             return succeed(None)
-        state = self._state(obj, path)
+        state = self._state(obj)
         index = offset // obj.slice_size
         owner = state.inflight.get(index)
         if owner is None:
@@ -568,10 +575,10 @@ class Filler:
 
     # -- fetch machinery ----------------------------------------------------------------------
 
-    def _state(self, obj: CachedObject, path: str) -> _ObjectState:
+    def _state(self, obj: CachedObject) -> _ObjectState:
         state = self._states.get(id(obj))
         if state is None:
-            state = self._states[id(obj)] = _ObjectState(obj, path)
+            state = self._states[id(obj)] = _ObjectState(obj)
         return state
 
     def _forget_if_idle(self, state: _ObjectState) -> None:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_edge -*-
+# -*- test-case-name: tests.test_edge,tests.test_http_cache,tests.test_origin_lies -*-
 """
 The origin client: ranged GETs over treq with timeouts and failover across several origins in order.
 

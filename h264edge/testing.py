@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_edge -*-
+# -*- test-case-name: tests.test_edge,tests.test_http_cache,tests.test_origin_lies -*-
 """
 Test doubles for embedders and for our own tests: a real HTTP origin that serves files from memory.
 

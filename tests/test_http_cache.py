@@ -392,6 +392,14 @@ class VaryTests(ScriptedEdgeTestCase):
             self.assertEqual((body, header(response, "X-Cache")), (b"star", "BYPASS"))
         self.assertEqual(self.scripted.requests, 2)
 
+    async def test_a_variant_selected_by_huge_fields_is_not_stored(self) -> None:
+        """The edge's limit: selecting fields over 4 KiB would make a key of that size per value: not stored."""
+        self.scripted.route("/v.json", echo_variant)
+        for _ in range(2):
+            response, body = await self.get("/v.json", {"X-Foo": "f" * 5000})
+            self.assertEqual((header(response, "X-Cache"), body[:9]), ("BYPASS", b"variant f"))
+        self.assertEqual(self.scripted.requests, 2)
+
     async def test_variants_survive_a_restart_and_are_purged_together(self) -> None:
         """A Vary'd URL is a set of variants under one key: kept across restarts, purged at once."""
         self.scripted.route("/v.json", echo_variant)

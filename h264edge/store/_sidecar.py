@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_store -*-
+# -*- test-case-name: tests.test_store,tests.test_sidecar -*-
 """
 Object metadata and its on-disk sidecar: encoding, and paranoid decoding.
 

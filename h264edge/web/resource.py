@@ -1,9 +1,11 @@
-# -*- test-case-name: tests.test_edge -*-
+# -*- test-case-name: tests.test_edge,tests.test_http_cache,tests.test_origin_lies -*-
 """
 L{EdgeResource}: the edge as one twisted.web resource, embeddable in any Twisted app.
 
 Each GET/HEAD becomes a L{Plan} (whole object, Range slice, MP4 or FLV seek, or a Range over a seek)
-and goes out through one L{PlanProducer}.  Errors become one status and a short plain body.
+and goes out through one L{PlanProducer}, with the stored answer's status and header block (see
+L{h264edge.httpcache}) and the edge's own framing, Age, Via and X-Cache.  Errors become one status
+and a short plain body.
 """
 
 from __future__ import annotations
