@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_edge,tests.test_http_cache,tests.test_origin_lies -*-
+# -*- test-case-name: tests.test_edge,tests.test_http_cache,tests.test_origin_lies,tests.test_shared_fill -*-
 """
 The cache's decisions and single-flight fills: which stored answer a request gets (L{Filler.find}:
 fresh, stale while revalidating or while origins fail, revalidated, or fetched, following the rules
@@ -12,16 +12,29 @@ L{Filler.ensure} starts fetches only for slices that are missing and not in flig
 one cold object cause one origin request per slice.  A body that ends early resumes with a Range
 request from the first byte not written; bytes are never marked present before they are written, and
 an object whose validators change under a fill is dropped.
+
+An object held in memory (transient, or uncached by a full disk: L{CachedObject.in_memory}) has room
+for a few slices only: before a fetch writes a slice it asks for room, ranking slices by how soon a
+reader will read them (readers say what they still want: L{hold} and L{read}); with none to spare it
+pauses its origin socket and goes on when a reader moves on (L{moved}) or leaves.  So a slow viewer
+of such an object slows the origin down instead of filling memory.
+
+With C{shared} (several processes on one cache directory), fills are coordinated across processes
+through L{FillLocks}: a key not cached yet is asked of the origin by one process, which publishes
+the new object's sidecar at once; a slice is fetched by the process holding its lock, and the others
+read it as that process writes it (its write counts) and take it as present once it is whole.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, Protocol
 
 import attrs
 from attrs import define, field, frozen
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -43,6 +56,7 @@ from h264edge.httpcache import (
 )
 from h264edge.origin import OriginClient, OriginReply, read_body
 from h264edge.store import CachedObject, ObjectMeta, SliceStore, StoreError
+from h264edge.store._fill_locks import HELD, TAKEN, FillLocks, SliceLocks
 
 log = Logger()
 
@@ -97,6 +111,13 @@ class SharedResult:
         return w
 
 
+class Reader(Protocol):
+    """Who reads an object held in memory: what it has still to read of it, in reading order."""
+
+    def wanted(self, obj: CachedObject) -> Iterable[tuple[int, int]]:
+        """C{(offset, length)} spans of C{obj} still to be read, soonest first."""
+
+
 @frozen
 class Want:
     """
@@ -141,10 +162,15 @@ class Found:
 @define(eq=False)
 class _ObjectState:
     obj: CachedObject
+    path: str
     inflight: dict[int, "_Fetch"] = field(factory=dict)
     progress: dict[int, int] = field(factory=dict)  # slice -> bytes written from the slice start
     waiters: list[tuple[int, "Deferred[None]"]] = field(factory=list)
     failure: Optional[Failure] = None
+    blocked: list["_Fetch"] = field(factory=list)  # fetches paused for want of room (in memory)
+    locks: Optional[SliceLocks] = None  # with shared fills: this object's slice locks
+    remote: set[int] = field(factory=set)  # slices another process is fetching
+    poller: Any = None  # the delayed call that next looks at the remote slices
 
 
 class Filler:
@@ -182,8 +208,14 @@ class Filler:
         self._down_until: dict[str, float] = {}
         self.stale_retry = 10.0
         self._viewers: dict[int, int] = {}  # id(object) -> viewers streaming from it
+        self._readers: dict[int, list[Reader]] = {}  # id(object) -> its readers that said what they want
         self.steal_distance = 4  # slices
         self.origin_bytes = 0  # statistics: body bytes received from origins
+        #: fills coordinated with other processes on the store's directory (None: this process alone)
+        self.shared: Optional[FillLocks] = None
+        self.poll_interval = 0.01  # seconds between looks at slices another process fetches
+        #: the Via origin requests carry when they forward no viewer's (C{1.1 NAME} of this edge), or None
+        self.via: Optional[str] = None
 
     # -- finding the answer ---------------------------------------------------------------------
 
@@ -289,6 +321,38 @@ class Filler:
         return Found(stale, STALE)
 
     async def _contact(self, want: Want, stale: Optional[CachedObject], marker: Optional[CachedObject]) -> Found:
+        """
+        Ask the origin for C{want}.  With shared fills, an answer not stored yet is asked for by one
+        process (its contact lock); the others wait for its object's sidecar and take it from there.
+        """
+        if stale is not None or self.shared is None or want.private:
+            return await self._ask_origin(want, stale, marker)
+        key = self._variant_of(want, marker) or want.key
+        lock = self.shared.contact(key)
+        deadline = self.reactor.seconds() + 3 * self.origin.timeout
+        while lock is None and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, self.poll_interval, lambda: None)
+            marker, found = self.lookup(want)
+            if found is not None:
+                if self.fresh_enough(found.meta, want, self.reactor.seconds()):
+                    return Found(found, HIT)
+                return await self._ask_origin(want, found, marker)
+            lock = self.shared.contact(key)
+        try:
+            marker, found = self.lookup(want)  # published between our look and our lock
+            if found is not None and self.fresh_enough(found.meta, want, self.reactor.seconds()):
+                return Found(found, HIT)
+            result = await self._ask_origin(want, found, marker)
+            if result.obj is not found:
+                self.store.publish(result.obj)
+            return result
+        finally:
+            if lock is not None:
+                lock.release()
+
+    async def _ask_origin(
+        self, want: Want, stale: Optional[CachedObject], marker: Optional[CachedObject]
+    ) -> Found:
         ss = self.store.slice_size
         if want.first < 0:
             # a suffix range: one slice more than asked, so that the answer holds every slice of the
@@ -304,10 +368,10 @@ class Filler:
             if stale.meta.last_modified:
                 conditional["If-Modified-Since"] = stale.meta.last_modified
         try:
-            reply = await self.origin.fetch(want.path, rfirst, rlast, conditional or None)
+            reply = await self.origin.fetch(want.path, rfirst, rlast, conditional or None, via=self.via)
             if reply.code == 416 and rfirst != 0 and reply.total != 0:
                 # the wanted range starts past the end: learn the object from its first slice instead
-                reply = await self.origin.fetch(want.path, 0, ss - 1, conditional or None)
+                reply = await self.origin.fetch(want.path, 0, ss - 1, conditional or None, via=self.via)
         except OriginUnavailable as e:
             if stale is not None and self.may_stand_in(stale.meta, self.reactor.seconds()):
                 return self._standing_in(stale, "no origin answered")
@@ -401,7 +465,7 @@ class Filler:
         elif meta.size == 0:
             reply.discard()
         else:
-            self._start(self._state(obj), reply, want.path)
+            self._start(self._state(obj, want.path), reply, want.path)
         return Found(obj, how)
 
     def _revalidated(
@@ -460,18 +524,25 @@ class Filler:
             for index in range(obj.slice_count):
                 obj.commit_slice(index)
 
-    def hold(self, obj: CachedObject) -> None:
-        """A viewer streams from C{obj}; paired with L{let_go}."""
+    def hold(self, obj: CachedObject, reader: Optional[Reader] = None) -> None:
+        """
+        A viewer streams from C{obj}; paired with L{let_go}.  C{reader} tells what it will read
+        (see L{Reader}): it ranks the slices of an object held in memory.
+        """
         self._viewers[id(obj)] = self._viewers.get(id(obj), 0) + 1
+        if reader is not None:
+            self._readers.setdefault(id(obj), []).append(reader)
 
-    def let_go(self, obj: CachedObject) -> None:
+    def let_go(self, obj: CachedObject, reader: Optional[Reader] = None) -> None:
         """
         A viewer of C{obj} is done.  When the last viewer of a transient (no-store) object leaves, its
         fetches stop: nobody will read those bytes and they are kept nowhere.
         """
+        self._forget_reader(obj, reader)
         left = self._viewers.get(id(obj), 1) - 1
         if left > 0:
             self._viewers[id(obj)] = left
+            self.moved(obj)  # what it wanted may make room
             return
         self._viewers.pop(id(obj), None)
         state = self._states.get(id(obj))
@@ -479,6 +550,44 @@ class Filler:
             for fetch in {id(f): f for f in state.inflight.values()}.values():
                 fetch.abandon()
             self._wake(state)  # waiters left behind by the viewers that went away
+        else:
+            self.moved(obj)
+
+    def _forget_reader(self, obj: CachedObject, reader: Optional[Reader]) -> None:
+        readers = self._readers.get(id(obj))
+        if reader is not None and readers is not None and reader in readers:
+            readers.remove(reader)
+            if not readers:
+                del self._readers[id(obj)]
+
+    def moved(self, obj: CachedObject) -> None:
+        """A reader of C{obj} read on (or left): fetches waiting for room in memory may go on."""
+        state = self._states.get(id(obj))
+        if state is not None and state.blocked:
+            for fetch in list(state.blocked):
+                fetch.unblock()
+
+    def _room(self, obj: CachedObject, index: int) -> bool:
+        """Whether slice C{index} of C{obj} may be written now (see L{CachedObject.room_for})."""
+        readers = self._readers.get(id(obj), [])
+        wants: list[list[tuple[int, int]]] = []
+        ss, size = obj.slice_size, obj.meta.size
+
+        def rank(i: int) -> float:
+            if not wants:  # asked only when memory is full
+                wants.extend(list(reader.wanted(obj)) for reader in readers)
+            lo, hi = i * ss, min((i + 1) * ss, size)
+            best = math.inf
+            for spans in wants:
+                distance = 0
+                for offset, length in spans:
+                    if offset < hi and offset + length > lo:
+                        best = min(best, distance + max(0, lo - offset))
+                        break
+                    distance += length
+            return best
+
+        return obj.room_for(index, rank, spare=len(readers))
 
     @property
     def busy(self) -> bool:
@@ -502,6 +611,8 @@ class Filler:
             written = state.progress.get(index)
             if written:
                 return max(0, index * ss + written - offset)
+            if index in state.remote and state.locks is not None:
+                return max(0, index * ss + state.locks.written(index) - offset)
         return 0
 
     def arriving(self, obj: CachedObject, offset: int) -> bool:
@@ -511,7 +622,11 @@ class Filler:
         fails; the other case is a fetch whose answer may yet say the object changed.
         """
         state = self._states.get(id(obj))
-        fetch = state.inflight.get(offset // obj.slice_size) if state is not None else None
+        if state is None:
+            return False
+        if offset // obj.slice_size in state.remote:
+            return True  # another process's fetch: it writes only after checking the origin's answer
+        fetch = state.inflight.get(offset // obj.slice_size)
         return fetch is not None and fetch.transport is not None and not fetch.finished
 
     def ensure(self, obj: CachedObject, path: str, first: int, last: int) -> None:
@@ -520,10 +635,10 @@ class Filler:
             return
         last = min(last, obj.meta.size - 1)
         ss = obj.slice_size
-        state = self._state(obj)
+        state = self._state(obj, path)
         run: list[int] = []
         for index in range(first // ss, last // ss + 1):
-            if obj.has_slice(index) or index in state.inflight:
+            if obj.has_slice(index) or index in state.inflight or index in state.remote:
                 if run:
                     self._fetch_run(state, run, path)
                     run = []
@@ -534,7 +649,8 @@ class Filler:
 
     def wait(self, obj: CachedObject, path: str, offset: int) -> "Deferred[None]":
         """
-        Fires once bytes are readable at C{offset}; fails with L{FillFailed} if they never will be.
+        Fires once bytes are readable at C{offset}; fails with L{FillFailed} if they never will be
+        (at once for an offset outside the object: no fill brings bytes past its end).
 
         If the slice is owned by a fetch still more than C{steal_distance} slices behind it (a viewer
         seeking ahead of another viewer's sequential fill), that fetch's slices from here on are taken
@@ -542,16 +658,19 @@ class Filler:
         """
         if self.readable(obj, offset):
             return succeed(None)
-        state = self._state(obj)
+        if not 0 <= offset < obj.meta.size:
+            return fail(FillFailed(f"byte {offset} is outside {obj.meta.key}, which has {obj.meta.size}"))
+        state = self._state(obj, path)
         index = offset // obj.slice_size
         owner = state.inflight.get(index)
         if owner is None:
-            self.ensure(obj, path, offset, offset)
+            if index not in state.remote:
+                self.ensure(obj, path, offset, offset)
         elif index - owner.position // obj.slice_size > self.steal_distance:
             self._steal(state, owner, index, path)
         d: Deferred[None] = Deferred()
         state.waiters.append((offset, d))
-        if index not in state.inflight:
+        if index not in state.inflight and index not in state.remote:
             self._wake(state)  # nothing fetches it (no fetch could start): the reader fails now
         return d
 
@@ -560,39 +679,123 @@ class Filler:
         length = max(0, min(length, obj.meta.size - offset))
         if length == 0:
             return b""
-        self.ensure(obj, path, offset, offset + length - 1)
-        chunks = []
-        position, end = offset, offset + length
-        while position < end:
-            n = self.readable(obj, position)
-            if n == 0:
-                await self.wait(obj, path, position)
-                continue
-            data = obj.read(position, min(n, end - position))
-            chunks.append(data)
-            position += len(data)
-        return b"".join(chunks)
+        reader = _RangeReader(offset, offset + length)
+        self._readers.setdefault(id(obj), []).append(reader)
+        try:
+            self.ensure(obj, path, offset, offset + length - 1)
+            chunks = []
+            while reader.position < reader.end:
+                n = self.readable(obj, reader.position)
+                if n == 0:
+                    await self.wait(obj, path, reader.position)
+                    continue
+                data = obj.read(reader.position, min(n, reader.end - reader.position))
+                chunks.append(data)
+                reader.position += len(data)
+                if obj.in_memory:
+                    self.moved(obj)
+            return b"".join(chunks)
+        finally:
+            self._forget_reader(obj, reader)
+            self.moved(obj)
 
     # -- fetch machinery ----------------------------------------------------------------------
 
-    def _state(self, obj: CachedObject) -> _ObjectState:
+    def _state(self, obj: CachedObject, path: str) -> _ObjectState:
         state = self._states.get(id(obj))
         if state is None:
-            state = self._states[id(obj)] = _ObjectState(obj)
+            state = self._states[id(obj)] = _ObjectState(obj, path)
         return state
 
     def _forget_if_idle(self, state: _ObjectState) -> None:
-        if not state.inflight and not state.waiters and not state.progress:
+        if not state.inflight and not state.waiters and not state.progress and not state.remote:
             if self._states.get(id(state.obj)) is state:
                 del self._states[id(state.obj)]
 
+    def _locks(self, state: _ObjectState) -> Optional[SliceLocks]:
+        """The object's slice locks when fills are shared (not for transient objects: nobody shares those)."""
+        if self.shared is None or state.obj.transient:
+            return None
+        if state.locks is None:
+            obj = state.obj
+            state.locks = self.shared.slices(obj.meta.key, obj.token, obj.slice_size, obj.meta.size)
+        return state.locks
+
+    def _claim(self, state: _ObjectState, indexes: list[int]) -> list[int]:
+        """
+        Of C{indexes} (missing, not in flight here), those this process may fetch; with shared fills,
+        the others are being fetched by another process and are followed (L{_follow}).
+        """
+        locks = self._locks(state)
+        if locks is None:
+            return indexes
+        mine = []
+        for index in indexes:
+            try:
+                taken = locks.take(index)
+            except OSError as e:
+                log.warn("fill lock of {key}: {error}; fetching without it", key=state.obj.meta.key, error=e)
+                taken = TAKEN
+            if taken == TAKEN:
+                mine.append(index)
+            elif taken == HELD:
+                state.remote.add(index)
+            else:
+                state.remote.add(index)  # whole already: the next look takes it as present
+        if state.remote and state.poller is None:
+            state.poller = self.reactor.callLater(self.poll_interval, self._follow, state)
+        return mine
+
+    def _follow(self, state: _ObjectState) -> None:
+        """
+        Look at the slices another process fetches: a whole one is present here too; one that
+        process gave up (its lock free, its count short) is fetched here.
+        """
+        state.poller = None
+        locks, obj = state.locks, state.obj
+        if locks is None:
+            return
+        orphaned = []
+        try:
+            for index in sorted(state.remote):
+                if obj.has_slice(index):
+                    state.remote.discard(index)
+                elif locks.whole(index):
+                    state.remote.discard(index)
+                    obj.commit_slice(index)  # written by the other process; synced before any sidecar lists it
+                elif locks.free(index):
+                    state.remote.discard(index)
+                    orphaned.append(index)
+        except (OSError, StoreError) as e:
+            log.warn("following another process's fill of {key} failed: {error}", key=obj.meta.key, error=e)
+            state.remote.clear()
+            state.failure = Failure(FillFailed(f"following another process's fill: {e}"))
+            self._wake(state)
+            state.failure = None
+            return
+        if orphaned:  # one origin request per run of them
+            self.ensure(obj, state.path, orphaned[0] * obj.slice_size, (orphaned[-1] + 1) * obj.slice_size - 1)
+        self._wake(state)
+        if state.remote and state.poller is None:
+            state.poller = self.reactor.callLater(self.poll_interval, self._follow, state)
+        self._forget_if_idle(state)
+
     def _fetch_run(self, state: _ObjectState, run: list[int], path: str) -> None:
-        """Fetch the slices of C{run} with one ranged request for C{path} (it carries the fields to forward)."""
+        """Fetch the slices of C{run} for C{path} (it carries the fields to forward), those that are ours."""
+        mine = self._claim(state, run)
+        start = 0
+        for i in range(1, len(mine) + 1):  # contiguous runs of what is ours to fetch
+            if i == len(mine) or mine[i] != mine[i - 1] + 1:
+                self._fetch_own_run(state, mine[start:i], path)
+                start = i
+
+    def _fetch_own_run(self, state: _ObjectState, run: list[int], path: str) -> None:
         fetch = _Fetch(self, state, set(run), path)
         for index in run:
             state.inflight[index] = fetch
             state.progress.setdefault(index, 0)
         ss = state.obj.slice_size
+        state.obj.reserve(min((run[-1] + 1) * ss, state.obj.meta.size) - run[0] * ss)
         d = Deferred.fromCoroutine(fetch.request(run[0] * ss, min((run[-1] + 1) * ss, state.obj.meta.size) - 1))
         d.addErrback(fetch.resume)
 
@@ -614,11 +817,12 @@ class Filler:
         obj = state.obj
         ss = obj.slice_size
         end = reply.first + (reply.length if reply.length is not None else obj.meta.size - reply.first)
-        owned = {
+        owned = set(self._claim(state, [
             index
             for index in range(reply.first // ss, (min(end, obj.meta.size) - 1) // ss + 1)
             if index * ss >= reply.first and not obj.has_slice(index) and index not in state.inflight
-        }
+            and index not in state.remote
+        ]))
         fetch = _Fetch(self, state, owned, path)
         for index in owned:
             state.inflight[index] = fetch
@@ -626,6 +830,7 @@ class Filler:
         if not owned:
             reply.discard()
             return
+        obj.reserve(sum(min((index + 1) * ss, obj.meta.size) - index * ss for index in owned))
         fetch.receive(reply)
 
     def _wake(self, state: _ObjectState) -> None:
@@ -637,7 +842,8 @@ class Filler:
         for offset, d in state.waiters:
             if self.readable(state.obj, offset):
                 ready.append((d, True))
-            elif offset // ss not in state.inflight and not state.obj.has_slice(offset // ss):
+            elif offset // ss not in state.inflight and offset // ss not in state.remote \
+                    and not state.obj.has_slice(offset // ss):
                 ready.append((d, False))  # nothing will fill it: fail the reader
             else:
                 keep.append((offset, d))
@@ -653,8 +859,23 @@ class Filler:
         self._forget_if_idle(state)
 
 
+@define(eq=False)
+class _RangeReader:
+    """L{Filler.read}'s reader: one range, read from its start."""
+
+    position: int
+    end: int
+
+    def wanted(self, obj: CachedObject) -> Iterable[tuple[int, int]]:
+        return [(self.position, self.end - self.position)]
+
+
 class _Fetch:
-    """One origin body (and its resumptions) writing the slices it owns into one object."""
+    """
+    One origin body (and its resumptions) writing the slices it owns into one object.  Into an
+    object held in memory it writes a slice only when there is room for it; until then it is
+    I{blocked}: the origin socket is paused and what it had already received waits in C{stash}.
+    """
 
     def __init__(self, filler: Filler, state: _ObjectState, owned: set[int], path: str) -> None:
         self.filler = filler
@@ -668,6 +889,9 @@ class _Fetch:
         self.idle: Any = None
         self.reply: Optional[OriginReply] = None
         self.finished = False
+        self.stash: Optional[list[bytes]] = None  # received while blocked (None: not blocked)
+        self.blocked_at = -1  # the slice it waits to have room for
+        self.lost: Optional[Failure] = None  # the body ended while blocked
 
     # the IProtocol that receives the origin body
     def makeConnection(self, transport: Any) -> None:
@@ -681,16 +905,34 @@ class _Fetch:
             self.idle = self.filler.reactor.callLater(self.filler.idle_timeout, self._timed_out)
 
     def _timed_out(self) -> None:
+        if self.stash is not None:
+            self._blocked_too_long()
+            return
         log.warn("origin body idle for {s}s at byte {pos}; dropping it", s=self.filler.idle_timeout, pos=self.position)
+        if self.reply is not None:
+            self.filler.origin.body_failed(self.reply.url)  # resume from another origin, if there is one
         if self.transport is not None:
             self.transport.stopProducing()
+
+    def _blocked_too_long(self) -> None:
+        """
+        Nobody made room for a whole idle timeout (a paused viewer): drop the origin body rather than
+        hold its connection; the slices are fetched again when a reader needs them.
+        """
+        state = self.state
+        log.info("fill of {key} waited {s}s for room at byte {pos}; dropping its origin body",
+                 key=state.obj.meta.key, s=self.filler.idle_timeout, pos=self.position)
+        self.abandon()
+        for offset, _ in list(state.waiters):
+            self.filler.ensure(state.obj, state.path, offset, offset)
+        self.filler._wake(state)
 
     async def request(self, first: int, last: int) -> None:
         meta = self.state.obj.meta
         validator = meta.etag if meta.etag and not meta.etag.startswith("W/") else meta.last_modified
         conditional = {"If-Range": validator} if validator else None
         self.position = first
-        reply = await self.filler.origin.fetch(self.path, first, last, conditional)
+        reply = await self.filler.origin.fetch(self.path, first, last, conditional, via=self.filler.via)
         self.check(reply)
         self.receive(reply)
 
@@ -727,8 +969,14 @@ class _Fetch:
             if self.transport is not None:
                 self.transport.stopProducing()
             return
-        self._arm_idle()
         self.filler.origin_bytes += len(data)
+        if self.stash is not None:
+            self.stash.append(data)  # received before the pause took hold (at most one socket read)
+            return
+        self._arm_idle()
+        self._write_body(data)
+
+    def _write_body(self, data: bytes) -> None:
         state, obj = self.state, self.state.obj
         ss, size = obj.slice_size, obj.meta.size
         view = memoryview(data)
@@ -744,13 +992,22 @@ class _Fetch:
                     if position < written_to:
                         n = min(n, written_to - position)  # already written (a resend from earlier): skip
                     elif position == written_to:
+                        if obj.in_memory and not self.filler._room(obj, index):
+                            self._block(index, view[i:], position)
+                            return
                         obj.write(position, view[i : i + n])
                         written = state.progress[index] = state.progress[index] + n
+                        if state.locks is not None and not obj.in_memory:
+                            # after the bytes: readers elsewhere follow (not bytes held in our memory:
+                            # they take the slice up from its last count when we release it)
+                            state.locks.wrote(index, written)
                         if slice_start + written == slice_end:
                             obj.commit_slice(index)
                             del state.inflight[index]
                             del state.progress[index]
                             self.owned.discard(index)
+                            if state.locks is not None:
+                                state.locks.release(index)
                     # position > written_to cannot happen: bodies are contiguous and start at or before it
                 i += n
                 position += n
@@ -770,20 +1027,62 @@ class _Fetch:
             if self.transport is not None and more:
                 self.transport.stopProducing()
 
-    def abandon(self) -> None:
-        """Nobody needs our slices any more: release them (their partial bytes are dropped) and stop."""
+    def _block(self, index: int, rest: memoryview, position: int) -> None:
+        """No room for slice C{index} (in memory): pause the origin and keep C{rest} until there is."""
+        self.position = position
+        self.stash = [bytes(rest)]
+        self.blocked_at = index
+        self.state.blocked.append(self)
+        self._arm_idle()  # a viewer paused for that long: see _blocked_too_long
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def unblock(self) -> None:
+        """Room may have come: write what waits and read the origin on, or stay blocked."""
+        if self.stash is None or self.finished or not self.filler._room(self.state.obj, self.blocked_at):
+            return
+        data, lost = b"".join(self.stash), self.lost
+        self._leave_blocked()
+        self._write_body(data)
+        if self.finished:
+            return
+        if self.stash is not None:  # blocked again
+            self.lost = lost
+            return
+        if lost is not None:
+            self.connectionLost(lost)
+        elif self.transport is not None:
+            self._arm_idle()
+            self.transport.resumeProducing()
+
+    def _leave_blocked(self) -> None:
+        self.stash = None
+        self.lost = None
+        if self in self.state.blocked:
+            self.state.blocked.remove(self)
+
+    def _release_owned(self) -> None:
+        """Give up every slice we own that is still ours (their partial bytes are dropped)."""
         state = self.state
         for index in list(self.owned):
             if state.inflight.get(index) is self:
                 del state.inflight[index]
-                state.progress.pop(index, None)
+                if state.progress.pop(index, 0):
+                    state.obj.drop_partial(index)
+                if state.locks is not None:
+                    state.locks.release(index)
         self.owned.clear()
+
+    def abandon(self) -> None:
+        """Nobody needs our slices any more: release them (their partial bytes are dropped) and stop."""
+        self._release_owned()
         self.stop()
-        self.filler._forget_if_idle(state)
+        self.filler._forget_if_idle(self.state)
 
     def stop(self) -> None:
         """Every slice we owned went to other fetches: drop the origin body."""
         self.finished = True
+        self._leave_blocked()
         self._cancel_idle()
         if self.transport is not None:
             self.transport.stopProducing()
@@ -794,8 +1093,11 @@ class _Fetch:
         self.idle = None
 
     def connectionLost(self, reason: Failure) -> None:
-        self._cancel_idle()
         self.transport = None
+        if self.stash is not None and not self.finished:
+            self.lost = reason  # what the origin sent before waits in the stash: go on after it
+            return
+        self._cancel_idle()
         if self.finished or not self.owned:
             self.finished = True
             self.filler._forget_if_idle(self.state)
@@ -836,21 +1138,16 @@ class _Fetch:
         if self.finished:
             return
         self.finished = True
+        self._leave_blocked()
         self._cancel_idle()
         if self.transport is not None:
             self.transport.stopProducing()
         state = self.state
         log.warn("fill of {key} failed: {why}", key=state.obj.meta.key, why=failure.getErrorMessage())
         if failure.check(StoreError, OriginStatus) and self.filler.store.get(state.obj.meta.key) is state.obj:
-            self.filler.store.remove(state.obj.meta.key)  # a full disk, or the object is gone at the origin
-        for index in list(self.owned):
-            if state.inflight.get(index) is self:
-                del state.inflight[index]
-                state.progress.pop(index, None)
-        self.owned.clear()
+            self.filler.store.remove(state.obj.meta.key)  # a disk error, or the object is gone at the origin
+        self._release_owned()
         state.failure = failure if failure.check(EdgeError) else Failure(FillFailed(failure.getErrorMessage()))
         self.filler._wake(state)
         state.failure = None
-
-
 

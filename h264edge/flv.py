@@ -8,6 +8,11 @@ the header is followed by a copy of the onMetaData tag and of the AVC and AAC se
 ...) there is no sequence header to repeat and the prelude is the header plus the metadata tag.
 
 Players take C{BYTES} from onMetaData's C{keyframes.filepositions}, which are offsets of tag starts.
+For H.264 files only the start of a video keyframe tag is accepted (what those positions are): an
+answer from any other tag would show nothing until the next keyframe, seconds later.  Other offsets
+are refused (HTTP 400) rather than snapped back to the keyframe before them, as MP4 seeks are: finding
+it without a trusted index means reading the file backwards tag by tag, and the players that send byte
+offsets take them from the index.  Files of other codecs (VP6, Sorenson, audio only) accept any tag.
 
 This module is pure: no Twisted, no I/O.  Callers read the first L{FLV_HEAD_READ} bytes of the file,
 call L{parse_flv_head} once, keep the L{FLVIndex}, and build each answer with L{plan_for_flv_seek}.
@@ -32,6 +37,7 @@ __all__ = [
     "FLVHeadTooShort",
     "FLVIndex",
     "MalformedFLV",
+    "CHECK_TAG_READ",
     "check_tag_at",
     "is_known_keyframe",
     "parse_flv_head",
@@ -94,6 +100,8 @@ class FLVIndex:
     @ivar keyframe_positions: sorted tag offsets from onMetaData's C{keyframes.filepositions}
         (only those inside the file), empty if the metadata has no such index.
     @ivar memory_size: an estimate of the bytes this index holds in memory, for cache accounting.
+    @ivar h264: the video is H.264 (an AVC sequence header came before the first frame): seeks must
+        start on a video keyframe tag.
     """
 
     size: int
@@ -102,6 +110,7 @@ class FLVIndex:
     first_tag_offset: int
     keyframe_positions: tuple[int, ...]
     memory_size: int
+    h264: bool = False
 
 
 # -- AMF0 --------------------------------------------------------------------------------------
@@ -381,6 +390,7 @@ def parse_flv_head(head: bytes, file_size: int) -> FLVIndex:
         first_tag_offset=first_tag_offset,
         keyframe_positions=keyframe_positions,
         memory_size=memory_size,
+        h264=bool(avc_tag),
     )
 
 
@@ -391,15 +401,22 @@ def _check_offset_in_file(index: FLVIndex, offset: int) -> None:
         raise BadFLVOffset(f"start {offset} is not before the end of the {index.size}-byte file")
 
 
+CHECK_TAG_READ = _PREVIOUS_TAG_SIZE + _TAG_HEADER_SIZE + 2
+"""How many bytes of the file from C{offset - 4} L{check_tag_at} looks at."""
+
+
 def check_tag_at(index: FLVIndex, offset: int, data: bytes) -> None:
     """
-    Check that a tag starts at C{offset}, for offsets that are not in C{index.keyframe_positions}.
+    Check that a seek may start at C{offset}: a tag starts there, and in an H.264 file it is a video
+    keyframe (frame type 1, AVC packet type 1).  Offsets listed in C{index.keyframe_positions} are
+    checked too: that list is the file's word, and a wrong entry would send a broken stream.
 
-    @param data: at least 15 bytes of the file from C{offset - 4}: the PreviousTagSize of the tag
-        before, then the tag header at C{offset}.
-    @raise BadFLVOffset: if C{offset} is out of range or the bytes do not look like a tag boundary:
-        an unknown tag type, a PreviousTagSize that the bytes before could not hold, a non-zero
-        stream id, or data running past the end of the file.
+    @param data: L{CHECK_TAG_READ} bytes of the file from C{offset - 4} (fewer only at its end): the
+        PreviousTagSize of the tag before, the tag header at C{offset}, the first bytes of its data.
+    @raise BadFLVOffset: if C{offset} is out of range or the bytes do not look like a tag boundary
+        (an unknown tag type, a PreviousTagSize that the bytes before could not hold, a non-zero
+        stream id, or data running past the end of the file), or the tag is not a video keyframe of
+        an H.264 file.
     """
     _check_offset_in_file(index, offset)
     needed = _PREVIOUS_TAG_SIZE + _TAG_HEADER_SIZE
@@ -418,6 +435,14 @@ def check_tag_at(index: FLVIndex, offset: int, data: bytes) -> None:
             raise BadFLVOffset(f"start {offset} is the first tag but PreviousTagSize0 is {previous_size}")
     elif not _TAG_HEADER_SIZE <= previous_size <= offset - index.first_tag_offset - _PREVIOUS_TAG_SIZE:
         raise BadFLVOffset(f"start {offset} is not a tag: previous tag size {previous_size} does not fit")
+    if index.h264:
+        body = data[needed : needed + min(tag.data_size, 2)]
+        keyframe = tag.tag_type == TAG_VIDEO and len(body) == 2 and body[0] >> 4 == 1 and body[1] == 1
+        if not keyframe:
+            raise BadFLVOffset(
+                f"start {offset} is a tag but not a video keyframe: H.264 answers start on one "
+                "(onMetaData keyframes.filepositions lists them)"
+            )
 
 
 def plan_for_flv_seek(index: FLVIndex, key: str, offset: int) -> Plan:

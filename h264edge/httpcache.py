@@ -747,12 +747,12 @@ EDGE_REQUEST_FIELDS = frozenset({
 })
 
 
-def forwarded_request_fields(fields: Fields, client: Optional[str], via: str) -> Fields:
+def forwarded_request_fields(fields: Fields, client: Optional[str], via: Optional[str]) -> Fields:
     """
     The viewer's request fields the edge forwards to the origin on its behalf: the end-to-end ones
     (not hop-by-hop, not those the fill sets itself: Host, Range, conditionals, Accept-Encoding),
-    X-Forwarded-For with the viewer's address appended, and Via with this edge appended (RFC 9110
-    §7.6.3).
+    X-Forwarded-For with the viewer's address appended, and Via with this edge (C{via}, e.g.
+    C{1.1 edge-7}; None: the viewer's Via as it came) appended (RFC 9110 §7.6.3).
     """
     dropped = hop_by_hop(fields) | EDGE_REQUEST_FIELDS
     kept = [(name, value) for name, value in fields if name.lower() not in dropped]
@@ -761,5 +761,7 @@ def forwarded_request_fields(fields: Fields, client: Optional[str], via: str) ->
         kept.append(("X-Forwarded-For", ", ".join(forwarded_for + [client])))
     elif forwarded_for:
         kept.append(("X-Forwarded-For", ", ".join(forwarded_for)))
-    kept.append(("Via", ", ".join(values(fields, "Via") + [via])))
+    vias = values(fields, "Via") + ([via] if via is not None else [])
+    if vias:
+        kept.append(("Via", ", ".join(vias)))
     return tuple(kept)

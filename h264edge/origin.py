@@ -16,11 +16,11 @@ Content-Lengths) or a 5xx, and the last origin's 5xx is the answer; other method
 from __future__ import annotations
 
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import treq
-from attrs import frozen
-from twisted.internet.defer import CancelledError, Deferred
+from attrs import field, frozen
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeoutError
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as TxTimeoutError
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
@@ -38,7 +38,9 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
 from h264edge.errors import OriginUnavailable
+from h264edge.health import OriginHealth, RetryBudget
 from h264edge.httpcache import Fields, HeaderError, check_partial, parse_content_range
+from h264edge.s3 import S3_AUTH_ERRORS, S3Origin, error_code as s3_error_code
 from h264edge.tcpio import write_at_once
 
 log = Logger()
@@ -75,6 +77,36 @@ class OriginPath(str):
         return self
 
 
+class _Slot:
+    """A connection slot held for one origin answer until its body is read or dropped (released once)."""
+
+    def __init__(self, release: Callable[[], None] = lambda: None) -> None:
+        self._release: Optional[Callable[[], None]] = release
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+class _Releasing:
+    """Passes an origin body to C{protocol} and frees the answer's slot when the body ends."""
+
+    def __init__(self, protocol: Any, slot: _Slot) -> None:
+        self._protocol = protocol
+        self._slot = slot
+
+    def makeConnection(self, transport: Any) -> None:
+        self._protocol.makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._protocol.dataReceived(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        self._slot.release()
+        self._protocol.connectionLost(reason)
+
+
 @frozen
 class OriginReply:
     """
@@ -92,6 +124,7 @@ class OriginReply:
     total: Optional[int]
     url: str
     response: Any
+    slot: _Slot = field(factory=_Slot)
     request_time: float = 0.0
     response_time: float = 0.0
 
@@ -105,10 +138,11 @@ class OriginReply:
 
     def deliver(self, protocol: IProtocol) -> None:
         """Stream the body into C{protocol} (its transport can pause and stop the origin socket)."""
-        self.response.deliverBody(protocol)
+        self.response.deliverBody(_Releasing(protocol, self.slot))
 
     def discard(self) -> None:
         """We do not want this body: drop the connection rather than read it."""
+        self.slot.release()
         discard_body(self.response)
 
 
@@ -325,6 +359,10 @@ class OriginClient:
     """
     Ranged GETs against one or more origin base URLs, tried in order, each once (see L{fetch}), and
     other methods passed through at most once (see L{forward}).
+    Origins whose circuit is open or that health checks marked down are skipped (L{health}, see
+    L{h264edge.health}); extra attempts draw on a L{RetryBudget}; C{connection_limit} caps the
+    answers in flight per origin (0: no cap; a request waits up to C{timeout} for a free slot, then
+    tries the next origin).
     """
 
     def __init__(
@@ -333,16 +371,23 @@ class OriginClient:
         reactor: Any = None,
         timeout: float = 10.0,
         pool_size: int = 16,
+        *,
+        health: Optional[OriginHealth] = None,
+        retry_budget: Optional[RetryBudget] = None,
+        connection_limit: int = 0,
+        check_path: str = "",
+        s3_origins: Iterable[S3Origin] = (),
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
             reactor = global_reactor
+        self._s3 = {s3.base: s3 for s3 in s3_origins}
         self.bases = [b if b.endswith("/") else b + "/" for b in bases]
         if not self.bases:
             raise ValueError("at least one origin URL is needed")
         for base in self.bases:
-            if not base.startswith(("http://", "https://")):
+            if not base.startswith(("http://", "https://")) and base not in self._s3:
                 raise ValueError(f"origin {base!r} is not an http(s) URL")
         self.reactor = reactor
         self.timeout = timeout
@@ -360,10 +405,34 @@ class OriginClient:
                                           pool=HTTPConnectionPool(reactor, persistent=False))
         self._once = treq.client.HTTPClient(_PlainAgent(once), cookiejar=_NoCookies())  # type: ignore[arg-type]
         self.requests = 0  # statistics: origin requests sent
+        self.health = health or OriginHealth(self.bases, reactor, limit=connection_limit)
+        self.budget = retry_budget or RetryBudget(reactor)
+        self.check_path = check_path.lstrip("/")
 
     def url_for(self, base: str, path: str) -> str:
         """C{path} is already normalised and percent-encoded, starting with C{/}."""
+        s3 = self._s3.get(base)
+        if s3 is not None:
+            return s3.url_for(path)
         return base + path.lstrip("/")
+
+    def _signed(self, base: str, method: str, url: str, headers: Mapping[str, str], body: bytes = b"") -> Any:
+        """C{headers} as sent to C{base}: signed for an S3 origin, as they are for an HTTP one."""
+        s3 = self._s3.get(base)
+        return s3.sign(method, url, dict(headers), body) if s3 is not None else headers
+
+    async def _refused_credentials(self, base: str, response: Any) -> Optional[str]:
+        """
+        For an S3 origin's 400/403, the error code if it says our signature or key was refused (the
+        body, a small XML document, is read; a large one is dropped unread); else None.
+        """
+        if base not in self._s3 or response.code not in (400, 403):
+            return None
+        if not isinstance(response.length, int) or response.length > 65536:
+            discard_body(response)
+            return None
+        code = s3_error_code(await response.content())
+        return code if code in S3_AUTH_ERRORS else None
 
     async def fetch(
         self,
@@ -372,18 +441,21 @@ class OriginClient:
         last: Optional[int] = None,
         conditional: Optional[Mapping[str, str]] = None,
         method: str = "GET",
+        via: Optional[str] = None,
     ) -> OriginReply:
         """
         GET C{path} asking for bytes C{first}..C{last} (inclusive; None = to the end; a negative
         C{first} asks for the last C{-first} bytes), with the request fields C{path} carries when it
-        is an L{OriginPath}.
+        is an L{OriginPath} (not to an S3 origin: it gets the edge's own fields only, signed), and
+        C{via} when they hold no Via.
 
         With C{first == 0 and last is None} we still send C{Range: bytes=0-} so that the answer carries
         the total size in Content-Range even from an origin that streams without Content-Length.
 
         Every final status is returned (the caller decides what a 404 or a 301 means); the origins are
-        asked in order, each once: a connect failure, a lost or malformed answer, an encoded body or
-        a 5xx moves on to the next, and the last origin's 5xx is returned.
+        asked in order, each once, skipping those whose circuit is open: a connect failure, a lost or
+        malformed answer, an encoded body, refused S3 credentials or a 5xx moves on to the next, and
+        when none gives a usable answer the last 5xx one is returned.
 
         @raise OriginUnavailable: no origin gave an answer (C{timeout} set when one timed out).
         """
@@ -391,16 +463,29 @@ class OriginClient:
             wanted = f"bytes=-{-first}"  # a suffix range: the last -first bytes
         else:
             wanted = f"bytes={first}-{'' if last is None else last}"
-        headers = Headers()
-        for name, value in getattr(path, "fields", ()):
-            headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
-        headers.setRawHeaders(b"Range", [wanted.encode("ascii")])
-        headers.setRawHeaders(b"Accept-Encoding", [b"identity"])
-        for name, value in (conditional or {}).items():
-            headers.setRawHeaders(name.encode("latin-1"), [value.encode("latin-1")])
+        fields = tuple(getattr(path, "fields", ()))
+        own = {"Range": wanted, "Accept-Encoding": "identity", **(conditional or {})}
+        if via and not any(name.lower() == "via" for name, _ in fields):
+            own["Via"] = via  # a parent edge adds itself and refuses a request that went round
         failures: list[str] = []
         timed_out = False
-        for index, base in enumerate(self.bases):
+        attempts = 0
+        health = self.health
+        server_error: Optional[OriginReply] = None  # the last 5xx, answered if nothing better comes
+        for base in self.bases:
+            if not health.admit(base):
+                continue  # down: the next origin at once
+            attempts += 1
+            if attempts == 1:
+                self.budget.deposit()
+            elif not self.budget.withdraw():
+                health.abandoned(base)
+                failures.append("retry budget spent")
+                break
+            slot = await self._slot(base)
+            if slot is None:
+                failures.append(f"{base}: {health.limit} requests in flight for {self.timeout}s")
+                continue
             url = self.url_for(base, path)
             self.requests += 1
             request_time = self.reactor.seconds()
@@ -408,42 +493,137 @@ class OriginClient:
                 response = await self._client.request(
                     method,
                     url,
-                    headers=headers,
+                    headers=self._request_headers(base, method, url, fields, own),
                     unbuffered=True,
                     allow_redirects=False,
                     timeout=self.timeout,
                     reactor=self.reactor,
                 )
             except EncodedBody as e:
+                slot.release()
+                health.succeeded(base)  # it answered; the answer is unusable
                 failures.append(str(e))
                 log.warn("{error}", error=e)
                 continue
             except Exception as e:  # refused, timed out, cut, or not HTTP: a GET may go to the next origin
+                slot.release()
                 timed_out = timed_out or _is_timeout(e)
+                # no connection or no answer in time: skip it for a while; a lost or broken answer
+                # (a restart, a stale keep-alive, bad framing) counts like a 5xx
+                health.failed(base, hard=_is_timeout(e) or isinstance(e, (ConnectError, DNSLookupError)))
                 failures.append(f"{base}: {_why(e)}")
                 log.warn("origin {url} failed: {error}", url=url, error=_why(e))
                 continue
             code = response.code
-            if code >= 500 and index < len(self.bases) - 1:
-                discard_body(response)
+            if code >= 500:
+                health.failed(base, hard=False)
                 failures.append(f"{base}: {code}")
-                log.warn("origin {url} answered {code}; trying the next origin", url=url, code=code)
+                log.warn("origin {url} answered {code}", url=url, code=code)
+                try:
+                    answered = self._reply(response, url, first, last, request_time, slot)
+                except OriginUnavailable:
+                    continue
+                if server_error is not None:
+                    server_error.discard()
+                server_error = answered
                 continue
             try:
-                return self._reply(response, url, first, last, request_time)
+                refused = await self._refused_credentials(base, response)
+            except Exception as e:  # the error body was lost: treat it like a dropped answer
+                slot.release()
+                health.failed(base, hard=False)
+                failures.append(f"{base}: {code} and a lost body ({e.__class__.__name__})")
+                continue
+            if refused is not None:
+                slot.release()
+                health.failed(base, hard=False)
+                failures.append(f"{base}: origin authentication failed ({refused})")
+                log.error("origin {base} refused our credentials: {code} {error} (check --s3-credentials, "
+                          "the AWS_* variables or ~/.aws/credentials, and --s3-region)",
+                          base=base, code=code, error=refused)
+                continue
+            try:
+                reply = self._reply(response, url, first, last, request_time, slot)
             except OriginUnavailable as e:
+                health.succeeded(base)  # it answered; the answer is unusable (as an encoded one)
                 failures.append(str(e))
                 continue
+            health.succeeded(base)
+            if server_error is not None:
+                server_error.discard()
+            return reply
+        if server_error is not None:
+            return server_error
+        if not attempts:
+            raise OriginUnavailable(health.all_skipped_message())
         raise OriginUnavailable("no origin answered: " + "; ".join(failures), timeout=timed_out)
 
-    def _reply(self, response: "treq.response._Response", url: str, asked_first: int,
-               asked_last: Optional[int], request_time: float) -> OriginReply:
+    def _request_headers(
+        self, base: str, method: str, url: str, fields: Sequence[tuple[str, str]], own: Mapping[str, str],
+        body: bytes = b"",
+    ) -> Any:
         """
-        The answer to a GET of bytes C{asked_first}..C{asked_last} (see L{fetch}) as an L{OriginReply};
-        a 206 is used only if it holds exactly those bytes (or more) and agrees with itself.
+        The request's fields for C{base}: the forwarded C{fields} then the edge's C{own} (which
+        replace those of the same name); for an S3 origin, the edge's own only, signed.
+        """
+        if base in self._s3:
+            return self._signed(base, method, url, own, body)
+        headers = Headers()
+        for name, value in fields:
+            headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        for name, value in own.items():
+            headers.setRawHeaders(name.encode("latin-1"), [value.encode("latin-1")])
+        return headers
 
-        @raise OriginUnavailable: a 206 that does not (its body is dropped).
+    async def _slot(self, base: str) -> Optional[_Slot]:
+        """A connection slot for C{base}, or None after waiting C{timeout} seconds for one."""
+        wait = self.health.slot(base)
+        if wait.called:
+            return _Slot(lambda: self.health.release(base))
+        wait.addTimeout(self.timeout, self.reactor)
+        try:
+            await wait
+        except (CancelledError, DeferredTimeoutError):
+            self.health.abandoned(base)
+            return None
+        return _Slot(lambda: self.health.release(base))
+
+    def body_failed(self, url: str) -> None:
+        """The body of an answer from C{url} went silent: count it against that origin like a timeout."""
+        for base in self.bases:
+            if url.startswith(base):
+                self.health.failed(base, hard=True)
+                return
+
+    async def check(self, base: str) -> bool:
+        """One health check: C{HEAD} of the check path on C{base}; healthy if it answers 2xx or 3xx in time."""
+        url = self.url_for(base, "/" + self.check_path)
+        response = await self._client.request(
+            "HEAD", url, headers=self._signed(base, "HEAD", url, {}), unbuffered=True, allow_redirects=False,
+            timeout=self.timeout, reactor=self.reactor,
+        )
+        discard_body(response)
+        return 200 <= response.code < 400
+
+    def _reply(self, response: "treq.response._Response", url: str, asked_first: int = 0,
+               asked_last: Optional[int] = None, request_time: float = 0.0,
+               slot: Optional[_Slot] = None) -> OriginReply:
         """
+        The answer to a GET of bytes C{asked_first}..C{asked_last} (see L{fetch}) as an L{OriginReply}
+        holding C{slot}; a 206 is used only if it holds exactly those bytes (or more) and agrees with
+        itself, and a body is used only in a framing the edge trusts.
+
+        @raise OriginUnavailable: it is not (its body is dropped, its slot released).
+        """
+        slot = slot or _Slot()
+        try:
+            return self._checked_reply(response, url, asked_first, asked_last, request_time, slot)
+        except BaseException:
+            slot.release()
+            raise
+
+    def _checked_reply(self, response: Any, url: str, asked_first: int, asked_last: Optional[int],
+                       request_time: float, slot: _Slot) -> OriginReply:
         code = response.code
         raw = response.original if hasattr(response, "original") else response
         hdrs: Headers = response.headers
@@ -471,6 +651,7 @@ class OriginClient:
             assert content_range.first is not None and content_range.length is not None
             first, length, total = content_range.first, content_range.length, content_range.total
         elif code in (304, 416):
+            slot.release()
             if code == 416:
                 value = header(hdrs, "Content-Range")
                 try:
@@ -481,7 +662,7 @@ class OriginClient:
             length = 0
         else:
             total = length
-        return OriginReply(code, hdrs, first, length, total, url, raw, request_time, self.reactor.seconds())
+        return OriginReply(code, hdrs, first, length, total, url, raw, slot, request_time, self.reactor.seconds())
 
     async def probe(self) -> dict[str, str]:
         """
@@ -491,9 +672,11 @@ class OriginClient:
         """
         results: dict[str, str] = {}
         for base in self.bases:
+            url = self.url_for(base, "/")
             try:
                 response = await self._client.request(
-                    "HEAD", base, unbuffered=True, allow_redirects=False, timeout=self.timeout, reactor=self.reactor
+                    "HEAD", url, headers=self._signed(base, "HEAD", url, {}), unbuffered=True,
+                    allow_redirects=False, timeout=self.timeout, reactor=self.reactor,
                 )
             except EncodedBody:
                 results[base] = "HTTP, with an encoded body although asked for identity"
@@ -516,16 +699,15 @@ class OriginClient:
         sent again.  Each request has a connection of its own, so that no stale pooled connection
         can lose a request the origin may or may not have seen.
         """
-        headers = Headers()
-        for name, value in fields:
-            headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
         failures = []
         for base in self.bases:
+            if not self.health.admit(base):
+                continue  # down: nothing was sent there
             url = self.url_for(base, path)
             self.requests += 1
             try:
                 return await self._once.request(
-                    method, url, headers=headers, data=body or None,
+                    method, url, headers=self._request_headers(base, method, url, fields, {}, body), data=body or None,
                     allow_redirects=False, timeout=self.timeout, reactor=self.reactor,
                 )
             except (ConnectError, DNSLookupError) as e:

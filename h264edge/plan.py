@@ -119,6 +119,10 @@ class Plan:
             if isinstance(part, Span):
                 yield part
 
+    def spans_end(self, key: str) -> int:
+        """How far into object C{key} the plan reaches: the end (exclusive) of its last byte there, 0 if none."""
+        return max((span.offset + span.length for span in self.spans() if span.key == key), default=0)
+
     def render(self, read: ReadFunction) -> bytes:
         """Materialise the plan with C{read(key, offset, length)}; for tests and small answers."""
         chunks = []

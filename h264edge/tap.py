@@ -7,7 +7,9 @@ C{--workers=N} the worker processes sharing its port and cache, see L{h264edge.w
 from __future__ import annotations
 
 import gc
+import os
 import re
+import socket
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -18,9 +20,14 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
+from h264edge.fill import Filler
+from h264edge.health import HealthChecks, OriginHealth, RetryBudget
 from h264edge.origin import OriginClient
+from h264edge.s3 import S3ConfigError, S3Location, S3Origin, load_credentials
 from h264edge.store import SliceStore
-from h264edge.store._store import ORPHAN_GRACE
+from h264edge.tiers import BadEdgeName, check_name
+from h264edge.store._fill_locks import FillLocks
+from h264edge.store._store import ORPHAN_GRACE, CacheDirUnusable, check_cache_dir, default_min_free
 from h264edge.web.hot import EdgeSite
 from h264edge.web.resource import EdgeResource
 from h264edge.workers import LISTEN_FD, InheritedPort, WorkerPool, site_naming_process
@@ -29,7 +36,6 @@ log = Logger()
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-_VIA_NAME = re.compile(r"[A-Za-z0-9._\-:\[\]]{1,255}")  # RFC 9110 §7.6.3: received-by
 _METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}")  # RFC 9110 §9.1: method = token
 
 
@@ -42,6 +48,35 @@ def parse_size(value: str) -> int:
     return int(float(number) * _UNITS[unit.upper()])
 
 
+_SHARE = re.compile(r"^\s*(\d{1,2}(?:\.\d{1,3})?)\s*%\s*$")
+
+
+def parse_min_free(value: str) -> int | float | None:
+    """
+    C{--min-free}: C{"auto"} -> None (the store's default), C{"5%"} -> 0.05 (a share of the cache's
+    file system, below 100%), a size -> bytes.
+    """
+    if value.strip().lower() == "auto":
+        return None
+    match = _SHARE.match(value)
+    if match is not None:
+        return float(match.group(1)) / 100
+    try:
+        return parse_size(value)
+    except usage.UsageError:
+        raise usage.UsageError(f"--min-free={value!r} is not a size, a percentage below 100% or 'auto'") from None
+
+
+def min_free_bytes(setting: int | float | None, cache_dir: str) -> int:
+    """The floor in bytes for a parsed C{--min-free} on the file system of C{cache_dir}."""
+    if setting is None:
+        return default_min_free(cache_dir)
+    if isinstance(setting, float):
+        st = os.statvfs(cache_dir)
+        return int(st.f_blocks * st.f_frsize * setting)
+    return setting
+
+
 class Options(usage.Options):
     synopsis = "--origin=URL [--origin=URL2 ...] [options]"
     longdesc = (
@@ -51,20 +86,39 @@ class Options(usage.Options):
     optParameters = [
         ["cache-dir", "d", "/var/cache/h264edge", "Directory of the disk cache (created if missing)."],
         ["max-size", "s", "10G", "Bytes of disk the cache may use (K/M/G/T suffixes)."],
+        ["min-free", None, "auto", "Free space kept on the cache's file system, evicting to keep it: a size or "
+         "a percentage of the file system; auto: 1G, or 5% if that is less."],
         ["listen", "l", "tcp:8080", "Where to listen for viewers (a Twisted endpoint description)."],
         ["slice-size", None, "1M", "Cache objects are kept in slices of this many bytes."],
         ["default-ttl", None, "3600", "Seconds an answer stays fresh when the origin gives neither freshness nor "
          "Last-Modified, and the cap of the heuristic freshness (10% of the time since Last-Modified)."],
         ["stale-if-error", None, "86400", "Seconds past its freshness a stored answer may stand in when the "
          "origins fail, unless the answer says otherwise (stale-if-error) or forbids it (must-revalidate)."],
-        ["via-name", None, None, "How this edge names itself in Via (default: the host name)."],
         ["origin-timeout", None, "10", "Seconds to wait for an origin to connect or answer."],
+        ["origin-idle-timeout", None, "30", "Seconds an origin body may stay silent before it is dropped "
+         "(and resumed, from the next origin if that one is now marked down)."],
+        ["origin-retry-after", None, "1", "Seconds an origin is skipped after a connect failure or timeout "
+         "(doubling up to 60 while it keeps failing; then one request tries it again)."],
+        ["origin-retry-budget", None, "0.2", "Extra origin attempts (failover, resumption) allowed, as a share "
+         "of the requests of the last 10 s (plus 5 per second)."],
+        ["origin-connections", None, "0", "Requests in flight per origin at most (0: no limit)."],
+        ["origin-check", None, "", "Path to HEAD on every origin in the background (empty: no health checks)."],
+        ["origin-check-interval", None, "5", "Seconds between health checks of each origin."],
+        ["origin-rise", None, "2", "Good health checks in a row that mark a down origin up."],
+        ["origin-fall", None, "3", "Failed health checks (or 5xx answers) in a row that mark an origin down."],
         ["seek-cache", None, "256M", "Memory for parsed MP4 seek indexes, plus a quarter more for recent seek answers."],
         ["max-moov", None, "64M", "Largest MP4 moov box the edge will parse for a seek."],
         ["workers", None, "1", "Processes serving the --listen port (TCP only) from one cache directory."],
         ["hot-cache", None, "64M", "Memory (per process) for whole answers to plain GETs of small cached "
          "objects (up to 64K), served without twisted.web's per-request machinery; 0 turns this hot path off."],
         ["access-log", None, "", "Access log (combined format): a file path, 'off', or empty for the twistd log."],
+        ["name", None, socket.gethostname(), "This edge's name in Via and Cache-Status; a request whose Via "
+         "already names it is refused with 508 (give each edge of a chain its own name)."],
+        ["s3-endpoint", None, "", "URL of the S3-compatible endpoint for s3:// origins (path-style requests)."],
+        ["s3-region", None, "us-east-1", "Region s3:// requests are signed for (AWS Signature V4)."],
+        ["s3-credentials", None, "", "AWS shared-credentials file for s3:// origins (else the AWS_* variables, "
+         "then ~/.aws/credentials)."],
+        ["s3-profile", None, "", "Profile to read from the credentials file (else AWS_PROFILE, else 'default')."],
     ]
     optFlags = [
         ["ignore-query", None, "Leave the query string out of the cache key (tracking parameters)."],
@@ -114,9 +168,14 @@ class Options(usage.Options):
         return [sys.executable, "-m", "twisted", "--log-format=text", "h264edge", *args, f"--listen-fd={LISTEN_FD}"]
 
     def opt_origin(self, url: str) -> None:
-        """Origin base URL; give it several times for failover in order."""
-        if not url.startswith(("http://", "https://")):
-            raise usage.UsageError(f"--origin={url!r} must be an http:// or https:// URL")
+        """Origin base URL (http://, https://, or s3://BUCKET/PREFIX); give it several times for failover in order."""
+        if not url.startswith(("http://", "https://", "s3://")):
+            raise usage.UsageError(f"--origin={url!r} must be an http://, https:// or s3:// URL")
+        if url.startswith("s3://"):
+            try:
+                url = S3Location.parse(url).base
+            except S3ConfigError as e:
+                raise usage.UsageError(f"--origin: {e}") from None
         self["origins"].append(url)
 
     def opt_pass_method(self, method: str) -> None:
@@ -125,18 +184,36 @@ class Options(usage.Options):
             raise usage.UsageError(f"--pass-method={method!r} is not a method name (an RFC 9110 token)")
         self["pass-methods"].append(method.upper())
 
+    def _s3_origins(self) -> list[S3Origin]:
+        """The s3:// origins, with their endpoint and credentials (loaded now: a missing one is a usage error)."""
+        locations = [S3Location.parse(url) for url in self["origins"] if url.startswith("s3://")]
+        if not locations:
+            return []
+        if not self["s3-endpoint"]:
+            raise usage.UsageError("s3:// origins need --s3-endpoint=URL")
+        try:
+            credentials = load_credentials(self["s3-credentials"] or None, self["s3-profile"] or None)
+            return [S3Origin(location, self["s3-endpoint"], self["s3-region"], credentials)
+                    for location in locations]
+        except S3ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
     def postOptions(self) -> None:
         if not self["origins"]:
             raise usage.UsageError("--origin=URL is required")
         for name in ("max-size", "slice-size", "seek-cache", "max-moov", "hot-cache"):
             self[name] = parse_size(self[name])
-        for name in ("default-ttl", "origin-timeout", "stale-if-error"):
-            try:
-                self[name] = float(self[name])
-            except ValueError:
-                raise usage.UsageError(f"--{name} must be a number of seconds") from None
-        if self["via-name"] is not None and not _VIA_NAME.fullmatch(self["via-name"]):
-            raise usage.UsageError("--via-name must be a host name or a token (letters, digits, . _ - : [ ])")
+        self["min-free"] = parse_min_free(self["min-free"])
+        for name in ("default-ttl", "origin-timeout", "origin-idle-timeout", "origin-retry-after",
+                     "origin-check-interval", "origin-retry-budget", "stale-if-error"):
+            self[name] = parse_number(name, self[name])
+        for name in ("origin-connections", "origin-rise", "origin-fall"):
+            self[name] = parse_count(name, self[name])
+        if self["origin-rise"] < 1 or self["origin-fall"] < 1:
+            raise usage.UsageError("--origin-rise and --origin-fall must be at least 1")
+        for name in ("origin-timeout", "origin-idle-timeout", "origin-retry-after", "origin-check-interval"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be more than 0 seconds")
         if self["slice-size"] < 64 * 1024:
             raise usage.UsageError("--slice-size must be at least 64K")
         try:
@@ -145,8 +222,29 @@ class Options(usage.Options):
             raise usage.UsageError("--workers must be a whole number") from None
         if not 1 <= self["workers"] <= 256:
             raise usage.UsageError("--workers must be between 1 and 256")
+        self["s3-origins"] = self._s3_origins()
+        try:
+            check_name(self["name"])
+        except BadEdgeName as e:
+            raise usage.UsageError(f"--name={e}") from None
         if self["workers"] > 1 and self["listen-fd"] is None:
             self["tcp-listen"] = tcp_listen_address(self["listen"])
+
+
+_NUMBER = re.compile(r"^[0-9]{1,9}(?:\.[0-9]{1,9})?$")
+
+
+def parse_number(name: str, value: str) -> float:
+    """A non-negative decimal option value (seconds, a ratio)."""
+    if not _NUMBER.match(value.strip()):
+        raise usage.UsageError(f"--{name} must be a non-negative number, not {value!r}")
+    return float(value)
+
+
+def parse_count(name: str, value: str) -> int:
+    if not re.match(r"^[0-9]{1,6}$", value.strip()):
+        raise usage.UsageError(f"--{name} must be a whole number, not {value!r}")
+    return int(value)
 
 
 def tcp_listen_address(description: str) -> tuple[str, int, int]:
@@ -325,21 +423,52 @@ def quiet_hachoir() -> None:
     hachoir.core.config.quiet = True
 
 
+def origin_client(options: Options) -> OriginClient:
+    """The origin client the options describe: origins, timeouts, health, retry budget, limits."""
+    health = OriginHealth(
+        [b if b.endswith("/") else b + "/" for b in options["origins"]], reactor_clock(),
+        fall=options["origin-fall"], rise=options["origin-rise"], retry_after=options["origin-retry-after"],
+        limit=options["origin-connections"],
+    )
+    return OriginClient(
+        options["origins"], timeout=options["origin-timeout"], health=health,
+        retry_budget=RetryBudget(reactor_clock(), ratio=options["origin-retry-budget"]),
+        check_path=options["origin-check"], s3_origins=options["s3-origins"],
+    )
+
+
+def reactor_clock() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
 def makeService(options: Options) -> service.MultiService:
     quiet_hachoir()
     top = service.MultiService()
     sync_threads = SyncThreads()
     sync_threads.setServiceParent(top)  # first in, last out: stops after the store closed
-    store = SliceStore(
-        options["cache-dir"],
-        max_size=options["max-size"],
-        slice_size=options["slice-size"],
-        sync=not options["no-sync"],
-        run_in_thread=sync_threads.run,  # batches are fdatasync'ed off the reactor
-        # several processes on one directory: a young unnamed data file may be another's fill
-        orphan_grace=ORPHAN_GRACE if options["workers"] > 1 or options["listen-fd"] is not None else 0.0,
-    )
-    origin = OriginClient(options["origins"], timeout=options["origin-timeout"])
+    cache_dir = options["cache-dir"]
+    try:
+        check_cache_dir(cache_dir)
+        store = SliceStore(
+            cache_dir,
+            max_size=options["max-size"],
+            slice_size=options["slice-size"],
+            sync=not options["no-sync"],
+            run_in_thread=sync_threads.run,  # batches are fdatasync'ed off the reactor
+            # several processes on one directory: a young unnamed data file may be another's fill
+            orphan_grace=ORPHAN_GRACE if options["workers"] > 1 or options["listen-fd"] is not None else 0.0,
+            min_free=min_free_bytes(options["min-free"], cache_dir),
+        )
+    except CacheDirUnusable as e:
+        raise SystemExit(f"h264edge: {e}") from None  # one line on stderr and exit status 1, as twistd does
+    origin = origin_client(options)
+    filler = Filler(store, origin, default_ttl=options["default-ttl"], idle_timeout=options["origin-idle-timeout"],
+                    stale_if_error=options["stale-if-error"], store_set_cookie=options["cache-set-cookie"])
+    shared = options["workers"] > 1 or options["listen-fd"] is not None
+    if shared:  # one origin fetch per slice for all the processes on the directory
+        filler.shared = FillLocks(options["cache-dir"])
     resource = EdgeResource(
         store,
         origin,
@@ -350,14 +479,14 @@ def makeService(options: Options) -> service.MultiService:
         pass_methods=options["pass-methods"],
         exact_seek=options["exact-seek"],
         hot_bytes=options["hot-cache"],
-        via_name=options["via-name"],
+        filler=filler,
+        name=options["name"],
         viewer_no_cache=options["viewer-no-cache"],
-        stale_if_error=options["stale-if-error"],
-        store_set_cookie=options["cache-set-cookie"],
     )
-    shared = options["workers"] > 1 or options["listen-fd"] is not None
     IndexLoader(store, rescan_every=RESCAN_INTERVAL if shared else None).setServiceParent(top)
     OriginProbe(origin).setServiceParent(top)
+    if options["origin-check"]:
+        HealthChecks(origin.health, origin.check, options["origin-check-interval"]).setServiceParent(top)
     access_log = options["access-log"]
     site = EdgeSite(resource, resource.hot, logPath=access_log if access_log not in ("", "off") else None)
     site.access_log = access_log != "off"

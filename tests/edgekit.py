@@ -44,7 +44,7 @@ class EdgeTestCase(TestCase):
     def start_edge(self, origins: Optional[list[str]] = None, **kwargs: Any) -> None:
         self.store = SliceStore(self.cache_dir, max_size=self.max_size, slice_size=self.slice_size,
                                 **self.store_options)
-        self.origin_client = OriginClient(origins or [self.origin_url], timeout=5)
+        self.origin_client = self.make_origin_client(origins or [self.origin_url])
         self.edge = EdgeResource(self.store, self.origin_client, **kwargs)
         site = self.site = EdgeSite(self.edge, self.edge.hot)
         site.access_log = False
@@ -65,6 +65,9 @@ class EdgeTestCase(TestCase):
 
         self._stop_edge = stop
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(self._stop_once(stop)))
+
+    def make_origin_client(self, origins: list[str]) -> OriginClient:
+        return OriginClient(origins, timeout=5)
 
     async def _stop_once(self, stop: Any) -> None:
         if getattr(stop, "done", False):
@@ -99,7 +102,7 @@ class ScriptedEdgeTestCase(EdgeTestCase):
         super().setUp()
 
     def start_edge(self, origins: Optional[list[str]] = None, **kwargs: Any) -> None:
-        kwargs.setdefault("via_name", "edge.test")
+        kwargs.setdefault("name", "edge.test")
         super().start_edge(origins or [self.scripted_url], **kwargs)
 
     async def fetch_ok(self, path: str, headers: Optional[dict[str, str]] = None) -> tuple[Any, bytes]:

@@ -48,6 +48,98 @@ RECIPES: dict[str, list[str]] = {
 }
 
 
+SMALL_VIDEO = ["-f", "lavfi", "-i", "testsrc2=size=160x90:rate=25"]
+SMALL_AUDIO = ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"]
+SMALL_X264 = ["-c:v", "libx264", "-preset", "ultrafast", "-g", "50", "-pix_fmt", "yuv420p"]
+SMALL_AAC = ["-c:a", "aac", "-b:a", "32k"]
+SMALL_AV = SMALL_VIDEO + SMALL_AUDIO + SMALL_X264 + SMALL_AAC
+
+# VFR: 25, 60 then 12 fps (keyframes where each part starts and at 7.3333... s, in a 1/600 s timescale)
+RECIPES["vfr.mp4"] = [
+    "-f", "lavfi", "-i", "testsrc2=size=160x90:rate=25:duration=3",
+    "-f", "lavfi", "-i", "testsrc2=size=160x90:rate=60:duration=2",
+    "-f", "lavfi", "-i", "testsrc2=size=160x90:rate=12:duration=4",
+    "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100",
+    "-filter_complex", "[0:v][1:v][2:v]concat=n=3:v=1:a=0[v]", "-map", "[v]", "-map", "3:a", "-t", "9",
+    "-c:v", "libx264", "-preset", "ultrafast", "-g", "250", "-force_key_frames", "0,3,5,7.3333333",
+    "-pix_fmt", "yuv420p", "-fps_mode", "vfr", "-video_track_timescale", "600", "-c:a", "aac", "-b:a", "32k",
+]  # fmt: skip
+
+SUBTITLES_SRT = """1
+00:00:00,500 --> 00:00:02,000
+first cue
+
+2
+00:00:03,000 --> 00:00:06,500
+second cue
+
+3
+00:00:07,000 --> 00:00:09,800
+third cue, long
+
+4
+00:00:10,500 --> 00:00:11,500
+fourth cue
+"""
+
+CHAPTERS_FFMETADATA = """;FFMETADATA1
+title=subtitles and chapters
+
+[CHAPTER]
+TIMEBASE=1/1000
+START=0
+END=4000
+title=Opening
+
+[CHAPTER]
+TIMEBASE=1/1000
+START=4000
+END=8500
+title=Middle
+
+[CHAPTER]
+TIMEBASE=1/1000
+START=8500
+END=12000
+title=End
+"""
+
+
+def text_input(name: str, text: str) -> Path:
+    """A text file (subtitles, ffmetadata) for a recipe, named by a hash of its content."""
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    stem, _, ext = name.rpartition(".")
+    path = media_dir() / f"{stem}-{digest}.{ext}"
+    if not path.exists():
+        tmp = path.with_name(path.name + ".part." + str(os.getpid()))
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return path
+
+
+def subtitles_clip() -> Path:
+    """
+    12 s of 160x90 A/V with a mov_text subtitle track (from L{SUBTITLES_SRT}) and chapters (from
+    L{CHAPTERS_FFMETADATA}): ffmpeg writes them as a chapter text track that the other tracks name
+    with C{tref chap}, and as a Nero C{udta/chpl} list.
+    """
+    base = clip("subs_av.mp4", SMALL_AV + ["-t", "12"])
+    return clip("subs.mp4", [
+        "-i", str(base), "-i", str(text_input("subs.srt", SUBTITLES_SRT)),
+        "-i", str(text_input("chapters.ffmeta", CHAPTERS_FFMETADATA)),
+        "-map", "0", "-map", "1", "-map_metadata", "2", "-map_chapters", "2", "-c", "copy", "-c:s", "mov_text",
+    ])  # fmt: skip
+
+
+def late_video_clip() -> Path:
+    """6 s of audio from 0 s and 5 s of 160x90 video from 1 s: an empty edit in front of the video."""
+    video = clip("late_video_part.mp4", SMALL_VIDEO + SMALL_X264 + ["-t", "5"])
+    audio = clip("late_audio_part.mp4", SMALL_AUDIO + SMALL_AAC + ["-t", "6"])
+    return clip("late_video.mp4", [
+        "-i", str(audio), "-itsoffset", "1", "-i", str(video), "-map", "1:v", "-map", "0:a", "-c", "copy",
+    ])  # fmt: skip
+
+
 def media_dir() -> Path:
     root = Path(os.environ.get("H264EDGE_TEST_MEDIA") or Path.home() / ".cache" / "h264edge-test-media")
     root.mkdir(parents=True, exist_ok=True)
@@ -77,10 +169,15 @@ def clip(name: str, recipe: list[str] | None = None) -> Path:
     return path
 
 
-def decode_errors(path: str | Path) -> str:
+VFR_DECODE = ["-fps_mode", "vfr", "-enc_time_base", "-1"]
+"""Output options for L{decode_errors} of a VFR clip: frames keep their own times (else the null
+muxer's 1/25 s clock reports non-monotonic timestamps for frames closer than that)."""
+
+
+def decode_errors(path: str | Path, *output: str) -> str:
     """What ffmpeg reports when decoding every stream of C{path}; empty when it decodes cleanly."""
     result = subprocess.run(
-        [FFMPEG or "ffmpeg", "-nostdin", "-v", "error", "-xerror", "-i", str(path), "-f", "null", "-"],
+        [FFMPEG or "ffmpeg", "-nostdin", "-v", "error", "-xerror", "-i", str(path), *output, "-f", "null", "-"],
         capture_output=True,
         text=True,
     )

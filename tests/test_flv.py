@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import struct
+
+import attrs
 import tempfile
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from h264edge.flv import (
+    CHECK_TAG_READ,
     FLV_HEAD_READ,
     BadFLVOffset,
     FLVError,
@@ -195,45 +198,72 @@ class FLVSeekPlanTests(SynchronousTestCase):
         self.assertEqual(plan.length, len(self.index.prelude) + len(self.data) - 13)
 
 
+def _video_keyframe_tags(data: bytes) -> set[int]:
+    """The offsets of the video tags holding an H.264 keyframe picture (not a sequence header)."""
+    return {
+        offset for offset in _tag_starts(data)
+        if data[offset] == 9 and data[offset + 11] >> 4 == 1 and data[offset + 12] == 1
+    }
+
+
 class CheckTagAtTests(SynchronousTestCase):
-    """L{check_tag_at} tells tag boundaries from other offsets."""
+    """L{check_tag_at} tells tag boundaries from other offsets, and in H.264 files video keyframe tags."""
 
     def setUp(self) -> None:
         _require_ffmpeg(self)
         self.data = clip("av.flv").read_bytes()
         self.index = _index_of(self.data)
+        # the same file as if its video were not H.264: any tag boundary is a start
+        self.any_tag = attrs.evolve(self.index, h264=False)
 
-    def _check(self, offset: int) -> None:
-        check_tag_at(self.index, offset, self.data[offset - 4 : offset + 11])
+    def _check(self, offset: int, index: FLVIndex | None = None) -> None:
+        check_tag_at(index or self.index, offset, self.data[offset - 4 : offset - 4 + CHECK_TAG_READ])
 
-    def test_every_tag_start_is_accepted(self) -> None:
+    def test_every_tag_start_is_a_boundary(self) -> None:
         for offset in _tag_starts(self.data):
-            self._check(offset)
+            self._check(offset, self.any_tag)
 
-    def test_only_tag_starts_are_accepted_in_the_first_bytes(self) -> None:
+    def test_only_tag_starts_are_boundaries_in_the_first_bytes(self) -> None:
         starts = set(_tag_starts(self.data))
         accepted = set()
         for offset in range(13, FLV_HEAD_READ):
             try:
-                self._check(offset)
+                self._check(offset, self.any_tag)
             except BadFLVOffset:
                 continue
             accepted.add(offset)
         self.assertEqual(accepted, {start for start in starts if start < FLV_HEAD_READ})
 
+    def test_h264_file_accepts_exactly_its_video_keyframe_tags(self) -> None:
+        self.assertTrue(self.index.h264)
+        accepted = set()
+        for offset in _tag_starts(self.data):
+            try:
+                self._check(offset)
+            except BadFLVOffset as e:
+                self.assertIn("not a video keyframe", str(e))
+                continue
+            accepted.add(offset)
+        keyframes = _video_keyframe_tags(self.data)
+        self.assertEqual(accepted, keyframes)
+        self.assertEqual(accepted, set(self.index.keyframe_positions))
+        self.assertGreater(len(_tag_starts(self.data)), 2 * len(accepted))
+
     def test_offset_inside_a_keyframe_is_rejected(self) -> None:
         position = self.index.keyframe_positions[2]
         for offset in (position + 1, position + 4, position + 11, position + 100):
             self.assertRaises(BadFLVOffset, self._check, offset)
+            self.assertRaises(BadFLVOffset, self._check, offset, self.any_tag)
 
     def test_offset_past_the_end_is_rejected(self) -> None:
         size = len(self.data)
-        self.assertRaises(BadFLVOffset, check_tag_at, self.index, size, self.data[-4:] + bytes(11))
-        self.assertRaises(BadFLVOffset, check_tag_at, self.index, size + 100, bytes(15))
+        self.assertRaises(BadFLVOffset, check_tag_at, self.index, size, self.data[-4:] + bytes(13))
+        self.assertRaises(BadFLVOffset, check_tag_at, self.index, size + 100, bytes(17))
 
     def test_short_data_is_rejected(self) -> None:
         position = self.index.keyframe_positions[2]
         self.assertRaises(BadFLVOffset, check_tag_at, self.index, position, self.data[position - 4 : position + 10])
+        self.assertRaises(BadFLVOffset, check_tag_at, self.index, position, self.data[position - 4 : position + 12])
 
 
 def _write(directory: str, name: str, data: bytes) -> Path:
@@ -464,10 +494,10 @@ class FuzzTests(SynchronousTestCase):
             pass
 
     @settings(max_examples=200, deadline=None)
-    @given(st.binary(min_size=15, max_size=15), st.integers(-10, 10**7))
-    def test_check_tag_at_raises_only_bad_offset(self, data: bytes, offset: int) -> None:
+    @given(st.binary(min_size=0, max_size=CHECK_TAG_READ), st.integers(-10, 10**7), st.booleans())
+    def test_check_tag_at_raises_only_bad_offset(self, data: bytes, offset: int, h264: bool) -> None:
         index = _index_of(_synthetic(AVC_SEQUENCE, AVC_KEYFRAME))
-        index = FLVIndex(index.size + 10**6, index.header, index.prelude, index.first_tag_offset, (), 0)
+        index = FLVIndex(index.size + 10**6, index.header, index.prelude, index.first_tag_offset, (), 0, h264)
         try:
             check_tag_at(index, offset, data)
         except BadFLVOffset:

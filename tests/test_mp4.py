@@ -43,7 +43,10 @@ from tests.media import (
     ffprobe_json,
     frame_hashes,
     have_ffmpeg,
+    late_video_clip,
+    subtitles_clip,
     top_level_boxes,
+    VFR_DECODE,
 )
 
 NO_FFMPEG = None if have_ffmpeg() else "ffmpeg/ffprobe are not installed"
@@ -88,10 +91,18 @@ LOCAL_RECIPES: dict[str, list[str]] = {
 }
 
 
+# clips made in several ffmpeg steps (tests/media.py)
+BUILT: dict[str, Callable[[], Path]] = {
+    "edit_list.mp4": edit_list_clip,
+    "subs.mp4": subtitles_clip,
+    "late_video.mp4": late_video_clip,
+}
+
+
 def load(name: str) -> Clip:
     if name not in _clips:
-        if name == "edit_list.mp4":
-            path = edit_list_clip()
+        if name in BUILT:
+            path = BUILT[name]()
         else:
             path = clip(name, LOCAL_RECIPES.get(name))
         _clips[name] = Clip(path)
@@ -307,22 +318,19 @@ class TableFormatTests(ServedClipMixin, SynchronousTestCase):
 
     def test_output_over_4_gib_uses_co64_and_a_64_bit_mdat(self) -> None:
         gap = 5 << 30
+        source = load("av_moov_end.mp4")
+        middle = source.moov_offset // 2
 
         def far_audio(box_type: bytes, payload: bytes) -> bytes | None:
-            # pretend the audio chunks sit 5 GiB after the video ones (only offsets change)
-            if box_type != b"stco" or far_audio.done:  # type: ignore[attr-defined]
+            # pretend the sample data after the middle of the mdat sits 5 GiB further (only offsets
+            # change), so that what a cut keeps of both tracks spans more than 4 GiB
+            if box_type != b"stco":
                 return None
-            far_audio.seen += 1  # type: ignore[attr-defined]
-            if far_audio.seen < 2:  # type: ignore[attr-defined]
-                return None
-            far_audio.done = True  # type: ignore[attr-defined]
             (count,) = struct.unpack_from(">I", payload, 4)
             offsets = struct.unpack_from(f">{count}I", payload, 8)
-            return _box(b"co64", payload[:8] + struct.pack(f">{count}Q", *(o + gap for o in offsets)))
+            moved = (o + gap if o >= middle else o for o in offsets)
+            return _box(b"co64", payload[:8] + struct.pack(f">{count}Q", *moved))
 
-        far_audio.seen = 0  # type: ignore[attr-defined]
-        far_audio.done = False  # type: ignore[attr-defined]
-        source = load("av_moov_end.mp4")
         moov = _rebuild(source.moov, far_audio)
         index = SeekIndex.from_moov(moov, len(source.data) + gap, len(source.data) + gap + len(moov), source.ftyp)
         plan = plan_for_seek(index, "clip", 4.0, None)
@@ -451,10 +459,14 @@ class PlanTests(SynchronousTestCase):
         self.assertEqual([b[0] for b in boxes], [b"ftyp", b"moov", b"mdat"])
         moov = next(body[o : o + s] for t, o, s in boxes if t == b"moov")
         again = SeekIndex.from_moov(moov, boxes[1][1], len(body), None)
-        keyframe_time = (int(start / 1.92 + 1e-9)) * 1.92
-        shown_from = start if exact else keyframe_time
-        expected = min(end if end is not None else index.duration, index.duration) - shown_from
-        assert_close(self, again.duration, expected, 0.002, "duration")
+        # keyframes every 1.92 s; a start within half a frame (0.02 s) before one starts there
+        keyframe_time = (int((start + 0.02) / 1.92 + 1e-9)) * 1.92
+        shown_from = max(start, keyframe_time) if exact else keyframe_time
+        # the answer ends where the first frame at or after the end is shown (frames of 512 ticks of 1/12800 s)
+        shown_to = index.duration
+        if end is not None:
+            shown_to = min(math.ceil(math.floor(end * 12800 + 1e-6) / 512) * 512 / 12800, index.duration)
+        assert_close(self, again.duration, shown_to - shown_from, 0.002, "duration")
 
 
 def _boxes_of(body: bytes) -> list[tuple[bytes, int, int]]:
@@ -524,6 +536,34 @@ class RefusalTests(SynchronousTestCase):
             )
             self.assertIn("stsc", str(error))
 
+    def test_lying_sample_size_anywhere_is_malformed(self) -> None:
+        """
+        One stsz entry of 0x7FFFFFFF: whichever chunk holds it (not only the last one), its samples run
+        past the end of the file.  Unchecked, a cut whose last chunk held it answered a 2 GB
+        Content-Length for a 1.8 MB file.
+        """
+        source = load("av_moov_end.mp4")
+        first = source.moov.index(b"stsz") + 16  # first entry of the first track's stsz
+        (count,) = struct.unpack_from(">I", source.moov, first - 4)
+        for sample in (0, 100, 249, count // 2 + 3, count - 1):
+            moov = bytearray(source.moov)
+            struct.pack_into(">I", moov, first + 4 * sample, 0x7FFFFFFF)
+            error = self.assertRaises(
+                MalformedMP4, SeekIndex.from_moov, bytes(moov), source.moov_offset, len(source.data), None
+            )
+            self.assertIn("past the end", str(error))
+
+    def test_lying_chunk_offset_anywhere_is_malformed(self) -> None:
+        source = load("av_moov_end.mp4")
+        first = source.moov.index(b"stco") + 12  # first chunk offset of the first track
+        (count,) = struct.unpack_from(">I", source.moov, first - 4)
+        for chunk in (0, count // 2, count - 1):
+            moov = bytearray(source.moov)
+            struct.pack_into(">I", moov, first + 4 * chunk, len(source.data) - 10)
+            self.assertRaises(
+                MalformedMP4, SeekIndex.from_moov, bytes(moov), source.moov_offset, len(source.data), None
+            )
+
     def test_sample_data_past_end_of_file_is_malformed(self) -> None:
         source = load("av_faststart.mp4")
         self.assertRaises(MalformedMP4, SeekIndex.from_moov, source.moov, source.moov_offset,
@@ -546,9 +586,11 @@ class RefusalTests(SynchronousTestCase):
             index = SeekIndex.from_moov(bytes(moov), source.moov_offset, len(source.data), source.ftyp)
             for start in (0.0, 7.0, 13.3):
                 try:
-                    plan_for_seek(index, "clip", start, None, exact=start > 10).render(source.read)
+                    plan = plan_for_seek(index, "clip", start, None, exact=start > 10)
                 except SeekOutOfRange:
-                    pass
+                    continue
+                self.assertLessEqual(plan.spans_end("clip"), len(source.data))
+                plan.render(source.read)
         except MP4Error:
             pass
         self.assertLess(time.perf_counter() - started, 2.0)
@@ -564,9 +606,10 @@ class RefusalTests(SynchronousTestCase):
             moov[position] = value
         try:
             index = SeekIndex.from_moov(bytes(moov), source.moov_offset, len(source.data), source.ftyp)
-            plan_for_seek(index, "clip", data.draw(st.floats(0, 25)), None).render(source.read)
+            plan = plan_for_seek(index, "clip", data.draw(st.floats(0, 25)), None)
         except MP4Error:
-            pass
+            return
+        self.assertLessEqual(plan.spans_end("clip"), len(source.data))
 
 
 _indexes: dict[str, SeekIndex] = {}
@@ -676,7 +719,7 @@ class ExtremeTimeTests(ServedClipMixin, SynchronousTestCase):
     def test_huge_end_through_internal_cuts(self) -> None:
         # the helper the span tests call directly normalises the end itself
         index = cached_index("av_moov_end.mp4")
-        cuts = _cuts(index, 5.0, 1e308, False)
+        _, cuts = _cuts(index, 5.0, 1e308, False)
         self.assertEqual([cut.cut.s1 for cut in cuts], [track.tables.sample_count for track in index.tracks])
 
     @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -716,6 +759,332 @@ def _ulps_after(x: float, ulps: int) -> float:
     for _ in range(ulps):
         x = math.nextafter(x, math.inf)
     return x
+
+
+def _children(data: bytes, start: int, end: int) -> list[tuple[bytes, int, int]]:
+    """(type, payload start, end) of the boxes in C{data[start:end]}, read with plain struct."""
+    boxes = []
+    while start + 8 <= end:
+        size, box_type = struct.unpack_from(">I4s", data, start)
+        if size < 8:
+            break
+        boxes.append((box_type, start + 8, start + size))
+        start += size
+    return boxes
+
+
+def _moov_of(body: bytes) -> tuple[int, int]:
+    (_, at, size), = [box for box in top_level_boxes_of(body) if box[0] == b"moov"]
+    return at, at + size
+
+
+def top_level_boxes_of(body: bytes) -> list[tuple[bytes, int, int]]:
+    return [(t, o, s) for t, o, s in _boxes_of(body)]
+
+
+def track_links(body: bytes) -> dict[int, dict[bytes, tuple[int, ...]]]:
+    """For each track of an answer, by track id: its tref references, by reference type."""
+    moov_start, moov_end = _moov_of(body)
+    links = {}
+    for box_type, start, end in _children(body, moov_start + 8, moov_end):
+        if box_type != b"trak":
+            continue
+        children = {t: (s, e) for t, s, e in _children(body, start, end)}
+        tkhd = children[b"tkhd"][0]
+        track_id = struct.unpack_from(">I", body, tkhd + (20 if body[tkhd] == 1 else 12))[0]
+        references: dict[bytes, tuple[int, ...]] = {}
+        if b"tref" in children:
+            for kind, s2, e2 in _children(body, *children[b"tref"]):
+                references[kind] = struct.unpack_from(f">{(e2 - s2) // 4}I", body, s2)
+        links[track_id] = references
+    return links
+
+
+def without_track_references(body: bytes) -> bytes:
+    """C{body} with every tref box of its moov renamed free: players then read chapters from udta/chpl."""
+    moov_start, moov_end = _moov_of(body)
+    return body[:moov_start] + body[moov_start:moov_end].replace(b"tref", b"free") + body[moov_end:]
+
+
+def subtitles(path: Path) -> list[tuple[float, float, str]]:
+    """(start, end, text) of each cue of the first subtitle stream, as ffmpeg decodes it to SRT."""
+    result = subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", "0:s:0", "-f", "srt", "-"],
+        capture_output=True, text=True, check=True,
+    )
+
+    def seconds(stamp: str) -> float:
+        hours, minutes, rest = stamp.strip().split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(rest.replace(",", "."))
+
+    cues = []
+    for block in result.stdout.strip().split("\n\n"):
+        lines = block.splitlines()
+        start, _, end = lines[1].partition("-->")
+        cues.append((seconds(start), seconds(end), "\n".join(lines[2:])))
+    return cues
+
+
+def chapters(path: Path) -> list[tuple[str, float, float]]:
+    """(title, start, end) of each chapter, as ffprobe reads them."""
+    found = ffprobe_json(path, "-show_chapters")["chapters"]
+    return [(c["tags"]["title"], round(float(c["start_time"]), 3), round(float(c["end_time"]), 3)) for c in found]
+
+
+class TimedTrackTests(ServedClipMixin, SynchronousTestCase):
+    """
+    subs.mp4 (tests/media.py): 12 s of A/V, a mov_text subtitle track, a chapter text track that the
+    other tracks name with C{tref chap}, and the same chapters in udta/chpl (Opening 0-4, Middle
+    4-8.5, End 8.5-12); keyframes every 2 s.
+    """
+
+    skip = NO_FFMPEG
+
+    def test_source_has_what_the_tests_expect(self) -> None:
+        source = load("subs.mp4")
+        kinds = {track.kind for track in source.index().tracks}
+        self.assertEqual(kinds, {b"vide", b"soun", b"sbtl", b"text"})
+        self.assertIsNotNone(source.index().chapters)
+        self.assertEqual(subtitles(source.path)[2], (7.0, 9.8, "third cue, long"))
+
+    def test_seek_keeps_subtitles_with_the_cue_showing_at_the_cut(self) -> None:
+        out, _ = self.serve("subs.mp4", 9.0)  # cut at the keyframe at 8 s
+        self.assertEqual(decode_errors(out), "")
+        info = streams(out)
+        self.assertEqual(set(info), {"video", "audio", "subtitle", "data"})
+        self.assertEqual(info["subtitle"]["codec_name"] if "codec_name" in info["subtitle"] else "mov_text", "mov_text")
+        # the cue shown from 7.0 to 9.8 starts the answer with its 1.8 s left; the next keeps its place
+        self.assertEqual(subtitles(out), [(0.0, 1.8, "third cue, long"), (2.5, 3.5, "fourth cue")])
+
+    def test_end_cuts_the_cue_showing_at_the_end(self) -> None:
+        out, _ = self.serve("subs.mp4", 5.0, 9.2)  # 4.0 .. 9.2
+        self.assertEqual(decode_errors(out), "")
+        self.assertEqual(subtitles(out), [(0.0, 2.5, "second cue"), (3.0, 5.2, "third cue, long")])
+        for kind, stream in streams(out).items():
+            assert_close(self, float(stream["duration"]), 5.2, 0.001, f"{kind} duration")
+
+    def test_exact_seek_keeps_subtitles_from_start(self) -> None:
+        out, _ = self.serve("subs.mp4", 3.5, 7.5, exact=True)  # 7.5 is inside the frame shown 7.48-7.52
+        self.assertEqual(subtitles(out), [(0.0, 3.0, "second cue"), (3.5, 4.02, "third cue, long")])
+
+    def test_chapter_track_is_kept_and_cut(self) -> None:
+        out, _ = self.serve("subs.mp4", 9.0)
+        self.assertEqual(chapters(out), [("Middle", 0.0, 0.5), ("End", 0.5, 4.0)])
+        out, _ = self.serve("subs.mp4", 5.0, 9.2)
+        self.assertEqual(chapters(out), [("Middle", 0.0, 4.5), ("End", 4.5, 5.2)])
+
+    def test_chpl_chapters_are_shifted_and_cut(self) -> None:
+        """ffprobe reads udta/chpl when no track names a chapter track: the same chapters as the track's."""
+        for start, end, expected in [
+            (9.0, None, [("Middle", 0.0, 0.5), ("End", 0.5, 4.0)]),
+            (5.0, 9.2, [("Middle", 0.0, 4.5), ("End", 4.5, 5.2)]),
+            (0.0, 3.0, [("Opening", 0.0, 3.0)]),
+            (2.5, 7.0, [("Opening", 0.0, 2.0), ("Middle", 2.0, 5.0)]),  # from the keyframe at 2 s
+        ]:
+            out, _ = self.serve("subs.mp4", start, end)
+            chpl_only = out.with_name("chpl-only.mp4")
+            chpl_only.write_bytes(without_track_references(out.read_bytes()))
+            self.assertEqual(chapters(chpl_only), expected, f"start={start} end={end}")
+
+    def test_track_references_name_only_tracks_of_the_answer(self) -> None:
+        source = load("subs.mp4")
+        index = source.index()
+        chapter_track = next(track.track_id for track in index.tracks if track.kind == b"text")
+        out, _ = self.serve("subs.mp4", 9.0)
+        links = track_links(out.read_bytes())
+        self.assertEqual(len(links), 4)
+        for track_id, references in links.items():
+            for ids in references.values():
+                self.assertTrue(set(ids) <= set(links), f"track {track_id} names {ids}, not all in {set(links)}")
+        video = index.video
+        assert video is not None
+        self.assertEqual(links[video.track_id], {b"chap": (chapter_track,)})
+        # a reference to a track the answer leaves out is dropped, and an empty tref with it
+        self.assertEqual(video.references_box(frozenset({video.track_id})), b"")
+        self.assertEqual(video.references_box(frozenset({video.track_id, chapter_track})),
+                         _box(b"tref", _box(b"chap", struct.pack(">I", chapter_track))))
+
+    def test_timed_track_past_its_end_is_left_out(self) -> None:
+        out, _ = self.serve("subs.mp4", 11.6, exact=True)  # the subtitles end at 11.5
+        self.assertEqual(decode_errors(out), "")
+        self.assertEqual(set(streams(out)), {"video", "audio", "data"})
+        links = track_links(out.read_bytes())
+        self.assertTrue(all(set(ids) <= set(links) for refs in links.values() for ids in refs.values()))
+
+    def test_chapter_samples_far_from_the_cut_are_a_span_of_their_own(self) -> None:
+        """ffmpeg writes the chapter titles at the start of the mdat: the bytes between are not sent."""
+        source = load("subs.mp4")
+        out, plan = self.serve("subs.mp4", 9.0)
+        spans = [span for span in plan.spans() if not source.moov_offset <= span.offset < source.moov_offset + len(source.moov)]
+        self.assertEqual(len(spans), 2)
+        self.assertLess(spans[0].offset + spans[0].length, spans[1].offset - 100_000)
+        self.assertLess(plan.length, len(source.data) * 0.5)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        start=st.floats(min_value=0, max_value=11.99),
+        length=st.one_of(st.none(), st.floats(min_value=0.001, max_value=14)),
+        exact=st.booleans(),
+    )
+    def test_any_cut_keeps_timed_tracks_consistent(self, start: float, length: float | None, exact: bool) -> None:
+        source = load("subs.mp4")
+        index = source.index()
+        end = None if length is None else start + length
+        try:
+            plan = plan_for_seek(index, "clip", start, end, exact)
+        except SeekOutOfRange:
+            return
+        self.assertLessEqual(plan.spans_end("clip"), len(source.data))
+        body = plan.render(source.read)
+        moov_start, moov_end = _moov_of(body)
+        again = SeekIndex.from_moov(body[moov_start:moov_end], moov_start, len(body), None)
+        links = track_links(body)
+        self.assertTrue(all(set(ids) <= set(links) for refs in links.values() for ids in refs.values()))
+        # every timed track lasts exactly as long as the answer shows it (its cues trimmed to the window)
+        for track in again.tracks:
+            if track.timed:
+                shown = track.tables.total_duration / track.timescale
+                assert_close(self, track.empty / again.movie_timescale + shown, track.presentation_end, 0.002,
+                             f"track {track.track_id}")
+                self.assertLessEqual(track.presentation_end, again.duration + 0.002)
+        assert again.chapters is not None
+        starts = [at for at, _ in again.chapters.entries]
+        self.assertEqual(starts[0], 0)
+        self.assertEqual(starts, sorted(starts))
+        self.assertLess(starts[-1] / 1e7, again.duration)
+
+    def test_broken_timed_track_is_left_out(self) -> None:
+        source = load("subs.mp4")
+        moov = bytearray(source.moov)
+        stsz = [i for i in range(len(moov)) if moov[i : i + 4] == b"stsz"][2]  # the subtitle track's
+        struct.pack_into(">I", moov, stsz + 12, 0x3FFFFFFF)  # its sample count
+        index = SeekIndex.from_moov(bytes(moov), source.moov_offset, len(source.data), source.ftyp)
+        self.assertEqual({track.kind for track in index.tracks}, {b"vide", b"soun", b"text"})
+
+
+class LateVideoTests(ServedClipMixin, SynchronousTestCase):
+    """late_video.mp4: audio 0-6 s, video 1-6 s (an empty edit of 1 s in front of it)."""
+
+    skip = NO_FFMPEG
+
+    def check_late(self, start: float, end: float, exact: bool) -> None:
+        out, _ = self.serve("late_video.mp4", start, end, exact)
+        self.assertEqual(decode_errors(out), "")
+        info = streams(out)
+        # the audio plays from start, the video from where it starts in the source
+        assert_close(self, float(info["audio"]["start_time"]), 0.0, 0.001, "audio start")
+        assert_close(self, float(info["audio"]["duration"]), end - start, 0.001, "audio duration")
+        assert_close(self, float(info["video"]["start_time"]), 1.0 - start, 0.001, "video start")
+        assert_close(self, float(info["video"]["duration"]), end - 1.0, 0.001, "video duration")
+        self.assertTrue(first_video_packet_flags(out).startswith("K"))
+        # AAC decodes in frames of 1024 samples: the last one is decoded whole
+        samples = len(pcm(out))
+        self.assertTrue(0 <= samples - round((end - start) * 44100) < 1024, samples)
+
+    def test_audio_before_the_video_start_is_kept(self) -> None:
+        self.check_late(0.0, 4.0, exact=False)
+
+    def test_audio_before_the_video_start_is_kept_with_exact_seek(self) -> None:
+        self.check_late(0.0, 4.0, exact=True)
+
+    def test_start_between_audio_and_video_starts(self) -> None:
+        self.check_late(0.5, 4.0, exact=False)
+        self.check_late(0.5, 4.0, exact=True)
+
+    def test_start_after_the_video_starts_cuts_at_its_keyframe(self) -> None:
+        out, _ = self.serve("late_video.mp4", 3.5)  # video keyframes at 1 s and 3 s
+        info = streams(out)
+        for kind in ("audio", "video"):
+            assert_close(self, float(info[kind]["start_time"]), 0.0, 0.001, f"{kind} start")
+            assert_close(self, float(info[kind]["duration"]), 3.0, 0.001, f"{kind} duration")
+
+
+class KeyframeSnapTests(ServedClipMixin, SynchronousTestCase):
+    """vfr.mp4: 25, 60 then 12 fps, keyframes at 0, 3, 5 and 7.3333... s (ticks of 1/600 s)."""
+
+    skip = NO_FFMPEG
+
+    def first_frame(self, start: float, exact: bool = False) -> tuple[float, int]:
+        """(video duration of the answer, frames it decodes) for a seek to C{start}."""
+        out, _ = self.serve("vfr.mp4", start, None, exact)
+        self.assertEqual(decode_errors(out, *VFR_DECODE), "")
+        self.assertTrue(first_video_packet_flags(out).startswith("K"))
+        return float(streams(out)["video"]["duration"]), len(frame_hashes(out))
+
+    def test_source_keyframes(self) -> None:
+        video = load("vfr.mp4").index().video
+        assert video is not None and video.tables.stss is not None
+        times = [video.shown_at(sample - 1, 600) for sample in video.tables.stss]
+        self.assertEqual([round(t * 600) for t in times], [0, 1800, 3000, 4400])
+
+    def test_start_a_hair_below_a_keyframe_starts_at_it(self) -> None:
+        original = frame_hashes(load("vfr.mp4").path)
+        video = load("vfr.mp4").index().video
+        assert video is not None
+        end = video.presentation_end
+        after_keyframe = len(original) - 20  # 20 frames of 1/12 s from 7.3333 s on
+        for start in (7.333333, 7.3333, 7.33, 7.30):  # within half a 1/12 s frame
+            duration, frames = self.first_frame(start)
+            assert_close(self, duration, end - 4400 / 600, 0.001, f"start={start}")
+            self.assertEqual(frames, len(original) - after_keyframe, f"start={start}")
+
+    def test_start_further_below_a_keyframe_goes_back_a_gop(self) -> None:
+        video = load("vfr.mp4").index().video
+        assert video is not None
+        duration, _ = self.first_frame(7.28)  # more than half a frame (0.0417 s) before 7.3333
+        assert_close(self, duration, video.presentation_end - 5.0, 0.001, "start=7.28")
+
+    def test_tolerance_is_half_the_keyframes_frame(self) -> None:
+        video = load("vfr.mp4").index().video
+        assert video is not None
+        # the keyframe at 3 s starts the 60 fps part: half a frame is 1/120 s
+        assert_close(self, self.first_frame(2.992)[0], video.presentation_end - 3.0, 0.001, "start=2.992")
+        assert_close(self, self.first_frame(2.99)[0], video.presentation_end, 0.001, "start=2.99")
+
+    def test_exact_seek_a_hair_below_a_keyframe_starts_at_it(self) -> None:
+        video = load("vfr.mp4").index().video
+        assert video is not None
+        duration, _ = self.first_frame(7.333333, exact=True)
+        assert_close(self, duration, video.presentation_end - 4400 / 600, 0.001, "exact start=7.333333")
+
+
+class EndOnBFramesTests(ServedClipMixin, SynchronousTestCase):
+    """bframes.mp4 (25 fps, keyframes every 1.92 s): what an C{end} keeps and what players show."""
+
+    skip = NO_FFMPEG
+
+    def probe(self, out: Path) -> dict[str, dict]:
+        info = ffprobe_json(out, "-count_frames", "-count_packets", "-show_entries",
+                            "stream=codec_type,duration,nb_read_frames,nb_read_packets:format=duration")
+        found = {stream["codec_type"]: stream for stream in info["streams"]}
+        found["format"] = info["format"]
+        return found
+
+    def test_references_past_end_are_hidden_and_the_duration_is_whole_frames(self) -> None:
+        for start, end, frames in [(0.5, 1.553, 39), (5.0, 8.01, 105), (10.0, 11.1, 38), (5.0, 8.0, 104)]:
+            out, _ = self.serve("bframes.mp4", start, end)
+            self.assertEqual(decode_errors(out), "")
+            info = self.probe(out)
+            video = info["video"]
+            # frames shown from the keyframe at or before start to the last one shown before end
+            self.assertEqual(int(video["nb_read_frames"]), frames, f"{start}-{end}")
+            self.assertEqual(len(frame_hashes(out)), frames, f"{start}-{end}")
+            # decoded-order references shown after end are in the file, hidden by the edit list
+            self.assertGreater(int(video["nb_read_packets"]), frames, f"{start}-{end}")
+            for what in (float(video["duration"]), float(info["format"]["duration"])):
+                assert_close(self, what, frames * FRAME, 0.0005, f"{start}-{end} duration")
+            assert_close(self, float(info["audio"]["duration"]), frames * FRAME, 0.0005, f"{start}-{end} audio")
+
+    def test_frames_shown_are_the_originals_before_end(self) -> None:
+        original = frame_hashes(load("bframes.mp4").path)
+        out, _ = self.serve("bframes.mp4", 8.0, 9.03)  # keyframe at 7.68; frames up to the one at 9.00
+        self.assertEqual(frame_hashes(out), original[round(7.68 * 25) : round(9.04 * 25)])
+
+    def test_exact_seek_ends_at_a_frame_boundary_too(self) -> None:
+        out, _ = self.serve("bframes.mp4", 0.5, 1.553, exact=True)
+        info = self.probe(out)
+        assert_close(self, float(info["video"]["duration"]), 1.56 - 0.5, 0.0005, "video duration")
+        assert_close(self, float(info["format"]["duration"]), 1.56 - 0.5, 0.0005, "duration")
 
 
 class SeekIndexCacheTests(SynchronousTestCase):

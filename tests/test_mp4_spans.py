@@ -123,7 +123,7 @@ def _render(items: tuple[Item, ...], out: bytearray, fill: dict[str, Fill]) -> N
 
 def reference_header(index: _SeekIndex, start: float, end: float | None, exact: bool) -> tuple[bytes, int, int]:
     """(ftyp + moov + mdat header, first data byte, data length), every byte built in memory."""
-    cuts = _cuts(index, start, end, exact)
+    _, cuts = _cuts(index, start, end, exact)
     lo = min(cut.cut.lo for cut in cuts)
     data_length = max(cut.cut.hi for cut in cuts) - lo
     if data_length + 8 <= 0xFFFFFFFF:

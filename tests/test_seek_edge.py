@@ -26,7 +26,17 @@ from twisted.internet import defer, reactor
 
 from h264edge import flv
 from tests.edgekit import SLICE, EdgeTestCase, header
-from tests.media import clip, decode_errors, ffprobe_json, have_ffmpeg, top_level_boxes
+from tests.media import (
+    VFR_DECODE,
+    clip,
+    decode_errors,
+    ffprobe_json,
+    have_ffmpeg,
+    late_video_clip,
+    subtitles_clip,
+    top_level_boxes,
+)
+from tests.test_mp4 import chapters, subtitles, track_links
 
 NO_FFMPEG = None if have_ffmpeg() else "ffmpeg and ffprobe are needed (apt-get install -y ffmpeg)"
 FRAME = 0.04  # one video frame at 25 fps; AAC frames (1024 / 44100 s) are shorter
@@ -64,11 +74,12 @@ class Original:
 
 
 _originals: dict[str, Original] = {}
+BUILT = {"subs.mp4": subtitles_clip, "late_video.mp4": late_video_clip}  # clips made in several steps
 
 
 def original(name: str) -> Original:
     if name not in _originals:
-        path = clip(name)
+        path = BUILT[name]() if name in BUILT else clip(name)
         info = ffprobe_json(path, "-show_entries", "stream=codec_type,duration:format=duration")
         # FLV streams carry no duration of their own: use the file's
         durations = {
@@ -465,6 +476,20 @@ class SeekETagTests(SeekEdgeTestCase):
         self.assertEqual(tags[1], tags[2])
         self.assertEqual(len({tags[0], tags[1], tags[3], tags[4]}), 4, tags)
 
+    async def test_seek_etag_changed_with_the_answers_bytes(self) -> None:
+        """
+        Seek answers keep more tracks and end on frame boundaries since REWRITE_VERSION 2: the same
+        request has new bytes, so a new ETag (a client must not join bytes of both with If-Range).
+        """
+        path = self.put("av_moov_end.mp4")
+        response, _ = await self.fetch(path + "?start=5")
+        file = self.origin.files[path]
+        meta = self.store.get(path)
+        assert meta is not None
+        basis = f"{file.etag}|{meta.meta.last_modified}|{meta.meta.size}|mp4:5.0:None:False"
+        before = '"' + hashlib.sha256(basis.encode()).hexdigest()[:24] + '"'
+        self.assertNotEqual(header(response, "ETag"), before)
+
     async def test_if_none_match_with_the_seek_etag_is_304(self) -> None:
         path = self.put("av_moov_end.mp4") + "?start=4"
         first, _ = await self.fetch(path)
@@ -792,3 +817,176 @@ def _covers(range_header: Optional[str], offset: int) -> bool:
     first = int(first_s) if first_s else 0
     last = int(last_s) if last_s else math.inf
     return first <= offset <= last
+
+
+class SeekAnswerFileMixin:
+    """Answers written to a scratch file for decoders that need a path."""
+
+    def answer_file(self, body: bytes, name: str = "answer.mp4") -> Path:
+        directory = Path(tempfile.mkdtemp(prefix="h264edge-seek-edge-"))
+        self.addCleanup(shutil.rmtree, directory, True)  # type: ignore[attr-defined]
+        path = directory / name
+        path.write_bytes(body)
+        return path
+
+
+class TimedTrackEdgeTests(SeekAnswerFileMixin, SeekEdgeTestCase):
+    """subs.mp4: A/V, mov_text subtitles and chapters (a chapter text track and udta/chpl)."""
+
+    async def test_cold_and_warm_seeks_keep_subtitles_and_chapters(self) -> None:
+        path = self.put("subs.mp4")
+        cold_response, cold = await self.fetch(path + "?start=9")
+        warm_response, warm = await self.fetch(path + "?start=9")
+        self.assertEqual((cold_response.code, header(cold_response, "X-Cache")), (200, "MISS"))
+        self.assertEqual((warm_response.code, header(warm_response, "X-Cache")), (200, "HIT"))
+        self.assertTrue(cold == warm, "cold and warm answers differ")
+        out = decode(cold)
+        self.assertEqual(out.errors, "")
+        self.assertEqual(set(out.streams), {"video", "audio", "subtitle", "data"})
+        self.assertTrue(out.first_video_flags and out.first_video_flags.startswith("K"))
+        answer = self.answer_file(cold)
+        self.assertEqual(subtitles(answer), [(0.0, 1.8, "third cue, long"), (2.5, 3.5, "fourth cue")])
+        self.assertEqual(chapters(answer), [("Middle", 0.0, 0.5), ("End", 0.5, 4.0)])
+        links = track_links(cold)
+        self.assertTrue(all(set(ids) <= set(links) for refs in links.values() for ids in refs.values()))
+
+    async def test_end_cuts_subtitles_and_chapters(self) -> None:
+        path = self.put("subs.mp4")
+        response, body = await self.fetch(path + "?start=5&end=9.2")
+        self.assertEqual(response.code, 200)
+        answer = self.answer_file(body)
+        self.assertEqual(subtitles(answer), [(0.0, 2.5, "second cue"), (3.0, 5.2, "third cue, long")])
+        self.assertEqual(chapters(answer), [("Middle", 0.0, 4.5), ("End", 4.5, 5.2)])
+        for kind, stream in decode(body).streams.items():
+            self.assert_close(float(stream["duration"]), 5.2, 0.001, f"{kind} duration")
+
+    async def test_whole_file_is_still_the_original(self) -> None:
+        path = self.put("subs.mp4")
+        response, body = await self.fetch(path)
+        self.assertTrue((response.code, body) == (200, original("subs.mp4").data))
+
+
+class LateVideoEdgeTests(SeekEdgeTestCase):
+    """late_video.mp4: audio from 0 s, video from 1 s."""
+
+    async def test_audio_before_the_video_start_is_kept(self) -> None:
+        path = self.put("late_video.mp4")
+        for query in ("?start=0&end=4", "?end=4"):
+            response, body = await self.fetch(path + query)
+            self.assertEqual(response.code, 200, query)
+            out = decode(body)
+            self.assertEqual(out.errors, "")
+            self.assert_close(float(out.streams["audio"]["start_time"]), 0.0, 0.001, "audio start")
+            self.assert_close(float(out.streams["audio"]["duration"]), 4.0, 0.001, "audio duration")
+            self.assert_close(float(out.streams["video"]["start_time"]), 1.0, 0.001, "video start")
+            self.assert_close(out.format_duration, 4.0, 0.001, "duration")
+            self.assertTrue(out.first_video_flags and out.first_video_flags.startswith("K"))
+
+    async def test_with_exact_seek(self) -> None:
+        await self._stop_once(self._stop_edge)
+        self.start_edge(exact_seek=True)
+        path = self.put("late_video.mp4")
+        response, body = await self.fetch(path + "?start=0.5&end=4")
+        out = decode(body)
+        self.assertEqual(out.errors, "")
+        self.assert_close(float(out.streams["audio"]["duration"]), 3.5, 0.001, "audio duration")
+        self.assert_close(float(out.streams["video"]["start_time"]), 0.5, 0.001, "video start")
+
+
+class KeyframeSnapEdgeTests(SeekEdgeTestCase):
+    """vfr.mp4: 25, 60 then 12 fps, keyframes at 0, 3, 5 and 7.3333... s."""
+
+    async def test_start_rounded_down_from_a_keyframe_time_starts_there(self) -> None:
+        path = self.put("vfr.mp4")
+        video_end = original("vfr.mp4").durations["video"]
+        for start in ("7.333333", "7.33"):
+            response, body = await self.fetch(f"{path}?start={start}")
+            self.assertEqual(response.code, 200)
+            out = decode(body, decode_seconds=None)
+            self.assertEqual(decode_errors_vfr(body), "")
+            self.assertTrue(out.first_video_flags and out.first_video_flags.startswith("K"))
+            self.assert_close(float(out.streams["video"]["duration"]), video_end - 4400 / 600, 0.001, start)
+
+
+def decode_errors_vfr(body: bytes) -> str:
+    path = _scratch() / (hashlib.sha256(body).hexdigest()[:20] + "-vfr.mp4")
+    path.write_bytes(body)
+    try:
+        return decode_errors(path, *VFR_DECODE)
+    finally:
+        path.unlink()
+
+
+class FLVKeyframeTagTests(SeekEdgeTestCase):
+    name = "av.flv"
+
+    async def test_start_on_a_tag_that_is_not_a_video_keyframe_is_400(self) -> None:
+        data = original(self.name).data
+        index = flv.parse_flv_head(data[: 1 << 20], len(data))
+        tags, offset = [], index.first_tag_offset
+        while offset + 11 <= len(data):
+            tags.append(offset)
+            offset += 15 + int.from_bytes(data[offset + 1 : offset + 4], "big")
+        later = [tag for tag in tags if tag > index.keyframe_positions[2]]
+        p_frame = next(tag for tag in later if data[tag] == 9 and data[tag + 11] >> 4 == 2)
+        audio = next(tag for tag in later if data[tag] == 8)
+        path = self.put(self.name)
+        for start in (p_frame, audio, index.first_tag_offset):
+            response, body = await self.fetch(f"{path}?start={start}")
+            self.assert_plain_error(response, body, (400,))
+            self.assertIn(b"keyframe", body)
+        response, body = await self.fetch(f"{path}?start={index.keyframe_positions[3]}")
+        self.assertEqual(response.code, 200)
+
+
+class WarmErrorAnswerTests(SeekEdgeTestCase):
+    async def test_seek_past_the_end_of_a_cached_clip_is_a_416_hit(self) -> None:
+        path = self.put("av_moov_end.mp4")
+        response, body = await self.fetch(path + "?start=25")
+        self.assert_plain_error(response, body, (416,))
+        self.assertEqual(header(response, "X-Cache"), "MISS")
+        await self.fetch(path)
+        response, body = await self.fetch(path + "?start=25")
+        self.assert_plain_error(response, body, (416,))
+        self.assertEqual(header(response, "X-Cache"), "HIT")
+
+    async def test_seek_into_a_cached_fragmented_clip_is_a_501_hit(self) -> None:
+        path = self.put("fragmented.mp4")
+        response, body = await self.fetch(path + "?start=2")
+        self.assert_plain_error(response, body, (501,))
+        self.assertEqual(header(response, "X-Cache"), "MISS")
+        response, body = await self.fetch(path + "?start=2")
+        self.assert_plain_error(response, body, (501,))
+        self.assertEqual(header(response, "X-Cache"), "HIT")
+
+
+class LyingSampleSizeTests(SeekEdgeTestCase):
+    """One stsz entry of 0x7FFFFFFF in the last chunk a cut keeps (sample 249 of av_moov_end.mp4)."""
+
+    def lying(self) -> str:
+        data = bytearray(original("av_moov_end.mp4").data)
+        moov_offset, _ = original("av_moov_end.mp4").box(b"moov")
+        at = data.index(b"stsz", moov_offset) + 16 + 4 * 249
+        data[at : at + 4] = struct.pack(">I", 0x7FFFFFFF)
+        return self.put("av_moov_end.mp4", "/v/lying.mp4", bytes(data))
+
+    async def test_is_502_at_once(self) -> None:
+        path = self.lying()
+        for query in ("?start=5&end=10", "?start=5", "?start=1&end=3"):
+            response, body = await self.fetch(path + query)
+            self.assert_plain_error(response, body, (502,))
+            self.assertIn(b"past the end", body)
+        _, moov_size = original("av_moov_end.mp4").box(b"moov")
+        self.assertLessEqual(self.origin.bytes_sent, moov_size + 2 * SLICE, "sample data was fetched")
+
+    async def test_a_plan_past_the_object_is_502_before_any_byte(self) -> None:
+        """Were a plan builder to miss such a file, the producer still refuses the plan, not waits."""
+        from h264edge.mp4._tables import SampleTables
+        from h264edge.plan import Plan
+
+        self.patch(SampleTables, "check_data_within", lambda *args: None)
+        self.patch(Plan, "spans_end", lambda *args: 0)
+        path = self.lying()
+        response, body = await self.fetch(path + "?start=5&end=10")
+        self.assert_plain_error(response, body, (502,))
+        self.assertIn(b"which has", body)

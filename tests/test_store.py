@@ -10,8 +10,9 @@ import os
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from h264edge.store import CachedObject, ObjectMeta, SliceStore, StoreError
+from h264edge.store import CacheDirUnusable, CachedObject, ObjectMeta, SliceStore, StoreError
 from h264edge.store._sidecar import key_hash
+from tests.smallfs import unwritable_dir
 
 SLICE = 16
 
@@ -493,7 +494,7 @@ class EvictionTests(StoreTestCase):
 
 
 class DiskErrorTests(StoreTestCase):
-    def test_enospc_on_write_raises_and_drops(self) -> None:
+    def test_enospc_with_nothing_to_evict_holds_the_rest_in_memory(self) -> None:
         store = self.open_store()
         obj = store.create(meta_for("/a", 64))
         obj.write(0, body(16))
@@ -503,13 +504,58 @@ class DiskErrorTests(StoreTestCase):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         self.patch(os, "pwrite", full)
-        error = self.assertRaises(StoreError, obj.write, 16, body(16))
-        self.assertEqual(error.errno, errno.ENOSPC)
-        self.assertEqual(obj.missing_slices(0, 3), [0, 1, 2, 3])
-        self.assertTrue(obj.evicted)
+        obj.write(16, body(64)[16:])  # no error: the object is uncached, its bytes go to memory
+        for index in range(1, 4):
+            obj.commit_slice(index)
+        self.assertEqual(obj.read(0, 64), body(64))  # its viewers get every byte, the first slice from its file
+        self.assertTrue(obj.in_memory)
+        self.assertTrue(obj.transient)
         self.assertIsNone(store.get("/a"))
-        self.assertEqual(store.used_bytes, 0)
+        self.assertEqual((store.used_bytes, store.uncached, store.memory_bytes), (0, 1, 48))
+        self.assertFalse(store.disk_trouble)  # a full disk is not a broken one
         self.assertEqual(self.all_files(), [])
+        del obj
+        gc.collect()
+        self.assertEqual(store.memory_bytes, 0)
+
+    def test_enospc_evicts_the_least_recently_used_and_writes_again(self) -> None:
+        store = self.open_store()
+        self.fill(store, "/old", 32, seed=1)
+        self.fill(store, "/newer", 32, seed=2)
+        store.get("/old")  # /newer is now the least recently used
+        obj = store.create(meta_for("/a", 32))
+        real_pwrite = os.pwrite
+        refusals = []
+
+        def full_once(fd: int, data: object, offset: int) -> int:
+            if not refusals:
+                refusals.append(offset)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_pwrite(fd, data, offset)  # type: ignore[arg-type]
+
+        self.patch(os, "pwrite", full_once)
+        obj.write(0, body(32, 3))
+        obj.commit_slice(0)
+        obj.commit_slice(1)
+        self.assertEqual(refusals, [0])
+        self.assertFalse(obj.in_memory)
+        self.assertEqual(store.keys_lru(), ["/old", "/a"])
+        self.assertEqual(self.reopen().get("/a").read(0, 32), body(32, 3))  # type: ignore[union-attr]
+
+    def test_other_write_errors_hold_the_rest_in_memory_too(self) -> None:
+        store = self.open_store()
+        obj = store.create(meta_for("/a", 32))
+
+        def broken(fd: int, data: object, offset: int) -> int:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        self.patch(os, "pwrite", broken)
+        obj.write(0, body(32))
+        obj.commit_slice(0)
+        obj.commit_slice(1)
+        self.assertEqual(obj.read(0, 32), body(32))
+        self.assertIsNone(store.get("/a"))
+        self.assertTrue(store.disk_trouble)
 
     def test_failed_sidecar_write_drops_object(self) -> None:
         store = self.open_store()
@@ -674,7 +720,7 @@ class SharedRootTests(StoreTestCase):
         self.assertEqual(loaded.read(0, 48), body(48, 1))
         self.assertEqual(len([f for f in self.all_files() if f.endswith(".data")]), 1)
 
-    def test_create_failure_is_store_error(self) -> None:
+    def test_a_data_file_the_disk_refuses_leaves_the_object_in_memory(self) -> None:
         store = self.open_store()
 
         def full(fd: int, length: int) -> None:
@@ -683,14 +729,17 @@ class SharedRootTests(StoreTestCase):
         self.patch(os, "ftruncate", full)
         obj = store.create(meta_for("/a", 48))  # the data file is made at the first write
         self.assertEqual(self.all_files(), [])
-        self.assertRaises(StoreError, obj.write, 0, body(16))
-        self.assertTrue(obj.evicted)
-        self.assertRaises(StoreError, obj.write, 0, body(16))  # and stays failed
-        self.assertRaises(StoreError, obj.commit_slice, 0)
+        obj.write(0, body(48))
+        for index in range(3):
+            obj.commit_slice(index)
+        self.assertTrue(obj.in_memory)
+        self.assertEqual(obj.read(0, 48), body(48))
         self.assertEqual(len(store), 0)
         self.assertIsNone(store.get("/a"))
         self.assertEqual(self.all_files(), [])
-        self.assertRaises(StoreError, store.create, meta_for("/empty", 0))  # made at once: it is complete
+        empty = store.create(meta_for("/empty", 0))  # made at once: it is complete
+        self.assertTrue(empty.complete)
+        self.assertEqual(empty.read(0, 0), b"")
         self.assertEqual((len(store), self.all_files()), (0, []))
 
     def test_new_object_dropped_before_its_first_byte_still_streams(self) -> None:
@@ -703,6 +752,68 @@ class SharedRootTests(StoreTestCase):
         self.assertEqual(obj.read(0, 48), body(48))  # its viewers get every byte
         self.assertIsNone(store.get("/a"))  # nothing is kept
         self.assertEqual(self.all_files(), [])
+
+
+class MemoryTests(StoreTestCase):
+    """Transient objects hold their slices in memory, at most stream_buffer bytes of them."""
+
+    def test_a_transient_object_is_held_in_memory_and_counted(self) -> None:
+        store = self.open_store(stream_buffer=4 * SLICE)
+        obj = store.create(meta_for("/t", 40), transient=True)
+        self.assertTrue(obj.in_memory)
+        obj.write(0, body(40))
+        for index in range(3):
+            obj.commit_slice(index)
+        self.assertEqual(obj.read(0, 40), body(40))
+        self.assertEqual((store.memory_bytes, store.memory_peak, self.all_files()), (40, 40, []))
+        del obj
+        gc.collect()
+        self.assertEqual((store.memory_bytes, store.memory_peak), (0, 40))
+
+    def test_room_goes_to_the_slice_needed_soonest(self) -> None:
+        store = self.open_store(stream_buffer=2 * SLICE)
+        obj = store.create(meta_for("/t", 10 * SLICE), transient=True)
+        data = body(10 * SLICE)
+        needed = {0: 0.0, 1: 1.0, 2: 2.0, 3: 3.0}  # slice -> how soon a reader reads it
+
+        def rank(index: int) -> float:
+            return needed.get(index, float("inf"))
+
+        for index in (1, 3):
+            self.assertTrue(obj.room_for(index, rank))
+            obj.write(index * SLICE, data[index * SLICE : (index + 1) * SLICE])
+            obj.commit_slice(index)
+        self.assertFalse(obj.room_for(5, rank))  # needed by nobody: it waits
+        self.assertTrue(obj.room_for(0, rank))  # needed first: slice 3, needed last, makes room
+        self.assertFalse(obj.has_slice(3))
+        self.assertTrue(obj.has_slice(1))
+        obj.write(0, data[:SLICE])
+        obj.commit_slice(0)
+        self.assertEqual(obj.read(0, 2 * SLICE), data[: 2 * SLICE])
+        self.assertFalse(obj.room_for(2, {0: 0.0, 1: 0.0, 2: 1.0}.get))  # both held slices are being read
+        self.assertTrue(obj.room_for(2, rank, spare=1))  # a reader more: a slice more
+        self.assertEqual(store.memory_bytes, 2 * SLICE)
+
+
+class CacheDirTests(SynchronousTestCase):
+    def test_an_unwritable_root_raises_at_once(self) -> None:
+        root = unwritable_dir(self)
+        error = self.assertRaises(CacheDirUnusable, SliceStore, root, 1 << 20)
+        self.assertIsInstance(error, StoreError)
+        self.assertIn(root, str(error))
+        self.assertNotIn("\n", str(error))
+
+    def test_a_root_under_a_file_raises_at_once(self) -> None:
+        parent = self.mktemp()
+        with open(parent, "w"):
+            pass
+        error = self.assertRaises(CacheDirUnusable, SliceStore, os.path.join(parent, "cache"), 1 << 20)
+        self.assertIn(parent, str(error))
+
+    def test_a_missing_root_is_made_and_left_clean(self) -> None:
+        root = os.path.join(self.mktemp(), "a", "b")
+        SliceStore(root, 1 << 20)
+        self.assertEqual(os.listdir(root), [])
 
 
 class ManualThreads:
@@ -783,7 +894,9 @@ class ThreadedSyncTests(StoreTestCase):
 
     def test_refresh_during_a_sync_keeps_the_new_metadata(self) -> None:
         store, obj, size = self.big_with_a_batch()  # its sidecar is written in the thread, with this metadata
-        store.refresh(obj, meta_for("/big", size, expires_at=9000.0))  # persisted here and now
+        store.refresh(obj, meta_for("/big", size, expires_at=9000.0))  # persisted once that sync is done
+        self.threads.run_next()
+        self.assertEqual(len(self.threads.jobs), 1)  # the sidecar with the new metadata: in a thread too
         self.threads.run_next()
         loaded = SliceStore(self.root, 1 << 20, slice_size=SLICE, now=self.clock).get("/big")
         assert loaded is not None
@@ -802,6 +915,7 @@ class ThreadedSyncTests(StoreTestCase):
         d.callback(inode)
         self.assertFalse(obj.evicted)
         self.assertFalse(store.disk_trouble)
+        self.threads.run_next()  # the sidecar is written again, in the thread
         self.assertEqual(self.listed("/big"), list(range(16)))
         self.commit(obj, range(16, 40), size)
         while self.threads.jobs:
@@ -829,10 +943,11 @@ class ThreadedSyncTests(StoreTestCase):
         self.commit(other, range(35, 40), size)
         other.close()  # the other process lists its slices
         self.threads.run_next()
+        self.threads.run_next()  # merged: the sidecar listing both is written in the thread
         self.assertEqual(self.listed("/big"), list(range(32)) + list(range(35, 40)))
         self.assertEqual(self.tmp_files(), [])
 
-    def test_sidecar_write_failing_in_the_thread_drops_the_object(self) -> None:
+    def test_sidecar_finding_no_room_in_the_thread_uncaches_the_object(self) -> None:
         store = self.open_store(run_in_thread=self.threads)
         obj = store.create(meta_for("/a", 64))
         self.commit(obj, range(4), 64)
@@ -843,8 +958,63 @@ class ThreadedSyncTests(StoreTestCase):
         self.patch(os, "fsync", full)  # the sidecar's: the data's is fdatasync
         self.threads.run_next()
         self.assertTrue(obj.evicted)
+        self.assertEqual(obj.read(0, 64), body(64))  # synced and true: its viewers keep reading it
         self.assertIsNone(store.get("/a"))
         self.assertEqual(self.all_files(), [])
+
+    def syncs_here(self) -> list[str]:
+        """Record the fsync/fdatasync calls made outside the jobs run by self.threads."""
+        calls: list[str] = []
+        running = []
+        for name in ("fsync", "fdatasync"):
+            real = getattr(os, name)
+
+            def recording(fd: int, real: object = real, name: str = name) -> None:
+                if not running:
+                    calls.append(name)
+                real(fd)  # type: ignore[operator]
+
+            self.patch(os, name, recording)
+        run_next = self.threads.run_next
+
+        def run_in_the_thread() -> None:
+            running.append(1)
+            try:
+                run_next()
+            finally:
+                running.pop()
+
+        self.patch(self.threads, "run_next", run_in_the_thread)
+        return calls
+
+    def test_refresh_syncs_in_the_thread(self) -> None:
+        store = self.open_store(run_in_thread=self.threads)
+        obj = store.create(meta_for("/a", 32))
+        self.commit(obj, range(2), 32)  # complete: persisted
+        self.threads.run_next()
+        calls = self.syncs_here()
+        store.refresh(obj, meta_for("/a", 32, expires_at=9000.0))
+        self.assertEqual(calls, [])  # the reactor's thread did not wait for the disk
+        self.assertEqual(len(self.threads.jobs), 1)
+        self.threads.run_next()
+        self.assertEqual(calls, [])
+        loaded = SliceStore(self.root, 1 << 20, slice_size=SLICE, now=self.clock).get("/a")
+        assert loaded is not None
+        self.assertEqual((loaded.meta.expires_at, loaded.read(0, 32)), (9000.0, body(32)))
+
+    def test_an_empty_object_is_persisted_in_the_thread(self) -> None:
+        store = self.open_store(run_in_thread=self.threads)
+        calls = self.syncs_here()
+        obj = store.create(meta_for("/empty", 0))
+        self.assertTrue(obj.complete)
+        self.assertEqual(calls, [])
+        self.assertEqual(self.listed("/empty"), [])
+        self.assertIsNone(SliceStore(self.root, 1 << 20, slice_size=SLICE, now=self.clock).get("/empty"))
+        self.threads.run_next()
+        loaded = SliceStore(self.root, 1 << 20, slice_size=SLICE, now=self.clock).get("/empty")
+        assert loaded is not None
+        self.assertTrue(loaded.complete)
+        self.assertEqual(calls, [])
 
     def test_batches_due_during_a_sync_follow_it(self) -> None:
         store = self.open_store(run_in_thread=self.threads)

@@ -9,7 +9,8 @@ from twisted.application.service import IServiceCollection
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from h264edge.tap import IndexLoader, Options, OriginProbe, SyncThreads, makeService, parse_size
+from h264edge.tap import IndexLoader, Options, OriginProbe, SyncThreads, makeService, parse_min_free, parse_size
+from tests.smallfs import mount_tmpfs, unwritable_dir
 
 
 class SizeTests(SynchronousTestCase):
@@ -45,8 +46,7 @@ class OptionsTests(SynchronousTestCase):
         for argv in (["--origin=ftp://x/"], ["--origin=http://x/", "--max-size=lots"],
                      ["--origin=http://x/", "--default-ttl=soon"], ["--origin=http://x/", "--slice-size=1K"],
                      ["--origin=http://x/", "--pass-method=GE T"], ["--origin=http://x/", "--pass-method=A(B)"],
-                     ["--origin=http://x/", "--stale-if-error=later"], ["--origin=http://x/", "--via-name=a b"],
-                     ["--origin=http://x/", "--via-name=a,b"]):
+                     ["--origin=http://x/", "--stale-if-error=later"]):
             self.assertRaises(usage.UsageError, Options().parseOptions, argv)
 
     def test_method_tokens_may_hold_dashes(self) -> None:
@@ -58,21 +58,70 @@ class OptionsTests(SynchronousTestCase):
     def test_http_cache_options(self) -> None:
         options = Options()
         options.parseOptions(["--origin=http://a/"])
-        self.assertEqual((options["via-name"], options["viewer-no-cache"], options["cache-set-cookie"],
-                          options["stale-if-error"]), (None, False, False, 86400.0))
+        self.assertEqual((options["viewer-no-cache"], options["cache-set-cookie"], options["stale-if-error"]),
+                         (False, False, 86400.0))
         options = Options()
-        options.parseOptions(["--origin=http://a/", "--via-name=edge-7.example", "--viewer-no-cache",
-                              "--cache-set-cookie", "--stale-if-error=60"])
-        self.assertEqual((options["via-name"], options["viewer-no-cache"], options["cache-set-cookie"],
-                          options["stale-if-error"]), ("edge-7.example", True, True, 60.0))
+        options.parseOptions(["--origin=http://a/", "--viewer-no-cache", "--cache-set-cookie", "--stale-if-error=60"])
+        self.assertEqual((options["viewer-no-cache"], options["cache-set-cookie"], options["stale-if-error"]),
+                         (True, True, 60.0))
 
     def test_help_documents_every_option(self) -> None:
         text = str(Options())
         for name in ("--origin", "--cache-dir", "--max-size", "--listen", "--slice-size", "--default-ttl",
                      "--origin-timeout", "--seek-cache", "--max-moov", "--ignore-query", "--exact-seek",
-                     "--pass-method", "--no-sync", "--workers", "--hot-cache", "--access-log", "--via-name",
+                     "--pass-method", "--no-sync", "--workers", "--hot-cache", "--access-log", "--min-free",
                      "--viewer-no-cache", "--cache-set-cookie", "--stale-if-error"):
             self.assertIn(name, text)
+
+
+class MinFreeTests(SynchronousTestCase):
+    def test_a_size_a_percentage_or_auto(self) -> None:
+        self.assertEqual(parse_min_free("auto"), None)
+        self.assertEqual(parse_min_free("2G"), 2 * 2**30)
+        self.assertEqual(parse_min_free("0"), 0)
+        self.assertEqual(parse_min_free("5%"), 0.05)
+        self.assertEqual(parse_min_free("12.5%"), 0.125)
+        for bad in ("100%", "-1%", "5 percent", "lots", "%", "1e3%"):
+            self.assertRaises(usage.UsageError, parse_min_free, bad)
+
+    def test_the_floor_reaches_the_store(self) -> None:
+        disk = mount_tmpfs(self, "8m")
+        for value, floor in (("auto", 8 * 2**20 // 20), ("25%", 2 * 2**20), ("1M", 2**20), ("0", 0)):
+            options = Options()
+            options.parseOptions(["--origin=http://127.0.0.1:1/", f"--cache-dir={disk}/c", "--listen=tcp:0",
+                                  f"--min-free={value}"])
+            [loader] = [s for s in makeService(options) if isinstance(s, IndexLoader)]
+            self.assertEqual(loader.store.min_free, floor, value)
+        options = Options()
+        options.parseOptions(["--origin=http://127.0.0.1:1/", f"--cache-dir={self.mktemp()}"])
+        [loader] = [s for s in makeService(options) if isinstance(s, IndexLoader)]
+        self.assertLessEqual(loader.store.min_free, 2**30)  # auto on a big disk: 1G (5% of a small one)
+
+
+class CacheDirTests(SynchronousTestCase):
+    def test_an_unwritable_cache_dir_stops_twistd_with_one_line(self) -> None:
+        cache_dir = unwritable_dir(self)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        result = subprocess.run(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+             "h264edge", "--origin=http://127.0.0.1:1/", f"--cache-dir={cache_dir}", "--listen=tcp:0"],
+            capture_output=True, text=True, env=env, timeout=60,
+        )
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        lines = result.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertIn(cache_dir, lines[0])
+        self.assertIn("not usable", lines[0])
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+    def test_a_cache_dir_that_is_a_file_stops_make_service(self) -> None:
+        path = self.mktemp()
+        with open(path, "w"):
+            pass
+        options = Options()
+        options.parseOptions(["--origin=http://127.0.0.1:1/", f"--cache-dir={path}", "--listen=tcp:0"])
+        error = self.assertRaises(SystemExit, makeService, options)
+        self.assertIn(path, str(error))
 
 
 class ServiceTests(SynchronousTestCase):
@@ -93,12 +142,11 @@ class ServiceTests(SynchronousTestCase):
         self.assertIsInstance(site, EdgeSite)
         return site
 
-    def test_the_via_name_reaches_the_resource(self) -> None:
-        """The name this edge gives itself in Via is reachable from the EdgeResource (for Cache-Status, loops)."""
-        import socket
-
-        self.assertEqual(self.site_of("--via-name=edge-7").resource.via_name, "edge-7")
-        self.assertEqual(self.site_of().resource.via_name, socket.gethostname())
+    def test_http_cache_options_reach_the_filler(self) -> None:
+        site = self.site_of("--stale-if-error=60", "--cache-set-cookie", "--viewer-no-cache")
+        filler = site.resource.filler
+        self.assertEqual((filler.stale_if_error, filler.store_set_cookie, site.resource.viewer_no_cache),
+                         (60.0, True, True))
 
     def test_hot_cache_and_access_log(self) -> None:
         site = self.site_of()

@@ -368,6 +368,13 @@ class SampleTables:
         index = bisect_right(self.stss, sample + 1) - 1
         return self.stss[max(index, 0)] - 1
 
+    def next_sync(self, sample: int) -> int | None:
+        """The first sync sample strictly after C{sample}, if any."""
+        if self.stss is None:
+            return sample + 1 if sample + 1 < self.sample_count else None
+        index = bisect_right(self.stss, sample + 1)
+        return self.stss[index] - 1 if index < len(self.stss) else None
+
     def previous_sync(self, sample: int) -> int | None:
         """The last sync sample strictly before C{sample}, if any."""
         if self.stss is None:
@@ -404,9 +411,38 @@ class SampleTables:
         chunk, first, _ = self._chunk_of(sample)
         return self.chunk_offset(chunk) + self._size_sum(first, sample)
 
-    def data_end(self) -> int:
-        """End (exclusive) of the sample data in the file, assuming chunks do not overlap."""
-        return self._data_bounds(0, self.chunk_count, 0, self.sample_count)[1]
+    def check_data_within(self, size: int, track: str) -> None:
+        """
+        Every chunk's sample data lies inside a file of C{size} bytes: each chunk offset plus the
+        sizes of the samples the chunk holds (numpy over all chunks at once: a lying size anywhere,
+        not only in the last chunk, is caught).
+
+        @raise MalformedMP4: naming the first chunk that runs past C{size}.
+        """
+        chunks = self.chunk_count
+        starts = np.frombuffer(self.stsc_first_chunk, np.dtype(self.stsc_first_chunk.typecode)).astype(np.int64)
+        runs = np.diff(np.append(starts, chunks + 1))
+        per_chunk = np.repeat(np.frombuffer(self.stsc_per_chunk, np.dtype(self.stsc_per_chunk.typecode)), runs)
+        per_chunk = per_chunk.astype(np.uint64)
+        if self.uniform_size:
+            lengths = per_chunk * np.uint64(self.uniform_size)  # < 2**32 * 2**32: no wrap
+        else:
+            sizes = np.frombuffer(self.sizes_raw, ">u4").astype(np.uint64)
+            ends = np.cumsum(sizes)  # at most 2**32 samples of < 2**32 bytes: no wrap
+            totals = np.concatenate((np.zeros(1, np.uint64), ends))
+            first = np.concatenate((np.zeros(1, np.uint64), np.cumsum(per_chunk)[:-1])).astype(np.int64)
+            lengths = totals[first + per_chunk.astype(np.int64)] - totals[first]
+        offsets = np.frombuffer(self.offsets, np.dtype(self.offsets.typecode)).astype(np.uint64)
+        limit = np.uint64(size)
+        # each term alone first: their sum cannot wrap when both are within the file
+        outside = (offsets > limit) | (lengths > limit)
+        outside |= offsets + np.where(outside, np.uint64(0), lengths) > limit
+        if outside.any():
+            chunk = int(np.argmax(outside))
+            raise MalformedMP4(
+                f"{track}: chunk {chunk + 1} at byte {int(offsets[chunk])} holds {int(lengths[chunk])} bytes of "
+                f"samples, past the end of the {size}-byte file"
+            )
 
     def _data_bounds(self, c0: int, c1: int, s0: int, s1: int) -> tuple[int, int]:
         """First and end byte of samples [s0, s1) living in chunks [c0, c1)."""
@@ -445,6 +481,38 @@ class SampleTables:
             pieces.append(Original(at + 8 * (e0 + 1), 8 * (count - 2)))
         if count > 1:
             pieces.append(struct.pack(">I", s1 - first_sample[e1]) + value(e1))
+        return pieces
+
+    def _cut_stts_trimmed(self, s0: int, s1: int, head: int, tail: int) -> list[Piece]:
+        """
+        stts for samples [s0, s1) with the first sample's duration shortened by C{head} ticks and the
+        last one's by C{tail}: the first and last runs are split so that only those samples change.
+        """
+        first_sample, stts = self.stts_first_sample, self.stts
+        entries = len(first_sample) - 1
+        e0 = bisect_right(first_sample, s0, 0, entries) - 1
+        e1 = bisect_right(first_sample, s1 - 1, 0, entries) - 1
+        front = [[min(first_sample[e0 + 1], s1) - s0, stts[2 * e0 + 1]]]
+        back = [[s1 - first_sample[e1], stts[2 * e1 + 1]]] if e1 > e0 else []
+        if head:
+            count, delta = front.pop(0)
+            front[0:0] = [[1, delta - head]] + ([[count - 1, delta]] if count > 1 else [])
+        if tail:
+            runs = back or front
+            count, delta = runs.pop()
+            runs += ([[count - 1, delta]] if count > 1 else []) + [[1, delta - tail]]
+        if any(delta < 0 for _, delta in front + back):
+            raise MalformedMP4(f"a cut trims {head} + {tail} ticks from samples shorter than that")
+        middle = max(e1 - e0 - 1, 0)
+        count = len(front) + middle + len(back)
+        pieces: list[Piece] = [
+            full_box_header(b"stts", 0, 0, 4 + 8 * count)
+            + struct.pack(f">{1 + 2 * len(front)}I", count, *(n for run in front for n in run))
+        ]
+        if middle:
+            pieces.append(Original(self.stts_at + 8 * (e0 + 1), 8 * middle))
+        if back:
+            pieces.append(struct.pack(f">{2 * len(back)}I", *(n for run in back for n in run)))
         return pieces
 
     def _cut_stss(self, stss: array, s0: int, s1: int) -> list[Piece]:
@@ -506,12 +574,21 @@ class SampleTables:
             pieces.append(struct.pack(f">{3 * len(tail)}I", *(n for entry in tail for n in entry)))
         return pieces, c0, c1
 
-    def cut(self, s0: int, s1: int) -> CutTrack:
-        """Tables for samples [s0, s1) (0-based, s0 < s1), renumbered from the first kept sample."""
+    def cut(self, s0: int, s1: int, head: int = 0, tail: int = 0) -> CutTrack:
+        """
+        Tables for samples [s0, s1) (0-based, s0 < s1), renumbered from the first kept sample; the
+        first sample's duration shortened by C{head} ticks and the last one's by C{tail} (timed text:
+        a cue showing at the cut starts at the cut with what is left of it, one still showing at the
+        end stops there).
+        """
         stts = self.stts
-        pieces = self._cut_runs(
-            b"stts", 0, self.stts_at, self.stts_first_sample, lambda e: struct.pack(">I", stts[2 * e + 1]), s0, s1
-        )
+        if head or tail:
+            pieces = self._cut_stts_trimmed(s0, s1, head, tail)
+        else:
+            pieces = self._cut_runs(
+                b"stts", 0, self.stts_at, self.stts_first_sample, lambda e: struct.pack(">I", stts[2 * e + 1]),
+                s0, s1,
+            )
         ctts = self.ctts_raw
         if ctts is not None and self.ctts_first_sample is not None:
             pieces += self._cut_runs(
@@ -533,7 +610,7 @@ class SampleTables:
             c0=c0,
             count=c1 - c0 + 1,
             first_offset=self.sample_offset(s0),
-            media_duration=self.dts(s1) - self.dts(s0),
+            media_duration=self.dts(s1) - self.dts(s0) - head - tail,
             lo=lo,
             hi=hi,
         )

@@ -5,6 +5,6 @@ from disk at startup.  See L{h264edge.store._store} for the trust rules and the 
 """
 
 from h264edge.store._sidecar import ObjectMeta
-from h264edge.store._store import CachedObject, SliceStore, StoreError
+from h264edge.store._store import CachedObject, CacheDirUnusable, SliceStore, StoreError
 
-__all__ = ["CachedObject", "ObjectMeta", "SliceStore", "StoreError"]
+__all__ = ["CacheDirUnusable", "CachedObject", "ObjectMeta", "SliceStore", "StoreError"]

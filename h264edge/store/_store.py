@@ -53,6 +53,19 @@ decision that matters is made against it, never against another process's memory
 What can happen is lost work (a slice fetched twice, an object refetched after a race), never
 wrong bytes and never an error for a reader.
 
+A full disk (see L{SliceStore.min_free}): before each write into a data file the store makes
+sure the file system keeps C{min_free} bytes free (C{statvfs}, the free space an unprivileged user
+has), evicting least recently used objects to make room; a write that meets ENOSPC anyway (another
+process filled the disk) evicts and is tried again.  When nothing more can be evicted the object is
+I{uncached}: dropped from the index (its data file unlinked), while its slices already written stay
+readable through its descriptor and the rest of it goes to memory, as for a transient object.  So a
+full disk costs caching, never an answer.
+
+Transient objects (no-store answers, objects larger than C{max_size}) and uncached ones keep the
+slices not on disk in memory, in a bounded ring of C{stream_buffer} bytes (L{CachedObject.room_for}:
+whoever writes asks for a slice's room first and waits when there is none, which is how a slow viewer
+pauses the origin); L{SliceStore.memory_bytes} counts what they hold.
+
 The index holds one small L{_Entry} per object (metadata, bitmap) and no descriptor.  get() and
 create() hand out a L{CachedObject} handle owning one descriptor of the data file (a new object's
 from its first write, read or fileno(), when its data file is made); while any code
@@ -64,6 +77,8 @@ from fileno() can never be closed and reused for another file under its holder.
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import secrets
 import time
@@ -97,12 +112,31 @@ PERSIST_INTERVAL = 5.0
 LAST_USE_PERSIST_INTERVAL = 60.0
 DISK_TROUBLE_MEMORY = 60.0  # seconds after a disk error during which L{SliceStore.disk_trouble} is true
 ORPHAN_GRACE = 600.0  # with several processes: a data file younger than this may be a fill in flight
+DISK_RESERVE = 64 * 1024
+"""Room kept free above C{min_free} for what follows a data write: sidecars, their tmp files, directories."""
+STREAM_BUFFER = 2 * 2**20
+"""Default bytes of memory an uncached or transient object may hold (at least two slices)."""
+FREE_RECHECK = 0.1  # seconds a free-space reading is trusted (far above the floor), less our own writes
+FREE_MARGIN = 64 * 2**20  # ... and only while it is this far above the floor
+DEFAULT_MIN_FREE = 2**30
+DEFAULT_MIN_FREE_SHARE = 0.05
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 _HEX = frozenset("0123456789abcdef")
 
 
 class _Superseded(Exception):
     """Our sidecar is gone or names another data file: another process removed or replaced the object."""
+
+
+def _put_tmp_or_say_full(tmp: str, raw: bytes, last_used: float, sync: bool) -> int:
+    """L{_put_tmp}, raising L{_SidecarNoSpace} when the disk is full."""
+    try:
+        return _put_tmp(tmp, raw, last_used, sync)
+    except OSError as e:
+        if e.errno in _FULL:
+            raise _SidecarNoSpace(e) from e
+        raise
 
 
 def _put_tmp(tmp: str, raw: bytes, last_used: float, sync: bool) -> int:
@@ -131,13 +165,63 @@ def _put_tmp(tmp: str, raw: bytes, last_used: float, sync: bool) -> int:
 
 class StoreError(EdgeError):
     """
-    The disk failed us (ENOSPC, EIO, ...) or the object is gone.  The object concerned has been
+    The disk failed us (EIO, a failed sync, ...) or the object is gone.  The object concerned has been
     dropped from the store and nothing of it is listed as present; serve from memory or fail.
     """
 
     def __init__(self, message: str, errno: int | None = None) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+class CacheDirUnusable(StoreError):
+    """The cache directory cannot be made, listed or written (raised by L{SliceStore}'s constructor)."""
+
+
+class _SidecarNoSpace(Exception):
+    """Writing a sidecar met a full disk (the data it lists was synced: nothing to distrust)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def default_min_free(root: str) -> int:
+    """
+    The free-space floor used when none is given: L{DEFAULT_MIN_FREE} (1 GiB), or 5% of the file
+    system holding C{root} if that is less (a small disk still caches).
+    """
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return DEFAULT_MIN_FREE
+    return min(DEFAULT_MIN_FREE, int(st.f_blocks * st.f_frsize * DEFAULT_MIN_FREE_SHARE))
+
+
+def check_cache_dir(root: str) -> None:
+    """
+    Make C{root} if missing and check that this process can list it and create files in it.
+
+    A full disk is not an error here (the store evicts to make room).
+
+    @raise CacheDirUnusable: with a one-line message naming the directory.
+    """
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as e:
+        raise CacheDirUnusable(f"cache directory {root}: cannot create it: {e.strerror}", e.errno) from None
+    if not os.path.isdir(root):
+        raise CacheDirUnusable(f"cache directory {root}: not a directory", errno.ENOTDIR)
+    probe = os.path.join(root, f".probe.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        os.listdir(root)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        if e.errno in _FULL:
+            log.warn("cache directory {root} is full; the store evicts to make room", root=root)
+            return
+        raise CacheDirUnusable(f"cache directory {root} is not usable: {e.strerror}", e.errno) from None
 
 
 def _writeback_starter() -> Callable[[int, int, int], None]:
@@ -166,6 +250,11 @@ def _writeback_starter() -> Callable[[int, int, int], None]:
 
 
 _start_writeback = _writeback_starter()
+
+
+def _filling(entry: _Entry) -> bool:
+    """Whether C{entry} is probably being filled: incomplete, and someone holds a handle on it."""
+    return entry.present_count < entry.slice_count and entry.handle is not None and entry.handle() is not None
 
 
 def _is_hex_dir(name: str) -> bool:
@@ -209,8 +298,12 @@ class _Entry:
     listed: bytearray = attrs.field(init=False, factory=bytearray)
     syncing: bool = attrs.field(init=False, default=False)  # a data sync runs in a thread
     in_sync: int = attrs.field(init=False, default=0)  # pending slices that sync covers
+    reserved: int = attrs.field(init=False, default=0)  # bytes its fills announced and have not written
+    reserved_written: int = attrs.field(init=False, default=0)  # and those they wrote meanwhile
     sync_again: bool = attrs.field(init=False, default=False)  # and another batch became due meanwhile
     handle: weakref.ref[CachedObject] | None = attrs.field(init=False, default=None, repr=False)
+    # slice -> bytes, for a transient or uncached object (None: every slice is in the data file)
+    memory: dict[int, bytearray] | None = attrs.field(init=False, default=None, repr=False)
     # fixed: meta is only ever replaced by the same representation (same size); read on every
     # readable() check of a fill, a dozen times per 256 KiB of a cold miss
     slice_count: int = attrs.field(init=False, default=0)
@@ -280,15 +373,23 @@ class CachedObject:
     _store: SliceStore = attrs.field(repr=False)
     _entry: _Entry
     _fd: int = attrs.field(repr=False)  # -1 until the data file of a new object is made
+    _counted: bool = attrs.field(init=False, default=False, repr=False)  # its memory is in memory_bytes
+    _counted_reservation: bool = attrs.field(init=False, default=False, repr=False)  # released when collected
 
     def __attrs_post_init__(self) -> None:
         if self._fd >= 0:
             weakref.finalize(self, os.close, self._fd)
 
     def _descriptor(self) -> int:
-        """The data file's descriptor, making the file if this new object has none yet."""
+        """
+        The data file's descriptor, making the file if this new object has none yet.
+
+        @raise StoreError: the object has no data file and gets none (it is held in memory).
+        """
         fd = self._fd
         if fd < 0:
+            if self._entry.memory is not None:
+                raise StoreError(f"{self._entry.meta.key!r} is held in memory, it has no data file")
             fd = self._fd = self._store._make_data_file(self._entry)
             weakref.finalize(self, os.close, fd)
         return fd
@@ -302,6 +403,11 @@ class CachedObject:
     @property
     def meta(self) -> ObjectMeta:
         return self._entry.meta
+
+    @property
+    def token(self) -> str:
+        """The data file's token: one per representation of the key (see the layout)."""
+        return self._entry.token
 
     @property
     def identity(self) -> object:
@@ -358,7 +464,16 @@ class CachedObject:
 
     @property
     def transient(self) -> bool:
+        """Not kept: a no-store answer, an object larger than the store, or one the full disk uncached."""
         return self._entry.transient
+
+    @property
+    def in_memory(self) -> bool:
+        """
+        Slices written from now on are held in memory (a transient or uncached object): they cannot
+        be sent with C{os.sendfile}, and each takes room (L{room_for}).
+        """
+        return self._entry.memory is not None
 
     # -- I/O ------------------------------------------------------------------------------------
 
@@ -372,17 +487,124 @@ class CachedObject:
         """
         self._check_failed()
         view = memoryview(data).cast("B")
-        if offset < 0 or offset + len(view) > self._entry.meta.size:
-            raise ValueError(f"write of {len(view)} bytes at {offset} outside {self._entry.meta.size}")
-        fd = self._descriptor()
+        entry = self._entry
+        if offset < 0 or offset + len(view) > entry.meta.size:
+            raise ValueError(f"write of {len(view)} bytes at {offset} outside {entry.meta.size}")
+        if entry.reserved:
+            self._store._reservation_used(entry, len(view))
+        if entry.memory is None:
+            if self._store._disk_room(len(view), entry):
+                offset, view = self._write_file(offset, view)
+            else:
+                self._store._uncache(entry, "the cache disk is at its free-space floor")
+        if view:
+            self._write_memory(offset, view)
+
+    def _write_file(self, offset: int, view: memoryview) -> tuple[int, memoryview]:
+        """pwrite C{view} at C{offset}; what the disk refused (the object is then uncached, see L{write})."""
         try:
-            while view:
+            fd = self._descriptor()
+        except StoreError:
+            return offset, view  # _make_data_file uncached the object
+        retried = False
+        while view:
+            try:
                 written = os.pwrite(fd, view, offset)
-                view = view[written:]
-                offset += written
-        except OSError as e:
-            self._store._fail(self._entry, e)
-            raise StoreError(f"writing {self.meta.key!r}: {e.strerror}", e.errno) from e
+            except OSError as e:
+                if e.errno in _FULL and not retried and self._store._evict_for_room(len(view), self._entry, True):
+                    retried = True
+                    continue
+                self._store._uncache(self._entry, e)
+                return offset, view
+            view = view[written:]
+            offset += written
+        return offset, view
+
+    def _write_memory(self, offset: int, view: memoryview) -> None:
+        entry = self._entry
+        ss = entry.slice_size
+        while view:
+            index = offset // ss
+            slot = self._slot(index)
+            at = offset - index * ss
+            n = min(len(view), len(slot) - at)
+            slot[at : at + n] = view[:n]
+            view = view[n:]
+            offset += n
+
+    def _slot(self, index: int) -> bytearray:
+        """The memory of slice C{index}, made if missing (from what the data file holds of it, if any)."""
+        memory = self._entry.memory
+        assert memory is not None
+        slot = memory.get(index)
+        if slot is None:
+            length = self._entry.slice_length(index)
+            slot = bytearray(length)
+            if self._fd >= 0:
+                # uncached mid-fill: the bytes already written of this slice are in the file
+                try:
+                    slot[:] = os.pread(self._fd, length, index * self._entry.slice_size).ljust(length, b"\0")
+                except OSError:
+                    pass  # a fill writes a slice from its start again when its bytes are lost
+            memory[index] = slot
+            self._store._memory_taken(self, length)
+        return slot
+
+    def reserve(self, nbytes: int) -> None:
+        """
+        A fill is about to write C{nbytes} into this object.  A new object (nothing written yet) that
+        the disk cannot hold, even by evicting every object not being filled, once the fills in
+        flight have written what they announced, is uncached at once: it goes to memory without
+        taking disk space that those fills need (when fills in flight alone outgrow the disk, the
+        first ones are cached and the others stream through, rather than all of them stopping
+        halfway for want of room).  An object with data on disk stays cached and is written as room
+        allows.  Eviction itself happens write by write.
+        """
+        entry = self._entry
+        if entry.memory is not None or not entry.indexed or nbytes <= 0:
+            return
+        store = self._store
+        if store._could_hold(nbytes) or self._fd >= 0 or entry.on_disk:
+            if not self._counted_reservation:
+                self._counted_reservation = True
+                weakref.finalize(self, store._release_reservation, entry)
+            entry.reserved += nbytes
+            store._reserved += nbytes
+            return
+        store._uncache(entry, "no room on the cache disk for it next to the fills in flight")
+
+    def room_for(self, index: int, rank: Callable[[int], float], spare: int = 0) -> bool:
+        """
+        Whether slice C{index} may be written now.  Always true for an object written to disk; an
+        object held in memory holds at most C{stream_buffer} bytes of slices (plus C{spare} slices):
+        when that is full, the written slice needed latest is forgotten for this one, if it is needed
+        later than this one.  C{rank(i)} tells how soon slice C{i} will be read (lower is sooner,
+        C{math.inf}: by nobody).  False: wait, and ask again when readers have moved on.
+        """
+        entry = self._entry
+        memory = entry.memory
+        if memory is None or index in memory:
+            return True
+        if len(memory) < self._store._ring_slices + spare:
+            return True
+        latest, victim = max(((rank(i), i) for i in memory if entry.has(i)), default=(-math.inf, -1))
+        if latest <= rank(index):
+            return False
+        self._forget_memory_slice(victim)
+        return True
+
+    def drop_partial(self, index: int) -> None:
+        """The writer of slice C{index} gave up before finishing it: its memory, if any, is freed."""
+        memory = self._entry.memory
+        if memory is not None and index in memory and not self._entry.has(index):
+            self._store._memory_freed(len(memory.pop(index)))
+
+    def _forget_memory_slice(self, index: int) -> None:
+        entry = self._entry
+        assert entry.memory is not None
+        self._store._memory_freed(len(entry.memory.pop(index)))
+        entry.present[index >> 3] &= ~(1 << (index & 7)) & 0xFF
+        entry.present_count -= 1
 
     def commit_slice(self, index: int) -> None:
         """
@@ -409,34 +631,68 @@ class CachedObject:
     def read(self, offset: int, length: int) -> bytes:
         """Read C{length} bytes at C{offset}; the caller only reads bytes it knows are present."""
         self._check_failed()
-        fd = self._descriptor()
+        if self._entry.memory is not None:
+            return self._read_memory(offset, length)
+        self._descriptor()
+        try:
+            return self._pread_file(offset, length)
+        except StoreError as e:
+            if e.errno is not None:  # the disk failed, not a short read
+                self._store._fail(self._entry, e)
+            raise
+
+    def _read_memory(self, offset: int, length: int) -> bytes:
+        """Read from slices held in memory and, for the rest, from the data file (written before)."""
+        entry = self._entry
+        memory = entry.memory
+        assert memory is not None
+        ss = entry.slice_size
+        chunks = []
+        end = offset + length
+        while offset < end:
+            index = offset // ss
+            at = offset - index * ss
+            n = min(end - offset, entry.slice_length(index) - at)
+            slot = memory.get(index)
+            if slot is not None:
+                chunk = bytes(slot[at : at + n])
+            else:
+                if self._fd < 0:
+                    raise StoreError(f"{entry.meta.key!r}: slice {index} is neither in memory nor on disk")
+                chunk = self._pread_file(offset, n)
+            chunks.append(chunk)
+            offset += n
+        return b"".join(chunks)
+
+    def _pread_file(self, offset: int, length: int) -> bytes:
+        """C{length} bytes of the data file at C{offset}; L{StoreError} (with the errno of a disk error) if not."""
         chunks = []
         try:
             while length > 0:
-                chunk = os.pread(fd, length, offset)
+                chunk = os.pread(self._fd, length, offset)
                 if not chunk:
                     raise StoreError(f"short read of {self.meta.key!r} at {offset}")
                 chunks.append(chunk)
                 offset += len(chunk)
                 length -= len(chunk)
         except OSError as e:
-            self._store._fail(self._entry, e)
             raise StoreError(f"reading {self.meta.key!r}: {e.strerror}", e.errno) from e
         return b"".join(chunks)
 
     def fileno(self) -> int:
         """
-        The descriptor of the data file (for os.sendfile); valid while you hold this object.
+        The descriptor of the data file (for os.sendfile); valid while you hold this object.  Only
+        the slices that were present before the object went L{in_memory} are in that file.
 
-        @raise StoreError: a new object's data file could not be made; the object is dropped.
+        @raise StoreError: a new object's data file could not be made, or it is held in memory.
         """
         return self._descriptor()
 
     def close(self) -> None:
         """
         Persist slices not yet recorded on disk.  The descriptor itself is closed when the object
-        is no longer referenced (others may be reading it), which also frees a transient or evicted
-        object's unlinked file.
+        is no longer referenced (others may be reading it), which also frees an evicted or uncached
+        object's unlinked file, and the memory a transient or uncached object holds.
         """
         if self._entry.indexed and self._entry.pending:
             self._store._persist_soon(self._entry, self._open_fd)
@@ -451,6 +707,13 @@ class SliceStore:
 
     Several processes may share C{root} (see the module docstring); give each an C{orphan_grace}
     (L{ORPHAN_GRACE}) so that a rebuild does not take another process's fill for an orphan.
+
+    @param min_free: bytes the cache's file system must keep free (the store evicts to keep them,
+        and holds in memory what it cannot write; see the module docstring).  None: the smaller of
+        1 GiB and 5% of the file system (L{default_min_free}); 0 only evicts on ENOSPC.
+    @param stream_buffer: bytes of memory each transient or uncached object may hold (at least two
+        slices, and a slice more per reader).
+    @raise CacheDirUnusable: C{root} cannot be made, listed or written (L{check_cache_dir}).
     """
 
     def __init__(
@@ -462,9 +725,28 @@ class SliceStore:
         sync: bool = True,
         orphan_grace: float = 0.0,
         run_in_thread: Callable[..., Deferred[Any]] | None = None,
+        min_free: int | None = None,
+        stream_buffer: int = STREAM_BUFFER,
     ) -> None:
         if slice_size <= 0 or max_size < 0:
             raise ValueError("slice_size must be positive and max_size not negative")
+        if min_free is not None and min_free < 0:
+            raise ValueError("min_free must not be negative")
+        check_cache_dir(root)
+        self.min_free = default_min_free(root) if min_free is None else min_free
+        self._ring_slices = max(2, stream_buffer // slice_size)
+        #: bytes held in memory by transient and uncached objects now, and the most ever held
+        self.memory_bytes = 0
+        self.memory_peak = 0
+        #: objects uncached because the disk could not take them (full, or refusing writes)
+        self.uncached = 0
+        self._free_estimate = 0  # free bytes at the last statvfs, less what we wrote since
+        self._free_at = -math.inf  # time.monotonic() of that statvfs
+        self._out_of_inodes = False
+        # evicted objects whose files stay open (their space comes free when their viewers finish)
+        self._releasing: list[tuple[weakref.ref[CachedObject], int]] = []
+        self._reserved = 0  # bytes fills in flight announced and have not written (CachedObject.reserve)
+        self._reserved_written = 0  # bytes those fills wrote so far
         self.root = root
         self._root_slash = os.path.join(root, "")
         self.max_size = max_size
@@ -481,7 +763,6 @@ class SliceStore:
         self._loading = True
         self._tmp_serial = 0
         self._disk_error_at = float("-inf")
-        os.makedirs(root, exist_ok=True)
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -570,16 +851,17 @@ class SliceStore:
     def create(self, meta: ObjectMeta, transient: bool = False) -> CachedObject:
         """
         A new, empty object for C{meta.key}, replacing any entry of that key.  Objects larger than
-        the whole store are made transient: streamed through, never kept.
+        the whole store are made transient: streamed through, never kept (held in memory, see
+        L{CachedObject.room_for}).
 
         Its data file (and directories) are made at its first write, not here: a miss creates the
         object as soon as the origin's answer is checked, and its headers go out before the body's
         first bytes (see L{PlanProducer}).  Making a file and its directory pair cost 0.1-0.9 ms of
-        that time to first byte here, more than nginx's whole miss.  A disk that refuses then fails
-        the fill at its first write and drops the object; the viewer's answer is cut short, or,
-        while L{disk_trouble} holds (the headers then wait for the first write), it is a 503.
+        that time to first byte here, more than nginx's whole miss.  A disk that refuses (full after
+        eviction, read-only) then uncaches the object at its first write: its bytes go to memory.
 
-        @raise StoreError: the data file of an empty object (made here: it is complete) could not be made.
+        An empty object's data file is made here (it is complete), and persisted like a batch (in a
+        thread with C{run_in_thread}); if the disk refuses it, it is an uncached empty object.
         """
         if meta.size < 0:
             raise ValueError(f"negative size {meta.size}")
@@ -588,61 +870,98 @@ class SliceStore:
         h = key_hash(meta.key)
         present = bytearray((slice_count(meta.size, self.slice_size) + 7) // 8)
         entry = _Entry(meta, self.slice_size, h, secrets.token_hex(8), present, transient)
-        fd = self._make_data_file(entry) if meta.size == 0 else -1
-        obj = CachedObject(self, entry, fd)
-        entry.handle = weakref.ref(obj)
+        if transient:
+            entry.memory = {}
         entry.last_used = entry.use_persisted = self._now()
+        fd = -1
         if not transient:
             self._index[meta.key] = entry
             self._by_hash[h] = entry
-            if obj.complete:  # empty object: nothing will ever commit, record it now
+            if meta.size == 0:
+                try:
+                    fd = self._make_data_file(entry)
+                except StoreError:
+                    pass  # uncached: an empty object needs no disk
+        obj = CachedObject(self, entry, fd)
+        entry.handle = weakref.ref(obj)
+        if entry.indexed and obj.complete:  # empty object: nothing will ever commit, record it now
+            if self._run_in_thread is None:
                 self._persist_or_drop(entry, fd)
+            else:
+                self._persist_soon(entry, fd)
         return obj
 
     def _make_data_file(self, entry: _Entry) -> int:
         """
-        Make C{entry}'s (sparse) data file, unlinked at once if transient; its descriptor.
+        Make C{entry}'s (sparse) data file; its descriptor.  A full disk is met by evicting and
+        trying again once.
 
-        An entry evicted or purged before its first byte still gets one, unlinked at once like a
-        transient object's: its viewers stream on, nothing is kept (as with an evicted object's
-        open file).
+        An entry evicted or purged before its first byte still gets one, unlinked at once: its
+        viewers stream on, nothing is kept (as with an evicted object's open file).
 
-        @raise StoreError: the disk refused (the entry is dropped and fails from now on).
+        @raise StoreError: the disk refused; the entry is uncached (held in memory from now on).
         """
         if entry.failed:
             raise StoreError(f"{entry.meta.key!r} met a disk error and was dropped")
         path = self._data_path(entry)
-        fd = -1
-        try:
-            os.makedirs(self._dir(entry.hash), exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            if entry.transient or entry.evicted:
-                os.unlink(path)
-            os.ftruncate(fd, entry.meta.size)
-        except OSError as e:
-            if fd >= 0:
-                os.close(fd)
-                _unlink(path)
-            if entry.indexed:
-                self._fail(entry, e)
-            else:
-                entry.failed = True
-                self._disk_error_at = self._now()
-            raise StoreError(f"creating {entry.meta.key!r}: {e.strerror}", e.errno) from e
-        return fd
+        for attempt in (1, 2):
+            fd = -1
+            try:
+                os.makedirs(self._dir(entry.hash), exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                if not entry.indexed:
+                    os.unlink(path)
+                os.ftruncate(fd, entry.meta.size)
+                return fd
+            except OSError as e:
+                if fd >= 0:
+                    os.close(fd)
+                    _unlink(path)
+                if attempt == 1 and e.errno in _FULL and self._evict_for_room(0, entry, True):
+                    continue
+                self._uncache(entry, e)
+                raise StoreError(f"creating {entry.meta.key!r}: {e.strerror}", e.errno) from e
+        raise AssertionError("unreachable")
+
+    def publish(self, obj: CachedObject) -> None:
+        """
+        Put C{obj}'s data file and a sidecar (listing what is synced: at first nothing) on disk now,
+        rather than at its first persist, so other processes on this directory find the object and
+        share its fill (see L{h264edge.store._fill_locks}).  A no-op for objects already on disk and
+        for transient ones.
+
+        An object whose data file the disk refuses is uncached (see L{CachedObject.write}): nothing
+        is published and its viewers stream it from memory.
+
+        @raise StoreError: the disk failed otherwise; the object was dropped.
+        """
+        entry = obj._entry
+        if entry.indexed and not entry.on_disk:
+            try:
+                fd = obj.fileno()
+            except StoreError:
+                if entry.memory is not None:
+                    return
+                raise
+            self._persist_or_drop(entry, fd)
 
     def refresh(self, obj: CachedObject, meta: ObjectMeta) -> None:
         """
-        C{obj} was revalidated as the same representation: take C{meta}'s times and persist them.
+        C{obj} was revalidated as the same representation: take C{meta}'s times and persist them
+        (in a thread with C{run_in_thread}, like a batch: a failure there is logged and drops it).
 
-        @raise StoreError: persisting failed; the object was dropped.
+        @raise StoreError: persisting (here, without C{run_in_thread}) failed; the object was dropped.
         """
         entry = obj._entry
         if meta.key != entry.meta.key or not meta.same_representation(entry.meta):
             raise ValueError("refresh() needs the same key and representation")
         entry.meta = meta
-        if entry.indexed:
+        if not entry.indexed:
+            return
+        if self._run_in_thread is None:
             self._persist_or_drop(entry, obj.fileno())
+        else:
+            self._persist_soon(entry, None)
 
     def remove(self, key: str) -> bool:
         """Drop C{key} (PURGE); True if there was something to drop."""
@@ -669,6 +988,8 @@ class SliceStore:
                         yield None
             yield from self._order_rebuilt(batch * 20)
             self._evict(None)
+            if self._free_now() < self.min_free + DISK_RESERVE:
+                self._evict_for_room(0, None)  # a restart on a full disk: make room before the first miss
         finally:
             self._rebuilt.clear()
             self._loading = False
@@ -696,6 +1017,10 @@ class SliceStore:
                 sidecars.append(h)
             elif rest.endswith(".data"):
                 data_files.append((h, rest[:-5], name))
+            elif rest.endswith(".fill"):  # a data file's fill counts (_fill_locks): kept with it
+                data_files.append((h, rest[:-5], name))
+            elif rest == "lock":  # a key's contact lock (_fill_locks): kept while the key is
+                data_files.append((h, "", name))
             elif rest.endswith(".tmp"):
                 self._unlink_orphan(os.path.join(directory, name))
         prefix = os.path.basename(os.path.dirname(directory)) + os.path.basename(directory)
@@ -725,7 +1050,7 @@ class SliceStore:
             self._rebuilt.add(entry.meta.key)
         for h, token, name in data_files:
             live = self._by_hash.get(h)
-            if live is None or live.token != token:
+            if live is None or (token and live.token != token):
                 self._unlink_orphan(f"{directory}/{name}")
         return len(sidecars)
 
@@ -968,9 +1293,10 @@ class SliceStore:
 
         def sync_and_write() -> int:
             os.fdatasync(fd)
-            return _put_tmp(tmp, raw, last_used, True)
+            return _put_tmp_or_say_full(tmp, raw, last_used, True)
 
         def installed(inode: int) -> None:
+            rewrite = False
             entry.syncing = False
             entry.in_sync = 0
             if not entry.indexed:
@@ -994,7 +1320,8 @@ class SliceStore:
                         self._touch(entry, newer_use)
                 else:  # refreshed, persisted or merged with another process's meanwhile: write it anew
                     _unlink(tmp)
-                    self._write_sidecar(entry, obj.fileno())
+                    entry.sync_again = True
+                    rewrite = True
             except _Superseded:
                 _unlink(tmp)
                 log.info("{key!r} was removed or replaced by another process", key=entry.meta.key)
@@ -1004,14 +1331,23 @@ class SliceStore:
                 _unlink(tmp)
                 self._fail(entry, e)
                 return
-            if entry.sync_again and entry.pending:
+            if entry.sync_again and (entry.pending or rewrite):
                 self._persist_soon(entry, None)
 
         def failed(failure: Failure) -> None:
             entry.syncing = False
             entry.in_sync = 0
-            if entry.indexed:
-                self._fail(entry, failure.value)
+            if not entry.indexed:
+                return
+            error = failure.value
+            if isinstance(error, _SidecarNoSpace):  # the data was synced: make room and write it again
+                entry.list_also(snapshot)
+                if self._evict_for_room(0, entry, True):
+                    self._persist_soon(entry, None)
+                else:
+                    self._uncache(entry, error.error)
+                return
+            self._fail(entry, error)
 
         self._run_in_thread(sync_and_write).addCallbacks(installed, failed)
 
@@ -1047,7 +1383,7 @@ class SliceStore:
         last_used = entry.last_used
         raw = encode_sidecar(entry.meta, self.slice_size, entry.token, entry.listed, last_used)
         tmp = self._tmp_path(entry)
-        inode = _put_tmp(tmp, raw, last_used, self._sync)
+        inode = _put_tmp_or_say_full(tmp, raw, last_used, self._sync)
         self._install(entry, tmp, inode, last_used, fd)
 
     def _merge_others(self, entry: _Entry) -> bool:
@@ -1118,8 +1454,23 @@ class SliceStore:
             return True
 
     def _persist_or_drop(self, entry: _Entry, fd: int | None) -> None:
+        """
+        L{_persist}; a full disk evicts and tries once more, then uncaches the object (its slices
+        stay readable: they were written and synced, only the sidecar found no room).
+
+        @raise StoreError: any other disk error; the object was dropped and forgot its slices.
+        """
         try:
-            self._persist(entry, fd)
+            try:
+                self._persist(entry, fd)
+            except _SidecarNoSpace as e:
+                if not self._evict_for_room(0, entry, True):
+                    raise
+                log.info("retrying {key!r}'s sidecar after evicting (full disk: {error})",
+                         key=entry.meta.key, error=e.error)
+                self._persist(entry, fd)
+        except _SidecarNoSpace as e:
+            self._uncache(entry, e.error)
         except _Superseded:
             # not a disk error: the slices we hold are true, readers keep them; the key is another's now
             log.info("{key!r} was removed or replaced by another process", key=entry.meta.key)
@@ -1133,6 +1484,131 @@ class SliceStore:
             self._persist_or_drop(entry, fd)
         except StoreError as e:
             log.error("dropped {key!r}: {error}", key=entry.meta.key, error=e)
+
+    # -- a full disk, and memory ---------------------------------------------------------------
+
+    def _free_now(self) -> int:
+        """Bytes free on the cache's file system for an unprivileged user (statvfs), noted as the estimate."""
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return 1 << 62  # cannot tell: ENOSPC will tell
+        # no inode left (a file system that counts them): as good as full
+        self._out_of_inodes = st.f_files > 0 and st.f_favail == 0
+        self._free_estimate = st.f_bavail * st.f_frsize
+        self._free_at = time.monotonic()
+        return self._free_estimate
+
+    def _disk_room(self, nbytes: int, keep: _Entry | None) -> bool:
+        """
+        Whether C{nbytes} more may be written to the cache disk keeping C{min_free} (and
+        L{DISK_RESERVE}) free, after evicting least recently used objects (sparing C{keep}) to make
+        room.  Cheap far from the floor: statvfs is asked again only after L{FREE_RECHECK} seconds or
+        near the floor, and what we write meanwhile is taken off the last reading.
+        """
+        need = self.min_free + DISK_RESERVE + nbytes
+        if self._free_estimate >= need + FREE_MARGIN and time.monotonic() - self._free_at < FREE_RECHECK:
+            self._free_estimate -= nbytes
+            return True
+        free = self._free_now()
+        if free < need:
+            self._evict_for_room(nbytes, keep)
+            free = self._free_now()
+            if free < need:
+                return False
+        self._free_estimate = free - nbytes
+        return True
+
+    def _evict_for_room(self, nbytes: int, keep: _Entry | None, enospc: bool = False) -> bool:
+        """
+        Evict least recently used objects (sparing C{keep}) until C{nbytes} more would leave
+        C{min_free} and L{DISK_RESERVE} free, counting the files of evicted objects still open as
+        freed (they are, when their viewers finish); after an ENOSPC (C{enospc}) at least one, whatever
+        statvfs says (quotas, another process's writes).  True if anything was evicted.
+        """
+        need = self.min_free + DISK_RESERVE + nbytes
+        evicted = False
+        free = self._free_now()
+        while free + self._held_bytes() < need or ((enospc or self._out_of_inodes) and not evicted):
+            # not another fill: evicted, it would write on into its unlinked file and fail for room
+            # in turn; the writer that finds no room holds its object in memory instead
+            victim = next((entry for entry in self._index.values() if entry is not keep and not _filling(entry)),
+                          None)
+            if victim is None:
+                break
+            if victim.on_disk and self._used_elsewhere(victim):
+                self._index.move_to_end(victim.meta.key)
+                continue
+            log.info("evicting {key!r}: the cache disk is at its free-space floor", key=victim.meta.key)
+            self._drop(victim)
+            evicted = True
+            free = self._free_now()
+        return evicted
+
+    def _could_hold(self, nbytes: int) -> bool:
+        """
+        Whether C{nbytes} more would fit above the floor once every object not being filled were
+        evicted and the fills in flight had written what they announced (L{CachedObject.reserve}).
+        """
+        need = self.min_free + DISK_RESERVE + self._reserved + nbytes
+        free = self._free_now()
+        if free >= need:
+            return True
+        evictable = self.used_bytes - self._reserved_written  # not what the fills in flight wrote
+        return free + evictable + self._held_bytes() >= need
+
+    def _reservation_used(self, entry: _Entry, nbytes: int) -> None:
+        used = min(nbytes, entry.reserved)
+        entry.reserved -= used
+        self._reserved -= used
+        entry.reserved_written += used
+        self._reserved_written += used
+        if not entry.reserved:
+            self._release_reservation(entry)  # written: evictable like any other
+
+    def _release_reservation(self, entry: _Entry) -> None:
+        """C{entry}'s fills will not write what they announced (done, dropped, or its last handle gone)."""
+        self._reserved -= entry.reserved
+        self._reserved_written -= entry.reserved_written
+        entry.reserved = entry.reserved_written = 0
+
+    def _held_bytes(self) -> int:
+        """Bytes of evicted objects' data files still open somewhere (not free yet)."""
+        alive = [(ref, n) for ref, n in self._releasing if ref() is not None]
+        self._releasing = alive
+        return sum(n for _, n in alive)
+
+    def _uncache(self, entry: _Entry, why: object) -> None:
+        """
+        The disk cannot take C{entry}: drop it from the index (and its files from disk), keep its
+        slices written so far readable through its descriptor, and hold the rest in memory.
+        """
+        if entry.memory is not None:
+            return
+        if not (isinstance(why, OSError) and why.errno in _FULL) and not isinstance(why, str):
+            self._disk_error_at = self._now()  # not a full disk: the disk is in trouble
+        entry.memory = {}
+        if entry.indexed:
+            self.uncached += 1
+            log.warn("not caching {key!r} ({why}): streaming it through from memory", key=entry.meta.key, why=why)
+        self._drop(entry)
+        entry.transient = True
+
+    def _memory_taken(self, obj: CachedObject, nbytes: int) -> None:
+        if not obj._counted:
+            obj._counted = True
+            weakref.finalize(obj, self._release_memory, obj._entry)
+        self.memory_bytes += nbytes
+        self.memory_peak = max(self.memory_peak, self.memory_bytes)
+
+    def _memory_freed(self, nbytes: int) -> None:
+        self.memory_bytes -= nbytes
+
+    def _release_memory(self, entry: _Entry) -> None:
+        """The last handle of C{entry} is gone: so is the memory its slices held."""
+        if entry.memory:
+            self.memory_bytes -= sum(len(slot) for slot in entry.memory.values())
+            entry.memory.clear()
 
     # -- dropping and eviction ------------------------------------------------------------------
 
@@ -1157,10 +1633,17 @@ class SliceStore:
         self._dirty.discard(entry)
         self._rebuilt.discard(key)
         self.used_bytes -= entry.present_bytes
+        self._release_reservation(entry)
         entry.evicted = True
         entry.pending = 0
+        if entry.handle is not None and entry.handle() is not None:
+            self._releasing.append((entry.handle, entry.present_bytes))  # freed when its viewers finish
+            if len(self._releasing) > 256:
+                self._held_bytes()  # forget those freed since
         # data file first: a sidecar found without its data file is a miss everywhere
         _unlink(self._data_path(entry))
+        if self._orphan_grace > 0:  # shared directory: the data file's fill counts (_fill_locks)
+            _unlink(os.path.join(self._dir(entry.hash), f"{entry.hash}.{entry.token}.fill"))
         if entry.on_disk:
             self._unlink_sidecar_if_ours(entry)
 

@@ -8,13 +8,15 @@ hits, misses, partial hits, seeks and ranges all take the same road.  It is a pu
 viewer's socket buffer is full, Twisted pauses it and nothing more is read until it resumes.
 
 On a plain TCP connection, span bytes that are already readable go out with C{os.sendfile} instead
-(zero copy, see L{_SendfileRun}); literal parts and bytes still being fetched take the path above.
+(zero copy, see L{_SendfileRun}); literal parts and bytes still being fetched take the path above,
+and so do objects held in memory (transient, or uncached by a full disk), whose fill waits for this
+producer to read on (L{PlanProducer.wanted}, L{Filler.moved}).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from attrs import define
 from twisted.internet.defer import Deferred
@@ -24,9 +26,9 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from h264edge.fill import Filler
+from h264edge.fill import Filler, FillFailed
 from h264edge.plan import Literal, Plan
-from h264edge.store import CachedObject
+from h264edge.store import CachedObject, StoreError
 from h264edge.tcpio import plain_tcp, queued
 
 log = Logger()
@@ -82,8 +84,10 @@ def sendfile_socket(request: Request) -> Optional[int]:
 @implementer(IPushProducer)
 class PlanProducer:
     """
-    Streams C{plan} into C{request} and finishes it; on a fill failure mid-body the connection is
-    aborted, so the viewer sees a short body (Content-Length tells it) and never wrong bytes.
+    Streams C{plan} into C{request} and finishes it; on a fill failure or a disk error mid-body the
+    connection is aborted (with one warning), so the viewer sees a short body (Content-Length tells
+    it) and never wrong bytes.  A plan whose spans reach past the end of their object fails before
+    its first byte: those bytes would never come.
 
     @param objects: the cached object for each key a span of the plan names.
     @param paths: the origin path for each key (for fetches of missing slices).
@@ -123,9 +127,18 @@ class PlanProducer:
         self.sent = 0
 
     def start(self) -> None:
+        for span in self.parts:
+            if isinstance(span, Literal):
+                continue
+            size = self.objects[span.key].meta.size
+            if span.offset + span.length > size:
+                self._abort(Failure(FillFailed(
+                    f"the answer needs bytes {span.offset}-{span.offset + span.length - 1} of {span.key}, "
+                    f"which has {size}")))
+                return
         self._held = list({id(obj): obj for obj in self.objects.values()}.values())
         for obj in self._held:
-            self.filler.hold(obj)
+            self.filler.hold(obj, self)
         self.request.notifyFinish().addBoth(self._let_go)
         if self.use_sendfile:
             self._socket = sendfile_socket(self.request)
@@ -161,7 +174,17 @@ class PlanProducer:
         """The answer ended (sent, aborted or the viewer left): the objects need us no more."""
         held, self._held = self._held, []
         for obj in held:
-            self.filler.let_go(obj)
+            self.filler.let_go(obj, self)
+
+    def wanted(self, obj: CachedObject) -> Iterator[tuple[int, int]]:
+        """The spans of C{obj} this answer has still to send, in order, as C{(offset, length)}."""
+        for number in range(self._part, len(self.parts)):
+            part = self.parts[number]
+            if isinstance(part, Literal) or self.objects[part.key] is not obj:
+                continue
+            done = self._done_in_part if number == self._part else 0
+            if part.length > done:
+                yield part.offset + done, part.length - done
 
     # IPushProducer
     def pauseProducing(self) -> None:
@@ -197,6 +220,7 @@ class PlanProducer:
                 self._part += 1
                 self._done_in_part = 0
                 continue
+            in_memory = None
             if isinstance(part, Literal):
                 data = part.data[self._done_in_part : self._done_in_part + self.chunk]
             else:
@@ -207,11 +231,13 @@ class PlanProducer:
                     self._wait(obj, self.paths[part.key], position)
                     return
                 run = min(ready, remaining)
-                if self._socket is not None and run >= SENDFILE_MIN and self._start_run(obj, position, run):
+                if obj.in_memory:
+                    in_memory = obj  # no file to sendfile from; its fill waits for us to read on
+                elif self._socket is not None and run >= SENDFILE_MIN and self._start_run(obj, position, run):
                     continue  # the run goes on by itself, or it is already over (see _SendfileRun)
                 try:
                     data = obj.read(position, min(run, self.chunk))
-                except OSError as e:
+                except (StoreError, OSError) as e:  # the store has dropped the object (see CachedObject.read)
                     self._abort(Failure(e))
                     return
                 if not data:
@@ -220,6 +246,8 @@ class PlanProducer:
             self._done_in_part += len(data)
             self.sent += len(data)
             self.request.write(data)
+            if in_memory is not None:
+                self.filler.moved(in_memory)
 
     # -- sendfile -------------------------------------------------------------------------------
 
@@ -440,6 +468,8 @@ class _SendfileRun:
         if left is None or self.owner._stopped:
             return False
         obj, path, position, length = left
+        if obj.in_memory:
+            return False  # uncached meanwhile (a full disk): the owner copies from memory
         ready = self.owner.filler.readable(obj, position, length)
         if ready:
             self.remaining = min(ready, length)

@@ -11,7 +11,6 @@ and a short plain body.
 from __future__ import annotations
 
 import hashlib
-import socket
 from collections import OrderedDict
 from typing import Any, Iterable, Optional
 
@@ -24,7 +23,7 @@ from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from h264edge import flv, mp4
+from h264edge import flv, mp4, tiers
 from h264edge.errors import EdgeError, ObjectChanged, OriginStatus, OriginUnavailable
 from h264edge.fill import BYPASS, HIT, MISS, STALE, Filler, FillFailed, Found, SharedResult, Want
 from h264edge.httpcache import (
@@ -59,6 +58,9 @@ from h264edge.web.producer import PlanProducer
 log = Logger()
 
 MAX_TOP_LEVEL_BOXES = 4096
+REWRITE_VERSION = 2
+"""Part of every rewritten answer's ETag: bumped whenever the bytes of a seek answer change for the same
+request (2: timed tracks kept, ends on frame boundaries), so that no client joins old and new bytes."""
 THREAD_MOOV_BYTES = 512 * 1024  # moov boxes at least this big are indexed in a thread
 
 
@@ -114,7 +116,8 @@ class EdgeResource(Resource):
     @param pass_methods: methods forwarded uncached to the origin (others than GET/HEAD answer 405).
     @param exact_seek: start MP4 seeks exactly at C{start} (lead-in hidden by an edit list) rather than
         at the keyframe before it.
-    @param via_name: how this edge names itself in Via (default: the host name).
+    @param name: how this edge names itself in Via and Cache-Status (see L{h264edge.tiers}); without
+        one, answers and origin requests get no Via from it and loops are not checked.
     @param viewer_no_cache: honour viewers' request no-cache / max-age / min-fresh (off: as nginx and
         Varnish, a viewer cannot make the edge ask the origin).
     @param stale_if_error: seconds past its freshness a stored answer may stand in when the origins
@@ -138,7 +141,7 @@ class EdgeResource(Resource):
         exact_seek: bool = False,
         filler: Optional[Filler] = None,
         hot_bytes: int = 0,
-        via_name: Optional[str] = None,
+        name: Optional[str] = None,
         viewer_no_cache: bool = False,
         stale_if_error: float = 86400.0,
         store_set_cookie: bool = False,
@@ -148,9 +151,6 @@ class EdgeResource(Resource):
         self.origin = origin
         self.filler = filler or Filler(store, origin, reactor=reactor, default_ttl=default_ttl,
                                        stale_if_error=stale_if_error, store_set_cookie=store_set_cookie)
-        #: the name this edge gives itself in Via (and, for a later loop check, looks for there)
-        self.via_name = via_name or socket.gethostname()
-        self.via = "1.1 " + self.via_name
         self.viewer_no_cache = viewer_no_cache
         self.indexes = mp4.SeekIndexCache(seek_cache_bytes)
         self.seek_plans = SeekPlanCache(seek_cache_bytes // 4)
@@ -163,11 +163,19 @@ class EdgeResource(Resource):
         self.hot = HotAnswers(store, hot_bytes, reactor) if hot_bytes > 0 else None
         if self.hot is not None:
             self.hot.viewer_cache_control = viewer_no_cache
+        #: this edge's name in Via and Cache-Status (see L{h264edge.tiers}); None: no Via, no loop check
+        self.name = tiers.check_name(name) if name is not None else None
+        #: what it adds to Via (on answers and origin requests), None without a name
+        self.via: Optional[str] = tiers.via_onward(self.name, []) if self.name is not None else None
+        if self.via is not None and self.filler.via is None:
+            self.filler.via = self.via
 
     # -- dispatch -----------------------------------------------------------------------------
 
     def render(self, request: Request) -> Any:  # type: ignore[override]
         method = request.method.decode("ascii", "replace").upper()
+        if self.name is not None and tiers.is_loop(self.name, _via(request)):
+            return self._plain(request, 508, f"loop detected: this request already passed through {self.name}")
         if method in ("GET", "HEAD"):
             d = Deferred.fromCoroutine(self._serve(request))
         elif method in self.pass_methods:
@@ -187,8 +195,9 @@ class EdgeResource(Resource):
         request.setResponseCode(code)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         request.setHeader(b"Content-Length", str(len(body)).encode())
-        if not request.responseHeaders.hasHeader(b"X-Cache"):
-            request.setHeader(b"X-Cache", b"MISS")
+        if not request.responseHeaders.hasHeader(b"Cache-Status"):
+            existing = request.responseHeaders.getRawHeaders(b"X-Cache")
+            self._mark(request, existing[-1].decode("latin-1") if existing else MISS)
         return body
 
     def _failed(self, failure: Failure, request: Request) -> None:
@@ -244,6 +253,8 @@ class EdgeResource(Resource):
         if meta.status != 200:
             self._relay(request, found, want.path)
             return
+        # what an error answer about the object says from here on (a seek's 416, 501 or 502)
+        request.setHeader(b"X-Cache", found.how.encode())
 
         etag, last_modified = meta.etag, meta.last_modified
         if seek is not None:
@@ -267,7 +278,7 @@ class EdgeResource(Resource):
         if not_modified(_h(request, b"If-None-Match"), _h(request, b"If-Modified-Since"), etag, last_modified):
             self._replay(request, meta, found.how, keep=NOT_MODIFIED_FIELDS)
             self._validators(request, etag, last_modified)
-            request.setHeader(b"X-Cache", found.how.encode())
+            self._mark(request, found.how, meta)
             request.setResponseCode(304)
             request.finish()
             return
@@ -281,7 +292,7 @@ class EdgeResource(Resource):
                 byte_range = parse_range(_h(request, b"Range"), total)
             except Unsatisfiable:
                 request.setHeader(b"Content-Range", f"bytes */{total}".encode())
-                request.setHeader(b"X-Cache", found.how.encode())
+                self._mark(request, found.how, meta)
                 raise
         drop = CONTENT_DIGESTS | (REPRESENTATION_DIGESTS if rewritten else frozenset())
         self._replay(request, meta, found.how, drop=drop if rewritten or byte_range is not None else frozenset())
@@ -293,7 +304,7 @@ class EdgeResource(Resource):
             request.setResponseCode(206)
             request.setHeader(b"Content-Range", f"bytes {byte_range[0]}-{byte_range[1]}/{total}".encode())
         cache_status = self._cache_status(obj, plan, found.how)
-        request.setHeader(b"X-Cache", cache_status.encode())
+        self._mark(request, cache_status, meta)
         request.setHeader(b"Content-Length", str(plan.length).encode())
         if request.method == b"HEAD" or plan.length == 0:
             request.finish()
@@ -342,7 +353,7 @@ class EdgeResource(Resource):
             request.setHeader(b"Content-Type", meta.content_type.encode("latin-1"))
         else:
             request.defaultContentType = None
-        request.setHeader(b"X-Cache", self._cache_status(obj, Plan.whole(meta.key, meta.size), found.how).encode())
+        self._mark(request, self._cache_status(obj, Plan.whole(meta.key, meta.size), found.how), meta)
         if meta.status in (204, 304) or meta.status < 200:
             request.finish()
             return
@@ -369,7 +380,8 @@ class EdgeResource(Resource):
             headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
         if not values(meta.headers, "Date"):
             headers.setRawHeaders(b"Date", [format_http_date(meta.fetched_at).encode("ascii")])
-        headers.setRawHeaders(b"Via", [", ".join(values(meta.headers, "Via") + [self.via]).encode("latin-1")])
+        if self.via is not None:
+            headers.setRawHeaders(b"Via", [", ".join(values(meta.headers, "Via") + [self.via]).encode("latin-1")])
         age = int(meta.current_age(self.filler.reactor.seconds()))
         if how in (HIT, STALE) or age > 0:
             headers.setRawHeaders(b"Age", [str(age).encode("ascii")])
@@ -380,6 +392,19 @@ class EdgeResource(Resource):
             request.setHeader(b"ETag", etag.encode("latin-1"))
         if last_modified:
             request.setHeader(b"Last-Modified", last_modified.encode("latin-1"))
+
+    def _mark(self, request: Request, x_cache: str, meta: Optional[ObjectMeta] = None) -> None:
+        """
+        Say how the answer was found: C{X-Cache} (see L{h264edge.fill}), the RFC 9211 C{Cache-Status}
+        chain (the members of caches nearer the origin, from the stored answer's own field, then ours)
+        and, for an answer of the edge's own with a name, C{Via} (a stored answer's is replayed).
+        """
+        request.setHeader(b"X-Cache", x_cache.encode())
+        upstream = ", ".join(values(meta.headers, "Cache-Status")) if meta is not None else None
+        request.setHeader(b"Cache-Status", tiers.cache_status(self.name or "h264edge", x_cache, upstream)
+                          .encode("latin-1"))
+        if meta is None and self.via is not None:
+            request.setHeader(b"Via", self.via.encode("latin-1"))
 
     def _cache_status(self, obj: CachedObject, plan: Plan, how: str) -> str:
         """The X-Cache value: C{how} the answer was had, a stored one told apart as HIT, PARTIAL or MISS."""
@@ -466,8 +491,8 @@ class EdgeResource(Resource):
         if offset < 4:
             raise flv.BadFLVOffset(f"start={offset} is not a tag boundary")
         # even offsets listed in onMetaData: that list is the file's word too, and a wrong entry would
-        # send a viewer a stream that starts mid-tag; the 15 bytes are in the slice the answer needs
-        around = await self.filler.read(obj, path, offset - 4, 15)
+        # send a viewer a stream that starts mid-tag; these bytes are in the slice the answer needs
+        around = await self.filler.read(obj, path, offset - 4, flv.CHECK_TAG_READ)
         flv.check_tag_at(index, offset, around)
         return flv.plan_for_flv_seek(index, meta.key, offset)
 
@@ -522,9 +547,11 @@ class EdgeResource(Resource):
             request.responseHeaders.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
         if not values(kept, "Content-Type"):
             request.defaultContentType = None
-        request.responseHeaders.setRawHeaders(b"Via", [", ".join(values(kept, "Via") + [self.via]).encode("latin-1")])
+        vias = values(kept, "Via") + ([self.via] if self.via is not None else [])
+        if vias:
+            request.responseHeaders.setRawHeaders(b"Via", [", ".join(vias).encode("latin-1")])
         request.setHeader(b"Content-Length", str(len(content)).encode())
-        request.setHeader(b"X-Cache", BYPASS.encode())
+        self._mark(request, BYPASS)
         request.write(content)
         request.finish()
 
@@ -573,7 +600,7 @@ def _client(request: Request) -> Optional[str]:
 
 
 #: headers an error answer of the edge's own keeps of what was set for the answer it replaces
-_KEPT_ON_ERROR = frozenset({b"server", b"x-served-by", b"x-cache", b"allow"})
+_KEPT_ON_ERROR = frozenset({b"server", b"x-served-by", b"x-cache", b"cache-status", b"via", b"allow"})
 
 
 def _edge_answer_only(request: Request, code: int) -> None:
@@ -585,6 +612,10 @@ def _edge_answer_only(request: Request, code: int) -> None:
             headers.removeHeader(name)
     headers.setRawHeaders(b"Date", [datetimeToString()])
     request.defaultContentType = b"text/html"
+
+
+def _via(request: Request) -> list[str]:
+    return [v.decode("latin-1") for v in request.requestHeaders.getRawHeaders(b"Via") or []]
 
 
 def _h(request: Request, name: bytes) -> Optional[str]:
@@ -600,6 +631,6 @@ def _derived_etag(obj: CachedObject, variant: str) -> Optional[str]:
     meta = obj.meta
     if meta.etag is None and meta.last_modified is None:
         return None
-    basis = f"{meta.etag}|{meta.last_modified}|{meta.size}|{variant}".encode("utf-8", "replace")
+    basis = f"{meta.etag}|{meta.last_modified}|{meta.size}|{variant}|{REWRITE_VERSION}".encode("utf-8", "replace")
     weak = "W/" if meta.etag is not None and meta.etag.startswith("W/") else ""
     return weak + '"' + hashlib.sha256(basis).hexdigest()[:24] + '"'
