@@ -68,6 +68,7 @@ _CTL = re.compile(r"[\x00\r\n]")
 # -- framing of partial answers (RFC 9110 §8.6, §14.4) ---------------------------------------------
 
 _DIGITS = rf"[0-9]{{1,{MAX_DIGITS}}}"
+_CONTENT_LENGTH = re.compile(_DIGITS)
 _CONTENT_RANGE = re.compile(rf"bytes[ \t]+(?:({_DIGITS})-({_DIGITS})/({_DIGITS}|\*)|\*/({_DIGITS}))", re.IGNORECASE)
 
 
@@ -103,6 +104,25 @@ def parse_content_range(value: str) -> ContentRange:
     if total is not None and total <= last:
         raise HeaderError(f"Content-Range {value[:60]!r} ends past its complete length")
     return ContentRange(first, last, total)
+
+
+def check_framing(fields: Fields) -> None:
+    """
+    Whether an answer's framing fields (RFC 9112 §6) are ones the edge trusts its client to have
+    read right: a Transfer-Encoding only of C{chunked} and then without Content-Length (RFC 9112
+    §6.1: a sign of request smuggling), and Content-Length values that are one number
+    (RFC 9110 §8.6).
+
+    @raise HeaderError: anything else.
+    """
+    codings = [item.lower() for item in _list_items(values(fields, "Transfer-Encoding"))]
+    lengths = {item for item in _list_items(values(fields, "Content-Length"))}
+    if codings and codings != ["chunked"]:
+        raise HeaderError(f"a transfer coding the edge does not take ({', '.join(codings)[:60]})")
+    if codings and lengths:
+        raise HeaderError("Transfer-Encoding with Content-Length")
+    if len(lengths) > 1 or any(not _CONTENT_LENGTH.fullmatch(item) for item in lengths):
+        raise HeaderError(f"Content-Length {', '.join(sorted(lengths))[:60]} is not one number")
 
 
 def check_partial(

@@ -26,7 +26,6 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
 from twisted.logger import Logger
-from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
@@ -37,9 +36,16 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
+from h264edge._twisted_compat import (
+    TreqResponse,
+    answer_connection_fields,
+    set_read_size,
+    strict_client_connections,
+    treq_raw_response,
+)
 from h264edge.errors import OriginUnavailable
 from h264edge.health import OriginHealth, RetryBudget
-from h264edge.httpcache import Fields, HeaderError, check_partial, parse_content_range
+from h264edge.httpcache import Fields, HeaderError, check_framing, check_partial, parse_content_range
 from h264edge.s3 import S3_AUTH_ERRORS, S3Origin, error_code as s3_error_code
 from h264edge.tcpio import write_at_once
 
@@ -134,7 +140,7 @@ class OriginReply:
     @property
     def fields(self) -> Fields:
         """Every field of the answer's head, the connection ones Twisted keeps apart included."""
-        return field_list(self.headers) + tuple(getattr(self.response, "connection_fields", ()))
+        return field_list(self.headers) + answer_connection_fields(self.response)
 
     def deliver(self, protocol: IProtocol) -> None:
         """Stream the body into C{protocol} (its transport can pause and stop the origin socket)."""
@@ -230,8 +236,8 @@ class _LargeReads:
     def connect(self, factory: Any) -> Any:
         def grow(protocol: Any) -> Any:
             transport = getattr(protocol, "transport", None)
-            if transport is not None and hasattr(transport, "bufferSize"):
-                transport.bufferSize = self._size
+            if transport is not None:
+                set_read_size(transport, self._size)
             # a request leaves when it is written, not on the reactor's next turn (~0.2 ms of a miss)
             write_at_once(transport)
             return protocol
@@ -297,51 +303,6 @@ class _PlainAgent:
         return response
 
 
-class _OneAnswerPerRequest(HTTP11ClientProtocol):
-    """
-    An origin connection that goes back to the pool only if its answer ended where the bytes
-    received ended.  Twisted's client drops bytes that come after an answer's end in the same read
-    (C{rest}) and pools the connection; an origin that wrote more than it was asked for (a second
-    answer, a body longer than its Content-Length) may then have the rest of those bytes taken as
-    the answer to the next request sent on that connection.  So such a connection is closed.  (Bytes
-    arriving while the connection is idle in the pool close it too: Twisted gives it up.)
-
-    Reaches into Twisted's HTTP11ClientProtocol: its state-dispatched C{_finishResponse_WAITING},
-    C{_currentRequest.persistent} and C{_parser.connHeaders}, stable since Twisted 11;
-    tests.test_origin_lies and tests.test_http_cache check what they mean.
-    """
-
-    def request(self, request: Any) -> Any:
-        """
-        As Twisted's, and the answer remembers the fields Twisted's parser keeps to itself
-        (Connection, Transfer-Encoding, ...: its C{connHeaders}) as C{connection_fields}: the edge
-        needs them to know which fields are hop-by-hop and whether the framing is one it trusts.
-        """
-        d = super().request(request)
-        parser = getattr(self, "_parser", None)
-
-        def remember(response: Any) -> Any:
-            if parser is not None:
-                response.connection_fields = field_list(parser.connHeaders)
-            return response
-
-        return d.addCallback(remember)
-
-    def _finishResponse_WAITING(self, rest: bytes) -> None:
-        request: Any = getattr(self, "_currentRequest", None)
-        if rest and request is not None:
-            log.warn("origin sent {n} bytes after its answer's end; closing that connection", n=len(rest))
-            request.persistent = False  # the connection is given up instead of pooled
-        super()._finishResponse_WAITING(rest)  # type: ignore[misc]
-
-    _finishResponse_TRANSMITTING = _finishResponse_WAITING
-
-
-class _StrictConnections(_HTTP11ClientFactory):
-    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
-        return _OneAnswerPerRequest(self._quiescentCallback)
-
-
 class _NoCookies(CookieJar):
     """A cookie jar that keeps nothing: the edge is stateless towards its origins."""
 
@@ -392,7 +353,7 @@ class OriginClient:
         self.reactor = reactor
         self.timeout = timeout
         pool = HTTPConnectionPool(reactor, persistent=True)
-        pool._factory = _StrictConnections  # type: ignore[attr-defined]
+        strict_client_connections(pool)  # a connection that got bytes after its answer is never reused
         pool.maxPersistentPerHost = pool_size
         # a GET lost on a pooled keep-alive connection the origin had closed meanwhile is sent again
         # once on a new connection (idempotent, RFC 9110 §9.2.2; Twisted retries only such requests)
@@ -605,7 +566,7 @@ class OriginClient:
         discard_body(response)
         return 200 <= response.code < 400
 
-    def _reply(self, response: "treq.response._Response", url: str, asked_first: int = 0,
+    def _reply(self, response: TreqResponse, url: str, asked_first: int = 0,
                asked_last: Optional[int] = None, request_time: float = 0.0,
                slot: Optional[_Slot] = None) -> OriginReply:
         """
@@ -625,17 +586,15 @@ class OriginClient:
     def _checked_reply(self, response: Any, url: str, asked_first: int, asked_last: Optional[int],
                        request_time: float, slot: _Slot) -> OriginReply:
         code = response.code
-        raw = response.original if hasattr(response, "original") else response
+        raw = treq_raw_response(response)
         hdrs: Headers = response.headers
         length = response.length if isinstance(response.length, int) else None
-        framing = getattr(raw, "connection_fields", ())
-        codings = [item.strip().lower() for _, value in framing if _ == "Transfer-Encoding"
-                   for item in value.split(",") if item.strip()]
-        if codings and (codings != ["chunked"] or any(name == "Content-Length" for name, _ in framing)):
+        try:
+            check_framing(answer_connection_fields(raw))
+        except HeaderError as e:
             discard_body(response)
-            log.warn("origin {url}: Transfer-Encoding {codings} (with Content-Length: {both})", url=url,
-                     codings=codings, both=any(name == "Content-Length" for name, _ in framing))
-            raise OriginUnavailable(f"{url}: a transfer coding the edge does not take ({', '.join(codings)[:60]})")
+            log.warn("origin {url}: {error}", url=url, error=e)
+            raise OriginUnavailable(f"{url}: {e}") from None
         first, total = 0, None
         if code == 206:
             value = header(hdrs, "Content-Range")
@@ -690,7 +649,7 @@ class OriginClient:
 
     async def forward(
         self, method: str, path: str, fields: Sequence[tuple[str, str]], body: bytes
-    ) -> "treq.response._Response":
+    ) -> TreqResponse:
         """
         Pass a method other than GET/HEAD through to the origins (uncached), sending it at most once:
         only a connection that could not be made moves on to the next origin.  Whatever the first
@@ -743,7 +702,7 @@ def _is_timeout(error: BaseException) -> bool:
 
 
 def discard_body(response: Any) -> None:
-    raw: Any = getattr(response, "original", response)
+    raw: Any = treq_raw_response(response)
     try:
         raw.deliverBody(_Discard())
     except RuntimeError:

@@ -7,6 +7,7 @@ C{--workers=N} the worker processes sharing its port and cache, see L{h264edge.w
 from __future__ import annotations
 
 import gc
+import ipaddress
 import os
 import re
 import socket
@@ -15,7 +16,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from twisted.application import service, strports
-from twisted.internet import defer, endpoints, task, threads
+from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -29,6 +30,7 @@ from h264edge.tiers import BadEdgeName, check_name
 from h264edge.store._fill_locks import FillLocks
 from h264edge.store._store import ORPHAN_GRACE, CacheDirUnusable, check_cache_dir, default_min_free
 from h264edge.web.hot import EdgeSite
+from h264edge.web.limits import ConnectionLimits
 from h264edge.web.resource import EdgeResource
 from h264edge.workers import LISTEN_FD, InheritedPort, WorkerPool, site_naming_process
 
@@ -112,6 +114,17 @@ class Options(usage.Options):
         ["hot-cache", None, "64M", "Memory (per process) for whole answers to plain GETs of small cached "
          "objects (up to 64K), served without twisted.web's per-request machinery; 0 turns this hot path off."],
         ["access-log", None, "", "Access log (combined format): a file path, 'off', or empty for the twistd log."],
+        ["header-timeout", None, "10", "Seconds a viewer has to send a whole request head (from its first byte, or "
+         "from connecting); then 408 and the connection is closed."],
+        ["idle-timeout", None, "60", "Seconds a kept-alive connection may wait for its next request."],
+        ["send-timeout", None, "60", "Seconds a connection may make no progress while the edge waits on the "
+         "viewer (an answer it does not read, a request body it stops sending); then it is dropped."],
+        ["max-connections", None, "auto", "Viewer connections at once (per process); 'auto' is half of the "
+         "descriptor limit (ulimit -n) less 128, at least 16.  At the cap the connection idle longest is closed, "
+         "else 503."],
+        ["max-connections-per-ip", None, "0", "Viewer connections at once from one address (per process); "
+         "0: no cap (an edge behind a load balancer sees one address)."],
+        ["max-body", None, "1M", "Largest request body of a --pass-method (GET/HEAD take at most 8K); 413 above."],
         ["name", None, socket.gethostname(), "This edge's name in Via and Cache-Status; a request whose Via "
          "already names it is refused with 508 (give each edge of a chain its own name)."],
         ["s3-endpoint", None, "", "URL of the S3-compatible endpoint for s3:// origins (path-style requests)."],
@@ -214,6 +227,16 @@ class Options(usage.Options):
         for name in ("origin-timeout", "origin-idle-timeout", "origin-retry-after", "origin-check-interval"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be more than 0 seconds")
+        for name in ("header-timeout", "idle-timeout", "send-timeout"):
+            self[name] = parse_number(name, self[name])
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be more than 0 seconds")
+        self["max-body"] = parse_size(self["max-body"])
+        if self["max-connections"] == "auto":
+            self["max-connections"] = 0
+        else:
+            self["max-connections"] = parse_count("max-connections", self["max-connections"])
+        self["max-connections-per-ip"] = parse_count("max-connections-per-ip", self["max-connections-per-ip"])
         if self["slice-size"] < 64 * 1024:
             raise usage.UsageError("--slice-size must be at least 64K")
         try:
@@ -247,17 +270,64 @@ def parse_count(name: str, value: str) -> int:
     return int(value)
 
 
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def _endpoint_fields(description: str) -> list[str]:
+    """The colon-separated fields of an endpoint description, with Twisted's backslash escapes undone."""
+    fields, current, chars = [], [], iter(description)
+    for char in chars:
+        if char == "\\":
+            current.append(next(chars, "\\"))
+        elif char == ":":
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    fields.append("".join(current))
+    return fields
+
+
 def tcp_listen_address(description: str) -> tuple[str, int, int]:
-    """(interface, port, backlog) of a C{tcp:}/C{tcp6:} endpoint description; other kinds are usage errors."""
+    """
+    C{(interface, port, backlog)} of a C{tcp:} or C{tcp6:} endpoint description (the forms
+    C{twistd --listen} takes for them: C{tcp:8080:interface=127.0.0.1:backlog=100},
+    C{tcp6:port=8080:interface=\\:\\:1}, positional fields in Twisted's order); anything else, or a
+    field that is not what it should be, is a usage error naming it.
+    """
+    fields = _endpoint_fields(description)
+    kind = fields[0].lower()
+    if kind not in ("tcp", "tcp6"):
+        raise usage.UsageError(f"--listen={description!r}: --workers needs a TCP --listen (tcp:PORT or tcp6:PORT)")
+    order = ("port", "interface", "backlog") if kind == "tcp" else ("port", "backlog", "interface")
+    values: dict[str, str] = {}
+    positional = 0
+    for field in fields[1:]:
+        name, equals, value = field.partition("=")
+        if not equals:
+            if positional >= len(order):
+                raise usage.UsageError(f"--listen={description!r}: too many fields")
+            name, value = order[positional], field
+            positional += 1
+        if name not in order:
+            raise usage.UsageError(f"--listen={description!r}: {kind}: knows no {name!r} (port, interface, backlog)")
+        if name in values:
+            raise usage.UsageError(f"--listen={description!r}: {name} given twice")
+        values[name] = value
+    port_text, backlog_text = values.get("port", ""), values.get("backlog", "50")
+    if not _PORT.fullmatch(port_text) or int(port_text) > 65535:
+        raise usage.UsageError(f"--listen={description!r}: the port must be a number from 0 to 65535")
+    if not _PORT.fullmatch(backlog_text) or not 1 <= int(backlog_text) <= 65535:
+        raise usage.UsageError(f"--listen={description!r}: backlog must be a number from 1 to 65535")
+    interface = values.get("interface", "" if kind == "tcp" else "::")
     try:
-        kind, args, kwargs = endpoints._parseServer(description, None)  # type: ignore[attr-defined]
-    except (ValueError, KeyError, TypeError) as e:
-        raise usage.UsageError(f"--listen={description!r}: {e}") from None
-    if kind == "TCP":
-        return kwargs.get("interface", ""), int(args[0]), int(kwargs.get("backlog", 50))
-    if type(kind).__name__ == "_TCP6ServerParser":
-        return kwargs.get("interface", "::"), int(args[0]), int(kwargs.get("backlog", 50))
-    raise usage.UsageError("--workers needs a TCP --listen (tcp:PORT or tcp6:PORT)")
+        address = ipaddress.ip_address(interface) if interface else None
+    except ValueError:
+        raise usage.UsageError(f"--listen={description!r}: interface={interface!r} is not an IP address") from None
+    if address is not None and address.version != (4 if kind == "tcp" else 6):
+        raise usage.UsageError(f"--listen={description!r}: interface={interface!r} is not an IPv{kind[3:] or 4} "
+                               f"address")
+    return interface, int(port_text), int(backlog_text)
 
 
 RESCAN_INTERVAL = 300.0
@@ -488,7 +558,16 @@ def makeService(options: Options) -> service.MultiService:
     if options["origin-check"]:
         HealthChecks(origin.health, origin.check, options["origin-check-interval"]).setServiceParent(top)
     access_log = options["access-log"]
-    site = EdgeSite(resource, resource.hot, logPath=access_log if access_log not in ("", "off") else None)
+    limits = ConnectionLimits(
+        header_timeout=options["header-timeout"],
+        idle_timeout=options["idle-timeout"],
+        send_timeout=options["send-timeout"],
+        max_connections=options["max-connections"],
+        max_connections_per_ip=options["max-connections-per-ip"],
+        max_body=options["max-body"],
+    )
+    site = EdgeSite(resource, resource.hot, logPath=access_log if access_log not in ("", "off") else None,
+                    limits=limits)
     site.access_log = access_log != "off"
     site.displayTracebacks = False
     if options["listen-fd"] is not None:

@@ -13,24 +13,14 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-from twisted.internet import tcp
-from twisted.internet.interfaces import ISSLTransport
+from h264edge._twisted_compat import plain_tcp, queued_bytes, send_socket
 
-
-def plain_tcp(transport: Any) -> bool:
-    """A live plain (not TLS) TCP connection, whose socket may be written directly."""
-    return bool(
-        isinstance(transport, tcp.Connection)
-        and not getattr(transport, "TLS", False)
-        and not ISSLTransport.providedBy(transport)
-        and transport.connected
-        and not transport.disconnecting
-    )
+__all__ = ["plain_tcp", "queued", "send_now", "write_at_once"]
 
 
 def queued(transport: Any) -> bool:
     """Whether C{transport} (a L{plain_tcp} one) still holds bytes written earlier."""
-    return bool(transport.dataBuffer or getattr(transport, "_tempDataBuffer", None))
+    return queued_bytes(transport) > 0
 
 
 def send_now(transport: Any, data: bytes) -> None:
@@ -45,7 +35,7 @@ def send_now(transport: Any, data: bytes) -> None:
 def _send(transport: Any, data: bytes, write: Callable[[bytes], None]) -> None:
     if plain_tcp(transport) and not queued(transport):
         try:
-            sent = transport.socket.send(data)
+            sent = send_socket(transport).send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:

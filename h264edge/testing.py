@@ -21,6 +21,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from h264edge._twisted_compat import request_disconnected
+
 _RANGE = re.compile(rb"^bytes=(\d*)-(\d*)$")
 
 
@@ -183,7 +185,7 @@ class MemoryOrigin(Resource):
 
         def step() -> None:
             nonlocal position
-            if request._disconnected:  # type: ignore[attr-defined]
+            if request_disconnected(request):
                 return
             chunk = body[position : min(position + piece, limit)]
             request.write(chunk)  # an empty first write still sends the headers

@@ -31,6 +31,7 @@ class EdgeTestCase(TestCase):
     slice_size = SLICE
     max_size = 64 * 2**20
     store_options: dict[str, Any] = {"sync": False}
+    site_options: dict[str, Any] = {}  # given to EdgeSite (limits=...)
 
     def setUp(self) -> None:
         self.origin = MemoryOrigin()
@@ -46,7 +47,7 @@ class EdgeTestCase(TestCase):
                                 **self.store_options)
         self.origin_client = self.make_origin_client(origins or [self.origin_url])
         self.edge = EdgeResource(self.store, self.origin_client, **kwargs)
-        site = self.site = EdgeSite(self.edge, self.edge.hot)
+        site = self.site = EdgeSite(self.edge, self.edge.hot, **self.site_options)
         site.access_log = False
         self.edge_port = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.edge_url = f"http://127.0.0.1:{self.edge_port.getHost().port}"

@@ -14,6 +14,7 @@ from h264edge.httpcache import (
     MAX_HEADER_BLOCK,
     ContentRange,
     HeaderError,
+    check_framing,
     check_partial,
     forwarded_request_fields,
     initial_age,
@@ -77,6 +78,33 @@ class ContentRangeTests(SynchronousTestCase):
         if parsed.first is not None:
             assert parsed.last is not None and parsed.first <= parsed.last
             assert parsed.total is None or parsed.total > parsed.last
+
+
+class FramingTests(SynchronousTestCase):
+    def test_trusted_framings(self) -> None:
+        """RFC 9112 §6, RFC 9110 §8.6: chunked alone, one Content-Length (repeated lines of it too)."""
+        check_framing((("Transfer-Encoding", "chunked"),))
+        check_framing((("Content-Length", "10"), ("Content-Length", "10")))
+        check_framing((("Content-Length", "10, 10"), ("Connection", "keep-alive")))
+        check_framing(())
+
+    def test_untrusted_framings(self) -> None:
+        """RFC 9112 §6.1, §6.3: other codings, Transfer-Encoding with Content-Length, differing lengths."""
+        for fields in ((("Transfer-Encoding", "gzip, chunked"),), (("Transfer-Encoding", "chunked2"),),
+                       (("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")),
+                       (("Transfer-Encoding", "chunked"), ("Content-Length", "5")),
+                       (("Content-Length", "5"), ("Content-Length", "6")), (("Content-Length", "5, 6"),),
+                       (("Content-Length", "+5"),), (("Content-Length", "٥"),)):
+            self.assertRaises(HeaderError, check_framing, fields)
+
+    @given(st.lists(st.tuples(st.sampled_from(["Transfer-Encoding", "Content-Length", "Connection"]), header_like),
+                    max_size=4))
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    def test_any_fields_pass_or_are_refused_cleanly(self, fields: list[tuple[str, str]]) -> None:
+        try:
+            check_framing(tuple(fields))
+        except HeaderError:
+            pass
 
 
 class PartialAnswerTests(SynchronousTestCase):

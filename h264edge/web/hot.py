@@ -37,12 +37,21 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
-from twisted.web.http import HTTPChannel, combinedLogFormatter
+from twisted.web.http import combinedLogFormatter
 from twisted.web.http_headers import Headers
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
+from h264edge._twisted_compat import (
+    access_log_sink,
+    channel_is_idle,
+    channel_state_known,
+    plain_tcp,
+    read_now,
+    transport_open,
+)
 from h264edge.store import CachedObject, ObjectMeta, SliceStore
-from h264edge.tcpio import plain_tcp, send_now
+from h264edge.tcpio import send_now
+from h264edge.web.limits import LimitedChannel, LimitedSite
 
 log = Logger()
 
@@ -217,21 +226,11 @@ def _log_escape(value: bytes | str) -> str:
     return text[1:-1]
 
 
-def _channel_state_known() -> bool:
-    """Whether this Twisted's HTTPChannel has the state L{HotChannel} reads to know it is idle."""
-    channel = HTTPChannel()
-    return all(
-        hasattr(channel, name)
-        for name in ("requests", "_handlingRequest", "_dataBuffer", "_waitingForTransport", "_buffer", "line_mode",
-                     "_HTTPChannel__first_line")
-    )
-
-
-class HotChannel(HTTPChannel):
+class HotChannel(LimitedChannel):
     """An HTTP/1.1 channel that answers plain GETs known to L{HotAnswers} itself (see the module)."""
 
     hot: Optional[HotAnswers] = None
-    state_known = _channel_state_known()
+    state_known = channel_state_known()
     log_ip: Optional[str] = None  # the peer's address as the access log writes it
 
     def connectionMade(self) -> None:
@@ -244,7 +243,7 @@ class HotChannel(HTTPChannel):
         transport: Any = self.transport
         if plain_tcp(transport):
             try:
-                transport.doRead()
+                read_now(transport)
             except Exception:
                 log.failure("reading a new connection's first request")
                 transport.abortConnection()
@@ -253,19 +252,8 @@ class HotChannel(HTTPChannel):
         hot = self.hot
         if (
             hot is not None
-            and self.state_known
-            and not self.requests
-            and not self._handlingRequest
-            and not self._waitingForTransport
-            and not self._buffer
-            and not self._dataBuffer
-            and self.line_mode
-            # not after a bare CRLF (Twisted ignores one before a request and remembers it did)
-            and self._HTTPChannel__first_line == 1  # type: ignore[attr-defined]
-            and self.persistent
-            and not getattr(self, "paused", False)
-            and self.transport is not None
-            and not self.transport.disconnecting
+            and channel_is_idle(self)
+            and transport_open(self.transport)
         ):
             parsed = plain_get_target(data)
             if parsed is not None and not (
@@ -273,8 +261,8 @@ class HotChannel(HTTPChannel):
             ):
                 found = hot.answer(parsed[0])
                 if found is not None:
-                    self.resetTimeout()
                     send_now(self.transport, found[0])
+                    self.idle_again()
                     factory = self.factory
                     if isinstance(factory, EdgeSite):
                         factory.log_hot(self, parsed[0], parsed[1], found[1])
@@ -309,10 +297,11 @@ class _LoggedHit:
         return Headers({name: [value] for name, value in self._headers.items()})
 
 
-class EdgeSite(Site):
+class EdgeSite(LimitedSite):
     """
-    A L{Site} whose connections take the hot path for C{hot} (usually C{EdgeResource.hot}).  It speaks
-    HTTP/1.x only (plain Site negotiates HTTP/2 over TLS when the h2 package is installed).
+    A L{Site} whose connections take the hot path for C{hot} (usually C{EdgeResource.hot}), held to
+    C{limits} (L{ConnectionLimits}: deadlines, connection caps, body caps; see L{h264edge.web.limits}).
+    It speaks HTTP/1.x only (plain Site negotiates HTTP/2 over TLS when the h2 package is installed).
 
     Hot answers are replayed without walking the resource tree: give it a C{hot} only when nothing
     above the L{EdgeResource} looks at requests (authentication, headers added by a wrapper).
@@ -325,6 +314,7 @@ class EdgeSite(Site):
         self.hot = hot
         #: False: no access log at all (without a logPath, a Site logs to the twistd log)
         self.access_log = True
+        self.fast_log_lines = 0  # hot answers' log lines written from cached pieces
         self._escaped: dict[bytes, str] = {}  # access-log fields already escaped
 
     def log(self, request: Any) -> None:
@@ -339,11 +329,11 @@ class EdgeSite(Site):
         """
         if not self.access_log:
             return
-        log_file = getattr(self, "_logFile", None)
-        stamp = getattr(self, "_logDateTime", None)
-        if log_file is None or stamp is None or getattr(self, "_logFormatter", None) is not combinedLogFormatter:
+        sink = access_log_sink(self)
+        if sink is None or sink[2] is not combinedLogFormatter:
             super().log(_LoggedHit(channel, uri, headers, length))  # type: ignore[arg-type]
             return
+        write, stamp, _ = sink
         ip = channel.log_ip
         if ip is None:
             transport: Any = channel.transport
@@ -358,7 +348,8 @@ class EdgeSite(Site):
             if text is None:
                 text = escaped[value] = _log_escape(value)
             parts.append(text)
-        log_file.write(f'"{ip}" - - {stamp} "GET {parts[0]} HTTP/1.1" 200 {length} "{parts[1]}" "{parts[2]}"\n')
+        self.fast_log_lines += 1
+        write(f'"{ip}" - - {stamp} "GET {parts[0]} HTTP/1.1" 200 {length} "{parts[1]}" "{parts[2]}"\n')
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import datetime, timezone
 from typing import Optional, Sequence
-from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlencode
+from urllib.parse import quote, unquote_to_bytes
 
 from attrs import frozen
 
@@ -32,8 +33,8 @@ class Target:
 
     path: str  # normalised, percent-encoded, starts with "/"; sent to the origin
     key: str  # path + the query string without start/end (or without any query)
-    origin_query: str  # the query string sent to the origin (without start/end)
-    start: Optional[str]
+    origin_query: str  # the query string sent to the origin (without start/end), as sent (see parse_target)
+    start: Optional[str]  # start= and end= percent-decoded, each byte one character (latin-1)
     end: Optional[str]
 
     @property
@@ -48,15 +49,42 @@ class Target:
 
 _SAFE_PATH_CHARS = "/!$&'()*+,;=:@-._~"
 
+#: query bytes an origin request carries as they are: printable ASCII less what a URL may not hold
+#: raw (treq's URL handling would percent-encode those itself) and "#" (it would start a fragment)
+_QUERY_RAW = frozenset(range(0x21, 0x7F)) - frozenset(b'"#<>[\\]^`{|}')
+_QUERY_PLAIN = re.compile(rb'[!$%&\'()*+,\-./0-9:;=?@A-Z_a-z~]*')
+_QUERY_ESCAPES = {byte: (chr(byte) if byte in _QUERY_RAW else f"%{byte:02X}") for byte in range(256)}
+_SEEK_NAMES = {b"start": "start", b"end": "end"}
+
+
+def _query_text(raw_query: bytes) -> str:
+    """
+    C{raw_query} as text an origin request carries unchanged: its bytes as sent, except those a
+    request target cannot hold (controls, space, non-ASCII, and a few ASCII signs), which become
+    C{%XX}.  Existing percent escapes, C{+}, the order and the separators are kept byte for byte.
+    """
+    if _QUERY_PLAIN.fullmatch(raw_query):
+        return raw_query.decode("ascii")
+    return "".join(_QUERY_ESCAPES[byte] for byte in raw_query)
+
+
+def _form_decode(text: str) -> bytes:
+    """A query name or value as application/x-www-form-urlencoded means it (C{+} is a space)."""
+    return unquote_to_bytes(text.replace("+", " "))
+
 
 def parse_target(raw_path: bytes, raw_query: bytes, keep_query: bool = True) -> Target:
     """
-    Normalise a request path so it can never escape the origin's root.
+    Normalise a request path so it can never escape the origin's root, and split off the
+    pseudo-streaming parameters of its query.
 
-    Percent-decoding happens once; C{.} and C{..} segments, NUL and other control bytes, backslashes and
-    invalid UTF-8 are refused (a cache must not guess what an origin would make of them).  On MP4 and
-    FLV paths, C{start} and C{end} are the pseudo-streaming parameters: kept out of the key and of the
-    origin's query.  On other paths they are ordinary parameters.
+    Percent-decoding of the path happens once; C{.} and C{..} segments, NUL and other control bytes,
+    backslashes and invalid UTF-8 are refused (a cache must not guess what an origin would make of
+    them).  The query string is kept as sent, in the key and towards the origin (L{_query_text}):
+    C{?sig=%ff}, C{?sig=%fe} and C{?sig=%EF%BF%BD} are three objects.  On MP4 and FLV paths, the
+    C{start} and C{end} parameters (named so after percent-decoding) are the pseudo-streaming
+    parameters: taken out of the key and of the origin's query, the other parameters left as they
+    were.  On other paths they are ordinary parameters.
     """
     if not raw_path.startswith(b"/"):
         raise BadRequest("the path must start with /")
@@ -74,35 +102,54 @@ def parse_target(raw_path: bytes, raw_query: bytes, keep_query: bool = True) -> 
     if not segments or segments[-1] == "":
         raise BadRequest("the path names a directory, not a file")
     path = "/" + "/".join(quote(segment, safe=_SAFE_PATH_CHARS.replace("/", "")) for segment in segments)
-    try:
-        pairs = parse_qsl(raw_query.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
-    except UnicodeDecodeError:
-        raise BadRequest("the query string is not UTF-8") from None
+    query = _query_text(raw_query)
     seekable = path.lower().endswith(MP4_EXTENSIONS + FLV_EXTENSIONS)
-    start = end = None
-    rest: list[tuple[str, str]] = []
-    for name, value in pairs:
-        if seekable and name == "start":
-            start = value
-        elif seekable and name == "end":
-            end = value
-        else:
-            rest.append((name, value))
-    origin_query = urlencode(rest) if rest else ""
-    key = path + ("?" + origin_query if origin_query and keep_query else "")
-    return Target(path, key, origin_query, start, end)
+    found: dict[str, str] = {}
+    if seekable and query:
+        kept = []
+        for piece in query.split("&"):
+            name, _, value = piece.partition("=")
+            seek_name = _SEEK_NAMES.get(_form_decode(name)) if len(name) <= 15 else None
+            if seek_name is None:
+                kept.append(piece)
+            else:
+                found[seek_name] = _form_decode(value).decode("latin-1")  # the last one counts
+        if found:
+            query = "&".join(kept)
+    key = path + ("?" + query if query and keep_query else "")
+    return Target(path, key, query, found.get("start"), found.get("end"))
+
+
+def excerpt(value: str | bytes, limit: int = 40) -> str:
+    """
+    Client text for an error body or a log line: at most C{limit} characters of it, quoted, with
+    anything but printable ASCII (and the backslash and quote) written as C{\\xNN}, and C{...} when
+    it was cut.
+    """
+    if isinstance(value, str):
+        raw = value.encode("latin-1") if value.isascii() or max(value) <= "\xff" else value.encode("utf-8", "replace")
+    else:
+        raw = value
+    shown = "".join(chr(b) if 0x20 <= b < 0x7F and b not in (0x5C, 0x22) else f"\\x{b:02x}" for b in raw[:limit])
+    return '"' + shown + ('"...' if len(raw) > limit else '"')
+
+
+_SECONDS = re.compile(r"(?:[0-9]{1,20}(?:\.[0-9]{0,20})?|\.[0-9]{1,20})(?:[eE][-+]?[0-9]{1,3})?")
 
 
 def parse_seconds(name: str, value: Optional[str]) -> Optional[float]:
-    """A C{start}/C{end} value in decimal seconds (as nginx's mp4 module takes them)."""
+    """
+    A C{start}/C{end} value in decimal seconds: ASCII digits with an optional fraction and an optional
+    exponent (C{12}, C{12.5}, C{.5}, C{1e300}: what players write numbers as); no sign, spaces,
+    other digits, C{inf} or C{nan}, at most 20 digits before and after the point.
+    """
     if value is None or value == "":
         return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise BadRequest(f"{name}={value!r} is not a number of seconds") from None
-    if not math.isfinite(seconds) or seconds < 0:
-        raise BadRequest(f"{name}={value!r} must be a finite number of seconds >= 0")
+    if not _SECONDS.fullmatch(value):
+        raise BadRequest(f"{name}={excerpt(value)} is not a number of seconds")
+    seconds = float(value)
+    if not math.isfinite(seconds):
+        raise BadRequest(f"{name}={excerpt(value)} must be a finite number of seconds")
     return seconds
 
 
@@ -111,51 +158,63 @@ def parse_seek(start: Optional[str], end: Optional[str]) -> tuple[float, Optiona
     start_s = parse_seconds("start", start) or 0.0
     end_s = parse_seconds("end", end)
     if end_s is not None and end_s <= start_s:
-        raise BadRequest(f"end={end} must be greater than start={start or 0}")
+        raise BadRequest(f"end={excerpt(end or '')} must be greater than start={excerpt(start or '0')}")
     return start_s, end_s
 
 
+_BYTE_OFFSET = re.compile(r"[0-9]{1,19}")
+
+
 def parse_byte_offset(value: Optional[str]) -> int:
-    """An FLV C{start} in bytes."""
+    """An FLV C{start} in bytes: 1 to 19 ASCII digits."""
     if value is None or value == "":
         return 0
-    if not value.isdigit() or len(value) > 19:
-        raise BadRequest(f"start={value!r} is not a byte offset")
+    if not _BYTE_OFFSET.fullmatch(value):
+        raise BadRequest(f"start={excerpt(value)} is not a byte offset")
     return int(value)
 
 
 # -- Range ----------------------------------------------------------------------------------------
 
-_RANGE = re.compile(r"^\s*bytes\s*=\s*(.+)$", re.IGNORECASE)
-_SPEC = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
+_RANGE = re.compile(r"[ \t]*bytes[ \t]*=(.*)", re.IGNORECASE | re.DOTALL)
+_SPEC = re.compile(r"[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)[ \t]*")
+HUGE = 10**18
+"""Stands for any byte position of 19 or more digits: past the end of every representation."""
 
 
 class Unsatisfiable(EdgeError):
     """A Range that does not overlap the representation: 416."""
 
 
+def _position(digits: str) -> int:
+    """ASCII digits as a byte position; more than 18 significant digits is L{HUGE}."""
+    significant = digits.lstrip("0")
+    return HUGE if len(significant) > 18 else int(significant or "0")
+
+
 def _range_spec(value: Optional[str]) -> Optional[tuple[Optional[int], Optional[int]]]:
     """
     The one C{bytes=} range in a Range value as C{(first, last)}: C{(None, N)} for a suffix of N bytes,
     C{(F, None)} for "from F on".  None for no Range, a syntax we ignore as RFC 9110 allows, several
-    ranges (answered with 200), or C{last < first}.
+    ranges (answered with 200), or C{last < first}.  Positions are ASCII digits; one too long to be
+    a position in any object stands for L{HUGE}.
     """
     if value is None:
         return None
-    match = _RANGE.match(value)
+    match = _RANGE.fullmatch(value)
     if match is None:
         return None
-    specs = match.group(1).split(",")
-    if len(specs) != 1:
+    specs = match.group(1)
+    if "," in specs:
         return None
-    spec = _SPEC.match(specs[0])
+    spec = _SPEC.fullmatch(specs)
     if spec is None:
         return None
     first_s, last_s = spec.groups()
     if first_s == "" and last_s == "":
         return None
-    first = int(first_s) if first_s else None
-    last = int(last_s) if last_s else None
+    first = _position(first_s) if first_s else None
+    last = _position(last_s) if last_s else None
     if first is not None and last is not None and last < first:
         return None
     return first, last
@@ -180,7 +239,7 @@ def parse_range(value: Optional[str], length: int) -> Optional[tuple[int, int]]:
             raise Unsatisfiable("the representation is empty")
         return max(0, length - last), length - 1
     if first >= length:
-        raise Unsatisfiable(f"byte {first} is past the end ({length} bytes)")
+        raise Unsatisfiable(f"the range starts past the end ({length} bytes)")
     return first, length - 1 if last is None else min(last, length - 1)
 
 
@@ -195,10 +254,49 @@ def range_hint(value: Optional[str]) -> Optional[tuple[int, Optional[int]]]:
     first, last = spec
     if first is None:
         return (-last, None) if last else None
+    if first >= HUGE:
+        return None  # past the end of anything: the answer is a 416, learnt from the object's start
     return first, last
 
 
 # -- conditionals -------------------------------------------------------------------------------
+
+_MONTHS = {name: number for number, name in enumerate(
+    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), start=1)}
+_DAY = r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_LONG_DAY = r"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
+_MONTH = r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+_TIME = r"([0-9]{2}):([0-9]{2}):([0-9]{2})"
+_IMF_FIXDATE = re.compile(_DAY + r", ([0-9]{2}) " + _MONTH + r" ([0-9]{4}) " + _TIME + " GMT")
+_RFC850_DATE = re.compile(_LONG_DAY + r", ([0-9]{2})-" + _MONTH + r"-([0-9]{2}) " + _TIME + " GMT")
+_ASCTIME_DATE = re.compile(_DAY + " " + _MONTH + r" ([0-9 ][0-9]) " + _TIME + r" ([0-9]{4})")
+
+
+def parse_request_date(value: str) -> Optional[float]:
+    """
+    An HTTP-date from a request (If-Modified-Since) as POSIX seconds, or None if it is not one:
+    exactly the three forms of RFC 9110 §5.6.7 (IMF-fixdate, obsolete RFC 850 and asctime), ASCII
+    digits only, a real calendar date and time.
+    """
+    value = value.strip(" \t")
+    if len(value) > 40:
+        return None
+    if match := _IMF_FIXDATE.fullmatch(value):
+        day, month, year, hour, minute, second = match.groups()
+    elif match := _RFC850_DATE.fullmatch(value):
+        day, month, short_year, hour, minute, second = match.groups()
+        year = str((2000 if int(short_year) < 70 else 1900) + int(short_year))
+    elif match := _ASCTIME_DATE.fullmatch(value):
+        month, day, hour, minute, second, year = match.groups()
+    else:
+        return None
+    try:
+        when = datetime(int(year), _MONTHS[month], int(day), int(hour), int(minute), min(int(second), 59),
+                        tzinfo=timezone.utc)
+    except ValueError:
+        return None
+    return when.timestamp()
+
 
 
 def not_modified(
@@ -217,7 +315,7 @@ def not_modified(
             return False  # not a list of entity-tags: it matches nothing
         return tags == "*" or any(weak_match(tag, etag) for tag in tags)
     if if_modified_since is not None and last_modified is not None:
-        since = parse_http_date(if_modified_since)
+        since = parse_request_date(if_modified_since)
         modified = parse_http_date(last_modified)
         return since is not None and modified is not None and modified <= since
     return False

@@ -26,6 +26,13 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from h264edge._twisted_compat import (
+    flush_now,
+    transport_connected,
+    transport_open,
+    transport_producer,
+    want_writable,
+)
 from h264edge.fill import Filler, FillFailed
 from h264edge.plan import Literal, Plan
 from h264edge.store import CachedObject, StoreError
@@ -72,8 +79,7 @@ def sendfile_socket(request: Request) -> Optional[int]:
     transport: Any = getattr(channel, "transport", None)
     if (
         not plain_tcp(transport)
-        or transport.producer is not channel
-        or not transport.streamingProducer
+        or transport_producer(transport) != (channel, True)
         or not request.responseHeaders.hasHeader(b"Content-Length")
     ):
         return None
@@ -165,10 +171,10 @@ class PlanProducer:
             and self._run is None
             and not self._stopped
             and plain_tcp(transport)
-            and transport.producer is self.request.channel
+            and transport_producer(transport)[0] is self.request.channel
             and queued(transport)
         ):
-            transport.doWrite()
+            flush_now(transport)
 
     def _let_go(self, result: object = None) -> None:
         """The answer ended (sent, aborted or the viewer left): the objects need us no more."""
@@ -415,11 +421,11 @@ class _SendfileRun:
             # then calls us back to start sending, a reactor turn sooner (an error it meets is met
             # again by the reactor's own doWrite, which startWriting asked for).
             self._primed = True
-            self.transport.startWriting()
-            self.transport.doWrite()
+            want_writable(self.transport)
+            flush_now(self.transport)
             return
         transport = self.transport
-        if self.owner._stopped or not transport.connected or transport.disconnecting:
+        if self.owner._stopped or not transport_open(transport):
             self.cancel()  # the connection is closing: whoever closes it stops the owner
             return
         if self._parked:
@@ -450,7 +456,7 @@ class _SendfileRun:
             if budget <= 0:
                 break  # our turn is over
         if self.remaining or (budget <= 0 and self.owner._span_left() is not None):
-            transport.startWriting()  # the next writable event goes on (and takes on more, see _follow)
+            want_writable(transport)  # the next writable event goes on (and takes on more, see _follow)
             return
         if self._parked or self._over:
             return  # the fill wakes us (see _follow), or the answer was aborted
@@ -492,7 +498,7 @@ class _SendfileRun:
         if queued(self.transport):
             # nothing writes to the transport while a run holds it; if that ever changes, the
             # bytes queued before go first: doWrite calls us once its buffer is empty
-            self.transport.startWriting()
+            want_writable(self.transport)
             return
         self.resumeProducing()
 
@@ -518,7 +524,7 @@ class _SendfileRun:
             return
         self._over = True
         transport = self.transport
-        if transport.producer is self:
+        if transport_producer(transport)[0] is self:
             transport.unregisterProducer()
-            if transport.connected:
+            if transport_connected(transport):
                 transport.registerProducer(self.channel, True)

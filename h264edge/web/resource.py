@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from typing import Any, Iterable, Optional
+from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
@@ -40,10 +41,13 @@ from h264edge.httpcache import (
 from h264edge.origin import OriginClient, OriginPath, field_list
 from h264edge.plan import Literal, Plan
 from h264edge.store import CachedObject, ObjectMeta, SliceStore, StoreError
+from h264edge._twisted_compat import request_disconnected
 from h264edge.web.http import (
     BadRequest,
+    Target,
     Unsatisfiable,
     allowed_methods,
+    excerpt,
     not_modified,
     parse_byte_offset,
     parse_range,
@@ -184,7 +188,7 @@ class EdgeResource(Resource):
             return self._purge(request)
         else:
             request.setHeader(b"Allow", allowed_methods(self.pass_methods).encode())
-            return self._plain(request, 405, f"{method} is not allowed here")
+            return self._plain(request, 405, f"{excerpt(request.method)} is not allowed here")
         d.addErrback(self._failed, request)
         return NOT_DONE_YET
 
@@ -201,7 +205,7 @@ class EdgeResource(Resource):
         return body
 
     def _failed(self, failure: Failure, request: Request) -> None:
-        if request.finished or getattr(request, "_disconnected", False):
+        if request.finished or request_disconnected(request):
             return
         if request.startedWriting:
             log.failure("failed after the headers went out; dropping the connection", failure)
@@ -219,9 +223,13 @@ class EdgeResource(Resource):
 
     # -- GET / HEAD ---------------------------------------------------------------------------
 
-    async def _serve(self, request: Request) -> None:
+    def _target(self, request: Request) -> Target:
+        """What C{request} names below this resource's mount point (see L{path_below_mount})."""
         raw_path, _, raw_query = request.uri.partition(b"?")
-        target = parse_target(raw_path, raw_query, self.keep_query)
+        return parse_target(path_below_mount(request, raw_path), raw_query, self.keep_query)
+
+    async def _serve(self, request: Request) -> None:
+        target = self._target(request)
         seek: Optional[tuple[float, Optional[float]]] = None
         flv_offset = 0
         if target.kind == "mp4":
@@ -501,9 +509,8 @@ class EdgeResource(Resource):
         peer = request.getClientAddress()
         if getattr(peer, "host", None) not in ("127.0.0.1", "::1"):
             return self._plain(request, 403, "PURGE is accepted from loopback clients only")
-        raw_path, _, raw_query = request.uri.partition(b"?")
         try:
-            target = parse_target(raw_path, raw_query, self.keep_query)
+            target = self._target(request)
         except BadRequest as e:
             return self._plain(request, 400, str(e))
         removed = self.store.remove(target.key)
@@ -511,7 +518,8 @@ class EdgeResource(Resource):
         for key in [key for key in self.store.keys_lru() if key.startswith(variants)]:
             removed = self.store.remove(key) or removed
         request.setHeader(b"X-Cache", BYPASS.encode())
-        return self._plain(request, 200 if removed else 404, ("purged " if removed else "not cached: ") + target.key)
+        shown = target.key if len(target.key) <= 200 else target.key[:200] + "..."  # percent-encoded ASCII
+        return self._plain(request, 200 if removed else 404, ("purged " if removed else "not cached: ") + shown)
 
     # -- other methods ------------------------------------------------------------------------
 
@@ -521,8 +529,7 @@ class EdgeResource(Resource):
         L{OriginClient.forward}), its answer comes back as it is, and nothing is stored; a
         successful answer invalidates the stored one (RFC 9111 §4.4).
         """
-        raw_path, _, raw_query = request.uri.partition(b"?")
-        target = parse_target(raw_path, raw_query, self.keep_query)
+        target = self._target(request)
         origin_path = target.path + ("?" + target.origin_query if target.origin_query else "")
         fields = request_fields(request)
         forwarded = [(name, value) for name, value in forwarded_request_fields(fields, _client(request), self.via)]
@@ -612,6 +619,22 @@ def _edge_answer_only(request: Request, code: int) -> None:
             headers.removeHeader(name)
     headers.setRawHeaders(b"Date", [datetimeToString()])
     request.defaultContentType = b"text/html"
+
+
+def path_below_mount(request: Request, raw_path: bytes) -> bytes:
+    """
+    The part of C{raw_path} (as sent, still percent-encoded) below the resource that renders
+    C{request}: C{/clip.mp4} for C{/video/clip.mp4} when the resource is the child C{video} of the
+    root.  Site consumed one segment into C{request.prepath} per level above it; when those are not
+    the path's first segments (a wrapper rewrote them), the path is rebuilt from C{request.postpath}.
+    """
+    prepath = request.prepath or []
+    if not prepath or not raw_path.startswith(b"/"):
+        return raw_path
+    segments = raw_path.split(b"/")[1:]
+    if [unquote_to_bytes(segment) for segment in segments[: len(prepath)]] == prepath:
+        return b"/" + b"/".join(segments[len(prepath):])
+    return ("/" + "/".join(quote_from_bytes(segment, safe=b"") for segment in request.postpath or [])).encode("ascii")
 
 
 def _via(request: Request) -> list[str]:
