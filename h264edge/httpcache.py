@@ -774,14 +774,28 @@ def forwarded_request_fields(fields: Fields, client: Optional[str], via: Optiona
     X-Forwarded-For with the viewer's address appended, and Via with this edge (C{via}, e.g.
     C{1.1 edge-7}; None: the viewer's Via as it came) appended (RFC 9110 §7.6.3).
     """
-    dropped = hop_by_hop(fields) | EDGE_REQUEST_FIELDS
-    kept = [(name, value) for name, value in fields if name.lower() not in dropped]
-    forwarded_for = values(fields, "X-Forwarded-For")
+    listed: set[str] = set()
+    forwarded_for: list[str] = []
+    vias: list[str] = []
+    kept: list[tuple[str, str]] = []
+    for name, value in fields:  # one pass: this runs for every request, hits included
+        lower = name.lower()
+        if lower == "connection":
+            listed.update(item.lower() for item in _list_items((value,)))
+        elif lower == "x-forwarded-for":
+            forwarded_for.append(value)
+        elif lower == "via":
+            vias.append(value)
+        if lower not in HOP_BY_HOP and lower not in EDGE_REQUEST_FIELDS:
+            kept.append((name, value))
+    if listed:
+        kept = [(name, value) for name, value in kept if name.lower() not in listed]
     if client is not None:
-        kept.append(("X-Forwarded-For", ", ".join(forwarded_for + [client])))
-    elif forwarded_for:
+        forwarded_for.append(client)
+    if forwarded_for:
         kept.append(("X-Forwarded-For", ", ".join(forwarded_for)))
-    vias = values(fields, "Via") + ([via] if via is not None else [])
+    if via is not None:
+        vias.append(via)
     if vias:
         kept.append(("Via", ", ".join(vias)))
     return tuple(kept)

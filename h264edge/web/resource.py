@@ -32,6 +32,7 @@ from h264edge.httpcache import (
     NOT_MODIFIED_FIELDS,
     REPRESENTATION_DIGESTS,
     Fields,
+    RequestDirectives,
     format_http_date,
     forwarded_request_fields,
     hop_by_hop,
@@ -247,8 +248,8 @@ class EdgeResource(Resource):
             if hint is not None:
                 first, last = hint
         fields = request_fields(request)
-        want = self._want(request, target, fields, first, last)
         asked = request_directives(fields)
+        want = self._want(request, target, fields, asked, first, last)
         if asked.only_if_cached:
             _, stored = self.filler.lookup(want)
             if stored is None or not self.filler.fresh_enough(stored.meta, want, self.filler.reactor.seconds()):
@@ -322,11 +323,11 @@ class EdgeResource(Resource):
             self.hot.record(request.uri, obj, request)
         self._stream(request, plan, obj, want.path)
 
-    def _want(self, request: Request, target: Any, fields: Fields, first: int, last: Optional[int]) -> Want:
+    def _want(self, request: Request, target: Any, fields: Fields, asked: RequestDirectives, first: int,
+              last: Optional[int]) -> Want:
         """What the cache needs to know of C{request}, with the fields forwarded to the origin for it."""
         forwarded = forwarded_request_fields(fields, _client(request), self.via)
         origin_path = OriginPath(target.path + ("?" + target.origin_query if target.origin_query else ""), forwarded)
-        asked = request_directives(fields)
         honour = self.viewer_no_cache
         return Want(
             key=target.key,
