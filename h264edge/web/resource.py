@@ -361,7 +361,7 @@ class EdgeResource(Resource):
         if meta.content_type:
             request.setHeader(b"Content-Type", meta.content_type.encode("latin-1"))
         else:
-            request.defaultContentType = None
+            _no_default_content_type(request)
         self._mark(request, self._cache_status(obj, Plan.whole(meta.key, meta.size), found.how), meta)
         if meta.status in (204, 304) or meta.status < 200:
             request.finish()
@@ -554,7 +554,7 @@ class EdgeResource(Resource):
         for name, value in kept:
             request.responseHeaders.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
         if not values(kept, "Content-Type"):
-            request.defaultContentType = None
+            _no_default_content_type(request)
         vias = values(kept, "Via") + ([self.via] if self.via is not None else [])
         if vias:
             request.responseHeaders.setRawHeaders(b"Via", [", ".join(vias).encode("latin-1")])
@@ -640,6 +640,11 @@ def path_below_mount(request: Request, raw_path: bytes) -> bytes:
 
 def _via(request: Request) -> list[str]:
     return [v.decode("latin-1") for v in request.requestHeaders.getRawHeaders(b"Via") or []]
+
+
+def _no_default_content_type(request: Any) -> None:
+    """An answer without a Content-Type gets none: not twisted.web's default (text/html)."""
+    request.defaultContentType = None
 
 
 def _h(request: Request, name: bytes) -> Optional[str]:
