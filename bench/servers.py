@@ -258,11 +258,13 @@ class OriginNginx(Nginx):
         listen 127.0.0.1:{self.ports['plain']} backlog=4096;
         root {self.media};
         access_log {self.workdir}/origin_plain.log bytes;
+        expires 1d;  # an explicit lifetime: without one, a cache's heuristic depends on the media's age
     }}
     server {{
         listen 127.0.0.1:{self.ports['mp4']} backlog=4096;
         root {self.media};
         access_log {self.workdir}/origin_mp4.log bytes;
+        expires 1d;
 {MP4_LOCATION.format()}
     }}"""
 

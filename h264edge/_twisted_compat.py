@@ -5,8 +5,9 @@ Every use h264edge makes of Twisted's and treq's private or undocumented interna
 The edge reaches below the public API where the public API has nothing to offer: the HTTP channel's
 parser state (to answer small hits without a Request, and to refuse a request body before it is
 read), a Site's access-log internals (to write hot answers' log lines cheaply), a TCP transport's
-buffers, socket and producer slot (to send at once and to lend the socket to os.sendfile), and
-treq's response wrapper.  None of these names is promised to stay; each is read here only, behind a
+buffers, socket and producer slot (to send at once and to lend the socket to os.sendfile), the HTTP
+client's connection protocol (to never reuse a connection that got bytes after its answer, and to
+see the framing fields its parser keeps to itself), and treq's response wrapper.  None of these names is promised to stay; each is read here only, behind a
 function that says what it means, and C{tests.test_twisted_compat} checks that meaning on the
 installed Twisted (CI runs it on the oldest Twisted setup.cfg allows and on the newest).
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TreqResponse",
     "access_log_sink",
-    "reopen_access_log",
+    "answer_connection_fields",
     "channel_is_idle",
     "channel_state_known",
     "channel_waiting_for_transport",
@@ -41,10 +42,12 @@ __all__ = [
     "plain_tcp",
     "queued_bytes",
     "read_now",
+    "reopen_access_log",
     "request_disconnected",
     "send_socket",
     "set_read_size",
     "socket_writable",
+    "strict_client_connections",
     "tcp_transport",
     "transport_connected",
     "transport_open",
@@ -257,6 +260,86 @@ def set_read_size(transport: Any, size: int) -> None:
     """Let C{transport} read up to C{size} bytes per read call (Twisted's default is 64 KiB)."""
     if hasattr(transport, "bufferSize"):
         transport.bufferSize = size
+
+
+# -- the HTTP/1.1 client ----------------------------------------------------------------------------------
+
+
+def _strict_protocol() -> Optional[type]:
+    """The client protocol of L{strict_client_connections}, or None if this Twisted lacks what it uses."""
+    try:
+        from twisted.web._newclient import HTTP11ClientProtocol
+        from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+    except ImportError:
+        return None
+    if not (hasattr(HTTP11ClientProtocol, "_finishResponse_WAITING") and hasattr(HTTPConnectionPool, "_factory")
+            and hasattr(_HTTP11ClientFactory, "buildProtocol")):
+        return None
+
+    class OneAnswerPerRequest(HTTP11ClientProtocol):  # type: ignore[misc]
+        def request(self, request: Any) -> Any:
+            d = super().request(request)
+            parser = getattr(self, "_parser", None)
+
+            def remember(response: Any) -> Any:
+                fields = getattr(parser, "connHeaders", None)
+                if fields is not None:
+                    response._h264edge_connection_fields = tuple(
+                        (name.decode("latin-1"), value.decode("latin-1"))
+                        for name, values in fields.getAllRawHeaders() for value in values)
+                return response
+
+            return d.addCallback(remember)
+
+        def _finishResponse_WAITING(self, rest: bytes) -> None:
+            request = getattr(self, "_currentRequest", None)
+            if rest and request is not None:
+                request.persistent = False  # the connection is given up instead of pooled
+            super()._finishResponse_WAITING(rest)
+
+        _finishResponse_TRANSMITTING = _finishResponse_WAITING
+
+    class StrictConnections(_HTTP11ClientFactory):  # type: ignore[misc]
+        def buildProtocol(self, addr: Any) -> Any:
+            return OneAnswerPerRequest(self._quiescentCallback)
+
+    return StrictConnections
+
+
+_STRICT_CONNECTIONS = _strict_protocol()
+
+
+def strict_client_connections(pool: Any) -> bool:
+    """
+    Make the connections of C{pool} (a twisted.web C{HTTPConnectionPool}) go back to it only if
+    their answer ended where the bytes received ended, and let each answer tell the fields Twisted's
+    parser keeps apart (L{answer_connection_fields}).  Twisted's client drops bytes that come after
+    an answer's end in the same read and pools the connection: the rest of such bytes (a second,
+    unasked answer) could be taken as the answer to the next request sent on it.  (Bytes arriving
+    while a connection is idle in the pool close it: Twisted gives it up by itself.)
+
+    False, and the pool unchanged, where this Twisted lacks the internals it uses (the pool's
+    C{_factory}, the protocol's state-dispatched C{_finishResponse_WAITING}, its C{_currentRequest}
+    and C{_parser.connHeaders}).
+    """
+    if _STRICT_CONNECTIONS is None:
+        return False
+    pool._factory = _STRICT_CONNECTIONS
+    return True
+
+
+def answer_connection_fields(response: Any) -> tuple[tuple[str, str], ...]:
+    """
+    The fields of an answer's head that Twisted's client keeps to itself (Connection, Keep-Alive,
+    Content-Length, Transfer-Encoding, ...), for an answer on a L{strict_client_connections} pool;
+    empty otherwise.
+    """
+    for _ in range(4):  # treq wraps a buffered answer twice
+        fields = getattr(response, "_h264edge_connection_fields", None)
+        if fields is not None:
+            return tuple(fields)
+        response = treq_raw_response(response)
+    return ()
 
 
 # -- treq -----------------------------------------------------------------------------------------------

@@ -125,7 +125,14 @@ def demo(argv: list[str]) -> int:
     make_samples(origin_dir)
     if not args.check:
         twisted_log.startLogging(sys.stdout)
-    origin_site = Site(File(origin_dir))
+    class DemoOrigin(File):
+        """A static file origin that says how long its answers stay fresh (an hour), as origins should."""
+
+        def render(self, request: Any) -> Any:
+            request.setHeader(b"Cache-Control", b"public, max-age=3600")
+            return super().render(request)
+
+    origin_site = Site(DemoOrigin(origin_dir))
     origin_port = reactor.listenTCP(args.origin_port, origin_site, interface="127.0.0.1")
     origin_url = f"http://127.0.0.1:{origin_port.getHost().port}/"
     store = SliceStore(os.path.join(args.dir, "cache"), max_size=parse_size(args.max_size))

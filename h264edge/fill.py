@@ -1,6 +1,9 @@
-# -*- test-case-name: tests.test_edge -*-
+# -*- test-case-name: tests.test_edge,tests.test_http_cache,tests.test_origin_lies,tests.test_shared_fill -*-
 """
-Single-flight fills: origin bodies written through into the store, readers woken as bytes land.
+The cache's decisions and single-flight fills: which stored answer a request gets (L{Filler.find}:
+fresh, stale while revalidating or while origins fail, revalidated, or fetched, following the rules
+of L{h264edge.httpcache}), and origin bodies written through into the store, readers woken as bytes
+land.
 
 Every slice of an object is, at any moment, present (on disk, committed), in flight (owned by exactly
 one L{_Fetch}, with a count of bytes written from the slice start) or missing.  A reader asks
@@ -25,29 +28,51 @@ read it as that process writes it (its write counts) and take it as present once
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Optional, Protocol
+import secrets
+from typing import Any, Iterable, Optional, Protocol
 
 import attrs
-from attrs import define, field
+from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from h264edge.errors import EdgeError, ObjectChanged, OriginStatus, OriginUnavailable
-from h264edge.freshness import freshness
+from h264edge.httpcache import (
+    Fields,
+    HeaderError,
+    format_http_date,
+    initial_age,
+    last_value,
+    parse_vary,
+    response_policy,
+    secondary_key,
+    stored_fields,
+    updated_fields,
+    values,
+    variant_key,
+    weak_match,
+)
 from h264edge.observer import NULL_OBSERVER, EdgeObserver
-from h264edge.origin import OriginClient, OriginReply
+from h264edge.origin import OriginClient, OriginReply, read_body
 from h264edge.store import CachedObject, ObjectMeta, SliceStore, StoreError
 from h264edge.store._fill_locks import HELD, TAKEN, FillLocks, SliceLocks
-from h264edge.tiers import Upstream
 
 log = Logger()
 
-UPSTREAM_KEYS = 10_000  # keys whose parent's Via and Cache-Status are remembered
+# How an answer came to be, as the X-Cache header says it (the web layer tells HIT from PARTIAL).
+HIT = "HIT"  # a stored answer, fresh
+MISS = "MISS"  # fetched from the origin and stored (or being stored)
+STALE = "STALE"  # a stored answer past its freshness: stale-while-revalidate, or standing in for a failing origin
+REVALIDATED = "REVALIDATED"  # a stored answer the origin just confirmed (304)
+BYPASS = "BYPASS"  # fetched from the origin for this request only: the answer or the request forbids storing it
 
-
-_LOOK = object()  # object_for's "look the key up yourself"
+MAX_BUFFERED_BODY = 1 << 20
+"""An answer without a length (chunked, not a 206) is read whole up to this size, else it is a 502."""
+MAX_SECONDARY_KEY = 4096
+"""A variant whose selecting request fields come to more than this is not stored (a huge Cookie or
+custom field would otherwise make a key, and an index entry, of that size for every value)."""
 
 
 class FillFailed(EdgeError):
@@ -94,6 +119,47 @@ class Reader(Protocol):
         """C{(offset, length)} spans of C{obj} still to be read, soonest first."""
 
 
+@frozen
+class Want:
+    """
+    One viewer's request as the cache sees it.
+
+    @ivar key: the primary cache key (path and kept query); a Vary'd answer is stored under a key
+        of its own made from this one (L{h264edge.httpcache.variant_key}).
+    @ivar path: the origin path, an L{h264edge.origin.OriginPath} carrying the fields forwarded.
+    @ivar fields: the viewer's request fields (they select among variants).
+    @ivar first: the first byte wanted first (negative: the last C{-first} bytes), C{last} the last.
+    @ivar authorized: the request carries Authorization (RFC 9111 §3.5).
+    @ivar no_store: the request said no-store.
+    @ivar revalidate: ask the origin even if a fresh answer is stored (a viewer's no-cache, when the
+        edge honours it); C{max_age} and C{min_fresh} likewise narrow what is fresh enough.
+    """
+
+    key: str
+    path: str
+    fields: Fields = ()
+    first: int = 0
+    last: Optional[int] = None
+    authorized: bool = False
+    no_store: bool = False
+    revalidate: bool = False
+    max_age: Optional[float] = None
+    min_fresh: float = 0.0
+
+    @property
+    def private(self) -> bool:
+        """Its answer may be for it alone: it never shares an origin contact with other requests."""
+        return self.authorized or self.no_store
+
+
+@frozen
+class Found:
+    """The object a request is answered from, and how it was had (L{HIT}, L{MISS}, ...)."""
+
+    obj: CachedObject
+    how: str
+
+
 @define(eq=False)
 class _ObjectState:
     obj: CachedObject
@@ -108,27 +174,8 @@ class _ObjectState:
     poller: Any = None  # the delayed call that next looks at the remote slices
 
 
-def meta_from_reply(key: str, reply: OriginReply, now: float, default_ttl: float) -> tuple[ObjectMeta, bool]:
-    """The object's metadata from an origin answer, and whether it may be stored."""
-    if reply.total is None:
-        raise OriginUnavailable(f"{reply.url}: the origin did not tell the object's size")
-    fresh = freshness(
-        reply.header("Cache-Control"), reply.header("Expires"), reply.header("Date"), now, default_ttl
-    )
-    meta = ObjectMeta(
-        key=key,
-        size=reply.total,
-        etag=reply.header("ETag"),
-        last_modified=reply.header("Last-Modified"),
-        content_type=reply.header("Content-Type") or "application/octet-stream",
-        fetched_at=now,
-        expires_at=now + fresh.lifetime,
-    )
-    return meta, fresh.storable
-
-
 class Filler:
-    """Fetches what readers need from the origin, once, into the store."""
+    """Finds the stored answer for a request, or fetches it from the origin once, into the store."""
 
     observer: EdgeObserver = NULL_OBSERVER
 
@@ -140,6 +187,8 @@ class Filler:
         default_ttl: float = 3600.0,
         idle_timeout: float = 30.0,
         max_resumes: int = 5,
+        stale_if_error: float = 86400.0,
+        store_set_cookie: bool = False,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -151,6 +200,11 @@ class Filler:
         self.default_ttl = default_ttl
         self.idle_timeout = idle_timeout
         self.max_resumes = max_resumes
+        #: seconds past its freshness a stored answer may stand in for failing origins, unless it says
+        #: otherwise (stale-if-error) or forbids it (must-revalidate, ...)
+        self.stale_if_error = stale_if_error
+        #: store answers with Set-Cookie (without it) instead of passing them through
+        self.store_set_cookie = store_set_cookie
         self._states: dict[int, _ObjectState] = {}
         self._contacts: dict[str, SharedResult] = {}
         # keys whose origins all failed while a stale copy stood in: serve it without asking again until then
@@ -163,80 +217,153 @@ class Filler:
         #: fills coordinated with other processes on the store's directory (None: this process alone)
         self.shared: Optional[FillLocks] = None
         self.poll_interval = 0.01  # seconds between looks at slices another process fetches
-        #: the Via origin requests carry when no viewer's is given (C{1.1 NAME} of this edge), or None
+        #: the Via origin requests carry when they forward no viewer's (C{1.1 NAME} of this edge), or None
         self.via: Optional[str] = None
-        #: per key, the Via and Cache-Status of the last origin answer (a parent edge's), most recent last
-        self.upstream: dict[str, Upstream] = {}
 
-    # -- finding the object -------------------------------------------------------------------
+    # -- finding the answer ---------------------------------------------------------------------
 
-    def object_for(
-        self, key: str, path: str, first: int = 0, last: Optional[int] = None, *, cached: Any = _LOOK,
-        via: Optional[str] = None,
-    ) -> "Deferred[CachedObject]":
+    def lookup(self, want: Want) -> tuple[Optional[CachedObject], Optional[CachedObject]]:
         """
-        The fresh object for C{key}: from the store, revalidated, or from a new origin contact whose body
-        starts filling bytes C{first}..C{last} (the part the viewer wants first; C{first < 0} means the
-        last C{-first} bytes).  Concurrent callers for one key share one origin contact.  A stale object
-        is served when every origin is down, and for C{stale_retry} seconds after that without asking.
-        C{cached} is what the caller already got from C{store.get(key)}, to spare a second lookup.
-        C{via} is the C{Via} the origin contact carries (the viewer's, and this edge).
+        C{(marker, answer)} stored for C{want}: the answer at its key, or, when a Vary marker stands
+        there, the marker and the variant the request's fields select (None if not stored).
         """
-        obj = self.store.get(key) if cached is _LOOK else cached
-        if obj is not None:
+        found = self.store.get(want.key)
+        if found is None or not found.meta.variants:
+            return None, found
+        variant = self._variant_of(want, found)
+        assert variant is not None
+        return found, self.store.get(variant)
+
+    def fresh_enough(self, meta: ObjectMeta, want: Want, now: float) -> bool:
+        """Whether a stored answer may answer C{want} without asking the origin (RFC 9111 §4.2)."""
+        if want.revalidate or not meta.is_fresh(now + want.min_fresh):
+            return False
+        return want.max_age is None or meta.current_age(now) <= want.max_age
+
+    def may_stand_in(self, meta: ObjectMeta, now: float) -> bool:
+        """Whether a stale answer may be served for failing origins (RFC 9111 §4.2.4, RFC 5861 §4)."""
+        window = meta.stale_if_error if meta.stale_if_error is not None else self.stale_if_error
+        return not meta.revalidate and now <= meta.expires_at + window
+
+    async def find(self, want: Want) -> Found:
+        """
+        The answer for C{want}: a stored one that is fresh enough (L{HIT}); a stale one while it is
+        revalidated in the background or while the origins fail (L{STALE}); or the origin's, from
+        a contact that concurrent requests for the same stored answer share (L{MISS},
+        L{REVALIDATED}, L{BYPASS}).  A shared answer that may not be stored (another viewer's
+        private answer) or that is another variant is never handed on: such a request asks the
+        origin again for itself.
+        """
+        for _ in range(3):
+            marker, obj = self.lookup(want)
             now = self.reactor.seconds()
-            if obj.meta.is_fresh(now) or self._down_until.get(key, 0.0) > now:
-                return succeed(obj)
-        shared = self._contacts.get(key)
-        if shared is None:
-            d = Deferred.fromCoroutine(self._contact(key, path, first, last, obj, via or self.via))
-            shared = self._contacts[key] = SharedResult(d)
-            d.addBoth(self._contact_done, key)
-        return shared.result()
+            if obj is not None:
+                meta = obj.meta
+                if self.fresh_enough(meta, want, now):
+                    return Found(obj, HIT)
+                if self._down_until.get(meta.key, 0.0) > now and self.may_stand_in(meta, now):
+                    return Found(obj, STALE)
+                if not want.revalidate and not meta.revalidate and now < meta.expires_at + meta.stale_while_revalidate:
+                    self._revalidate_later(want, obj, marker)
+                    return Found(obj, STALE)
+            if want.private:
+                return await self._contact(want, obj, marker)
+            contact = obj.meta.key if obj is not None else self._variant_of(want, marker) or want.key
+            shared = self._contacts.get(contact)
+            if shared is None:
+                return await self._shared_contact(contact, want, obj, marker).result()
+            found: Found = await shared.result()
+            if found.obj.transient:
+                return await self._contact(want, obj, marker)
+            if not found.obj.meta.vary or found.obj.meta.key == self._variant_of(want, self.store.get(want.key)):
+                return found
+        return await self._contact(want, None, None)
+
+    @staticmethod
+    def _variant_of(want: Want, marker: Optional[CachedObject]) -> Optional[str]:
+        """The key C{want}'s variant has under C{marker} (None without a marker)."""
+        if marker is None or not marker.meta.variants:
+            return None
+        return variant_key(want.key, marker.meta.variants, secondary_key(marker.meta.vary, want.fields))
+
+    def _shared_contact(
+        self, contact: str, want: Want, stale: Optional[CachedObject], marker: Optional[CachedObject]
+    ) -> SharedResult:
+        d = Deferred.fromCoroutine(self._contact(want, stale, marker))
+        shared = self._contacts[contact] = SharedResult(d)
+        d.addBoth(self._contact_done, contact)
+        return shared
 
     def _contact_done(self, result: Any, key: str) -> None:
         self._contacts.pop(key, None)
 
-    async def _contact(
-        self, key: str, path: str, first: int, last: Optional[int], stale: Optional[CachedObject],
-        via: Optional[str] = None,
-    ) -> CachedObject:
-        if stale is not None or self.shared is None:
-            return await self._ask_origin(key, path, first, last, stale, via)
-        # a key not cached here: unless another process is asking the origin for it right now, in
-        # which case its object's sidecar is shared as soon as it exists
+    def _revalidate_later(self, want: Want, stale: CachedObject, marker: Optional[CachedObject]) -> None:
+        """stale-while-revalidate (RFC 5861 §3): one revalidation in the background, for the first slice."""
+        contact = stale.meta.key
+        if contact in self._contacts:
+            return
+        log.info("revalidating {key} in the background", key=contact)
+        background = attrs.evolve(want, first=0, last=self.store.slice_size - 1)
+        d = Deferred.fromCoroutine(self._contact(background, stale, marker))
+
+        def failed(failure: Failure) -> Failure:
+            log.warn("background revalidation of {key} failed: {why}", key=contact, why=failure.getErrorMessage())
+            return failure
+
+        d.addErrback(failed)
+        self._contacts[contact] = SharedResult(d)
+        d.addBoth(self._contact_done, contact)
+
+    def _standing_in(self, stale: CachedObject, why: str) -> Found:
+        key = stale.meta.key
+        log.warn("serving stale {key}: {why}", key=key, why=why)
+        now = self.reactor.seconds()
+        if len(self._down_until) > 10_000:  # keep it bounded through a long outage
+            self._down_until = {k: t for k, t in self._down_until.items() if t > now}
+        self._down_until[key] = now + self.stale_retry
+        return Found(stale, STALE)
+
+    async def _contact(self, want: Want, stale: Optional[CachedObject], marker: Optional[CachedObject]) -> Found:
+        """
+        Ask the origin for C{want}.  With shared fills, an answer not stored yet is asked for by one
+        process (its contact lock); the others wait for its object's sidecar and take it from there.
+        """
+        if stale is not None or self.shared is None or want.private:
+            return await self._ask_origin(want, stale, marker)
+        key = self._variant_of(want, marker) or want.key
         lock = self.shared.contact(key)
         deadline = self.reactor.seconds() + 3 * self.origin.timeout
         while lock is None and self.reactor.seconds() < deadline:
             await deferLater(self.reactor, self.poll_interval, lambda: None)
-            found = self.store.get(key)
+            marker, found = self.lookup(want)
             if found is not None:
-                if found.meta.is_fresh(self.reactor.seconds()):
-                    return found
-                return await self._ask_origin(key, path, first, last, found, via)
+                if self.fresh_enough(found.meta, want, self.reactor.seconds()):
+                    return Found(found, HIT)
+                return await self._ask_origin(want, found, marker)
             lock = self.shared.contact(key)
         try:
-            found = self.store.get(key)  # published between our look and our lock
-            if found is not None and found.meta.is_fresh(self.reactor.seconds()):
-                return found
-            obj = await self._ask_origin(key, path, first, last, found, via)
-            if obj is not found:
-                self.store.publish(obj)
-            return obj
+            marker, found = self.lookup(want)  # published between our look and our lock
+            if found is not None and self.fresh_enough(found.meta, want, self.reactor.seconds()):
+                return Found(found, HIT)
+            result = await self._ask_origin(want, found, marker)
+            if result.obj is not found:
+                self.store.publish(result.obj)
+            return result
         finally:
             if lock is not None:
                 lock.release()
 
     async def _ask_origin(
-        self, key: str, path: str, first: int, last: Optional[int], stale: Optional[CachedObject],
-        via: Optional[str] = None,
-    ) -> CachedObject:
+        self, want: Want, stale: Optional[CachedObject], marker: Optional[CachedObject]
+    ) -> Found:
         ss = self.store.slice_size
-        if first < 0:  # a suffix range: ask for the tail (whole slices of it are kept)
-            rfirst, rlast = first, None
+        if want.first < 0:
+            # a suffix range: one slice more than asked, so that the answer holds every slice of the
+            # tail whole (the first one it touches may start before the asked bytes)
+            rfirst, rlast = want.first - ss, None
         else:
-            rfirst = (first // ss) * ss
-            rlast = None if last is None else (last // ss + 1) * ss - 1
+            rfirst = (want.first // ss) * ss
+            rlast = None if want.last is None else (want.last // ss + 1) * ss - 1
         conditional: dict[str, str] = {}
         if stale is not None:
             if stale.meta.etag:
@@ -244,52 +371,87 @@ class Filler:
             if stale.meta.last_modified:
                 conditional["If-Modified-Since"] = stale.meta.last_modified
         try:
-            reply = await self.origin.fetch(path, rfirst, rlast, conditional or None, via=via)
-            if reply.code == 416 and rfirst != 0:
+            reply = await self.origin.fetch(want.path, rfirst, rlast, conditional or None, via=self.via)
+            if reply.code == 416 and rfirst != 0 and reply.total != 0:
                 # the wanted range starts past the end: learn the object from its first slice instead
-                reply = await self.origin.fetch(path, 0, ss - 1, conditional or None, via=via)
-        except OriginUnavailable:
-            if stale is not None:
-                log.warn("serving stale {key}: no origin answered", key=key)
-                now = self.reactor.seconds()
-                if len(self._down_until) > 10_000:  # keep it bounded through a long outage
-                    self._down_until = {k: t for k, t in self._down_until.items() if t > now}
-                self._down_until[key] = now + self.stale_retry
-                return stale
+                reply = await self.origin.fetch(want.path, 0, ss - 1, conditional or None, via=self.via)
+        except OriginUnavailable as e:
+            if stale is not None and self.may_stand_in(stale.meta, self.reactor.seconds()):
+                return self._standing_in(stale, "no origin answered")
+            if stale is not None and stale.meta.revalidate:
+                # RFC 9111 §5.2.2.2: a stored answer that must be revalidated and cannot be: 504
+                raise OriginUnavailable(f"{e} (the stored answer must be revalidated)", timeout=True) from None
             raise
-        self._heard_upstream(key, reply)
         try:
-            return self._adopt(key, path, reply, stale)
+            return await self._adopt(want, reply, stale, marker)
         except BaseException:
             reply.discard()
             raise
 
-    def _heard_upstream(self, key: str, reply: OriginReply) -> None:
-        """Keep what caches nearer the origin (a parent edge) said of C{key}: the answers name them too."""
-        via, status = reply.header("Via"), reply.header("Cache-Status")
-        self.upstream.pop(key, None)
-        if via or status:
-            self.upstream[key] = Upstream(via, status)
-            if len(self.upstream) > UPSTREAM_KEYS:
-                del self.upstream[next(iter(self.upstream))]
-
-    def _adopt(self, key: str, path: str, reply: OriginReply, stale: Optional[CachedObject]) -> CachedObject:
-        """Turn the first origin answer into the cached object and start filling from its body."""
-        now = self.reactor.seconds()
-        if reply.code == 304 and stale is not None:
-            fresh = freshness(reply.header("Cache-Control"), reply.header("Expires"), reply.header("Date"),
-                              now, self.default_ttl)
+    async def _adopt(
+        self, want: Want, reply: OriginReply, stale: Optional[CachedObject], marker: Optional[CachedObject]
+    ) -> Found:
+        """Turn the origin's answer into the object that answers C{want}, stored or not, and start its fill."""
+        now = reply.response_time or self.reactor.seconds()
+        code = reply.code
+        if code >= 500 and stale is not None and self.may_stand_in(stale.meta, now):
             reply.discard()
-            self.store.refresh(stale, _refreshed(stale.meta, now, fresh.lifetime))
-            self._down_until.pop(key, None)
-            return stale
-        if reply.code not in (200, 206) and not (reply.code == 416 and reply.total == 0):
-            raise OriginUnavailable(f"{reply.url}: unexpected status {reply.code}")
-        meta, storable = meta_from_reply(key, reply, now, self.default_ttl)
+            return self._standing_in(stale, f"the origin answered {code}")
+        if code == 304:
+            if stale is None:
+                raise OriginUnavailable(f"{reply.url}: 304 to a request without conditionals")
+            return self._revalidated(want, reply, stale, marker, now)
+        empty = code == 416 and reply.total == 0
+        if code == 416 and not empty:
+            raise OriginUnavailable(f"{reply.url}: 416 for the object's first bytes")
+        status = 200 if code in (200, 206) or empty else code
+        fields = reply.fields
+        policy = response_policy(status, fields, response_time=now, default_ttl=self.default_ttl,
+                                 authorized=want.authorized, request_no_store=want.no_store,
+                                 store_set_cookie=self.store_set_cookie)
+        try:
+            block = stored_fields(fields, strip=policy.strip, date=format_http_date(now))
+        except HeaderError as e:
+            raise OriginUnavailable(f"{reply.url}: {e}") from None
+        body: Optional[bytes] = None
+        total = 0 if empty else reply.total
+        if total is None:
+            body = await read_body(reply, MAX_BUFFERED_BODY)
+            total = len(body)
+        age = initial_age(fields, reply.request_time, now)
+        vary = parse_vary(values(fields, "Vary")) or ()
+        key = want.key
+        secondary = secondary_key(vary, want.fields) if vary else ""
+        store = policy.store and len(secondary) <= MAX_SECONDARY_KEY
+        if not store:
+            key = f"{want.key}\x00bypass\x00{secrets.token_hex(8)}"  # kept nowhere, replaces nothing
+        elif vary:
+            marker = self._marker(want.key, vary, marker, now)
+            key = variant_key(want.key, marker.meta.variants, secondary)
+        content_type = last_value(fields, "Content-Type")
+        meta = ObjectMeta(
+            key=key,
+            size=total,
+            etag=last_value(fields, "ETag"),
+            last_modified=last_value(fields, "Last-Modified"),
+            content_type=content_type if content_type is not None else
+            ("application/octet-stream" if status == 200 else ""),
+            fetched_at=now,
+            expires_at=now + policy.lifetime - age,
+            status=status,
+            headers=block,
+            age=age,
+            stale_while_revalidate=policy.stale_while_revalidate,
+            stale_if_error=policy.stale_if_error,
+            revalidate=policy.revalidate,
+            vary=vary,
+        )
+        self._down_until.pop(want.key, None)
         self._down_until.pop(key, None)
         reusable = (
             stale is not None
-            and storable
+            and store
+            and stale.meta.key == key
             and not stale.evicted
             and (meta.etag is not None or meta.last_modified is not None)  # size alone proves nothing
             and stale.meta.same_representation(meta)
@@ -299,12 +461,71 @@ class Filler:
             self.store.refresh(stale, meta)
             obj = stale
         else:
-            obj = self.store.create(meta, transient=not storable)
-        if meta.size == 0:
+            obj = self.store.create(meta, transient=not store)
+        how = MISS if store else BYPASS
+        if body is not None:
+            self._write_whole(obj, body)
+        elif meta.size == 0:
             reply.discard()
-            return obj
-        self._start(self._state(obj, path), reply)
-        return obj
+        else:
+            self._start(self._state(obj, want.path), reply, want.path)
+        return Found(obj, how)
+
+    def _revalidated(
+        self, want: Want, reply: OriginReply, stale: CachedObject, marker: Optional[CachedObject], now: float
+    ) -> Found:
+        """
+        A 304: the stored answer is still good; its header block and freshness are updated (RFC 9111
+        §4.3.4).  A 304 to a private request (Authorization, no-store) validates the stored answer for
+        that request only: the store is left as it was.
+        """
+        fresh = reply.fields
+        reply.discard()
+        etag = last_value(fresh, "ETag")
+        if etag is not None and stale.meta.etag is not None and not weak_match(etag, stale.meta.etag):
+            raise OriginUnavailable(f"{reply.url}: 304 for another entity-tag ({etag[:40]}) than the stored one")
+        if want.private:
+            return Found(stale, REVALIDATED)
+        old = stale.meta
+        try:
+            block = updated_fields(old.headers, fresh)
+        except HeaderError as e:
+            raise OriginUnavailable(f"{reply.url}: {e}") from None
+        validators = tuple((name, value) for name, value in (("Last-Modified", old.last_modified),) if value)
+        policy = response_policy(old.status, block + validators, response_time=now, default_ttl=self.default_ttl,
+                                 store_set_cookie=self.store_set_cookie)
+        age = initial_age(fresh, reply.request_time, now)
+        meta = attrs.evolve(
+            old,
+            headers=block,
+            fetched_at=now,
+            expires_at=now + policy.lifetime - age,
+            age=age,
+            stale_while_revalidate=policy.stale_while_revalidate,
+            stale_if_error=policy.stale_if_error,
+            revalidate=policy.revalidate,
+        )
+        self._down_until.pop(old.key, None)
+        if not policy.store:
+            self.store.remove(old.key)  # the origin no longer lets it be kept: this once, then gone
+            return Found(stale, BYPASS)
+        self.store.refresh(stale, meta)
+        return Found(stale, REVALIDATED)
+
+    def _marker(self, primary: str, vary: tuple[str, ...], marker: Optional[CachedObject], now: float) -> CachedObject:
+        """The Vary marker at C{primary} recording C{vary}: the one there, or a new one replacing what is there."""
+        if marker is not None and marker.meta.vary == vary and not marker.evicted:
+            return marker
+        meta = ObjectMeta(key=primary, size=0, etag=None, last_modified=None, content_type="", fetched_at=now,
+                          expires_at=now, status=0, vary=vary, variants=secrets.token_hex(8))
+        return self.store.create(meta)
+
+    def _write_whole(self, obj: CachedObject, body: bytes) -> None:
+        """A small body read whole: written and every slice committed at once."""
+        if body:
+            obj.write(0, body)
+            for index in range(obj.slice_count):
+                obj.commit_slice(index)
 
     def hold(self, obj: CachedObject, reader: Optional[Reader] = None) -> None:
         """
@@ -422,12 +643,12 @@ class Filler:
         for index in range(first // ss, last // ss + 1):
             if obj.has_slice(index) or index in state.inflight or index in state.remote:
                 if run:
-                    self._fetch_run(state, run)
+                    self._fetch_run(state, run, path)
                     run = []
             else:
                 run.append(index)
         if run:
-            self._fetch_run(state, run)
+            self._fetch_run(state, run, path)
 
     def wait(self, obj: CachedObject, path: str, offset: int) -> "Deferred[None]":
         """
@@ -449,7 +670,7 @@ class Filler:
             if index not in state.remote:
                 self.ensure(obj, path, offset, offset)
         elif index - owner.position // obj.slice_size > self.steal_distance:
-            self._steal(state, owner, index)
+            self._steal(state, owner, index, path)
         d: Deferred[None] = Deferred()
         state.waiters.append((offset, d))
         if index not in state.inflight and index not in state.remote:
@@ -562,16 +783,17 @@ class Filler:
             state.poller = self.reactor.callLater(self.poll_interval, self._follow, state)
         self._forget_if_idle(state)
 
-    def _fetch_run(self, state: _ObjectState, run: list[int]) -> None:
+    def _fetch_run(self, state: _ObjectState, run: list[int], path: str) -> None:
+        """Fetch the slices of C{run} for C{path} (it carries the fields to forward), those that are ours."""
         mine = self._claim(state, run)
         start = 0
         for i in range(1, len(mine) + 1):  # contiguous runs of what is ours to fetch
             if i == len(mine) or mine[i] != mine[i - 1] + 1:
-                self._fetch_own_run(state, mine[start:i])
+                self._fetch_own_run(state, mine[start:i], path)
                 start = i
 
-    def _fetch_own_run(self, state: _ObjectState, run: list[int]) -> None:
-        fetch = _Fetch(self, state, set(run))
+    def _fetch_own_run(self, state: _ObjectState, run: list[int], path: str) -> None:
+        fetch = _Fetch(self, state, set(run), path)
         for index in run:
             state.inflight[index] = fetch
             state.progress.setdefault(index, 0)
@@ -580,7 +802,7 @@ class Filler:
         d = Deferred.fromCoroutine(fetch.request(run[0] * ss, min((run[-1] + 1) * ss, state.obj.meta.size) - 1))
         d.addErrback(fetch.resume)
 
-    def _steal(self, state: _ObjectState, owner: "_Fetch", index: int) -> None:
+    def _steal(self, state: _ObjectState, owner: "_Fetch", index: int, path: str) -> None:
         run = []
         while index in owner.owned and not state.progress.get(index):
             run.append(index)
@@ -589,11 +811,11 @@ class Filler:
         if run:
             log.info("fetching slices {a}-{b} of {key} apart from a slower fill", a=run[0], b=run[-1],
                      key=state.obj.meta.key)
-            self._fetch_run(state, run)
+            self._fetch_run(state, run, path)
             if not owner.owned:
                 owner.stop()
 
-    def _start(self, state: _ObjectState, reply: OriginReply) -> None:
+    def _start(self, state: _ObjectState, reply: OriginReply, path: str) -> None:
         """Write C{reply}'s body into the object: it owns every missing, unowned slice it covers."""
         obj = state.obj
         ss = obj.slice_size
@@ -604,7 +826,7 @@ class Filler:
             if index * ss >= reply.first and not obj.has_slice(index) and index not in state.inflight
             and index not in state.remote
         ]))
-        fetch = _Fetch(self, state, owned)
+        fetch = _Fetch(self, state, owned, path)
         for index in owned:
             state.inflight[index] = fetch
             state.progress.setdefault(index, 0)
@@ -658,10 +880,11 @@ class _Fetch:
     I{blocked}: the origin socket is paused and what it had already received waits in C{stash}.
     """
 
-    def __init__(self, filler: Filler, state: _ObjectState, owned: set[int]) -> None:
+    def __init__(self, filler: Filler, state: _ObjectState, owned: set[int], path: str) -> None:
         self.filler = filler
         self.state = state
         self.owned = owned
+        self.path = path  # what its requests (and resumptions) ask the origin for, with the fields they forward
         self.position = 0
         self.resumes = 0  # resumptions since the last one that brought new bytes
         self.resumed_at = -1  # position at the last resumption
@@ -713,14 +936,21 @@ class _Fetch:
         validator = meta.etag if meta.etag and not meta.etag.startswith("W/") else meta.last_modified
         conditional = {"If-Range": validator} if validator else None
         self.position = first
-        reply = await self.filler.origin.fetch(self.state.path, first, last, conditional, via=self.filler.via)
+        reply = await self.filler.origin.fetch(self.path, first, last, conditional, via=self.filler.via)
         self.check(reply)
         self.receive(reply)
 
     def check(self, reply: OriginReply) -> None:
+        """
+        The answer must be the object's: its status (a 206 or a 200 for a 200 object), size and
+        validators.  A 4xx means the object is gone (L{OriginStatus}: it is dropped), another
+        status that the origin fails; other validators or size mean it changed (L{ObjectChanged}).
+        """
         meta = self.state.obj.meta
-        if reply.code not in (200, 206):
+        if not (reply.code == meta.status or (reply.code == 206 and meta.status == 200)):
             reply.discard()
+            if 400 <= reply.code < 500:
+                raise OriginStatus(reply.code, f"{reply.url}: the origin now answers {reply.code}")
             raise OriginUnavailable(f"{reply.url}: unexpected status {reply.code} while filling")
         changed = (
             reply.total != meta.size
@@ -798,7 +1028,7 @@ class _Fetch:
             self.finished = True
             self._cancel_idle()
             reply = self.reply
-            self.filler.observer.fill_done(obj.meta.key, reply.url if reply else "", self._age())
+            self.filler.observer.fill_done(self.state.obj.meta.key, reply.url if reply else "", self._age())
             more = reply is None or reply.length is None or position < reply.first + reply.length
             if self.transport is not None and more:
                 self.transport.stopProducing()
@@ -932,7 +1162,3 @@ class _Fetch:
         self.filler._wake(state)
         state.failure = None
 
-
-def _refreshed(meta: ObjectMeta, now: float, lifetime: float) -> ObjectMeta:
-    
-    return attrs.evolve(meta, fetched_at=now, expires_at=now + lifetime)

@@ -1,55 +1,56 @@
-# -*- test-case-name: tests.test_edge -*-
+# -*- test-case-name: tests.test_edge,tests.test_http_cache,tests.test_origin_lies -*-
 """
 The origin client: ranged GETs over treq with timeouts and failover across several origins in order.
 
 An origin is any HTTP server that honours (or ignores) C{Range}: a plain web server, an S3-compatible
 store behind a URL, or a parent h264edge.  Bodies are never buffered: the caller gets an L{OriginReply}
-whose body it streams with L{OriginReply.deliver}, pausing the socket when it must.
+whose body it streams with L{OriginReply.deliver}, pausing the socket when it must (small bodies of
+unknown length can be read whole with L{read_body}).
+
+Each origin is asked at most once per call: a GET moves on to the next origin after a connect
+failure, a lost or broken answer (cut headers, an unknown transfer coding, conflicting
+Content-Lengths) or a 5xx, and the last origin's 5xx is the answer; other methods are sent once
+(see L{OriginClient.forward}).
 """
 
 from __future__ import annotations
 
-import re
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import treq
 from attrs import field, frozen
-from twisted.internet.defer import CancelledError, TimeoutError as DeferredTimeoutError
-from twisted.internet.task import deferLater
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeoutError
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as TxTimeoutError
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
 from twisted.logger import Logger
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseNeverReceived
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    _HTTP11ClientFactory,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
-from h264edge._twisted_compat import TreqResponse, set_read_size, treq_raw_response
-from h264edge.errors import OriginStatus, OriginUnavailable
+from h264edge._twisted_compat import (
+    TreqResponse,
+    answer_connection_fields,
+    set_read_size,
+    strict_client_connections,
+    treq_raw_response,
+)
+from h264edge.errors import OriginUnavailable
 from h264edge.health import OriginHealth, RetryBudget
+from h264edge.httpcache import Fields, HeaderError, check_framing, check_partial, parse_content_range
 from h264edge.observer import NULL_OBSERVER, EdgeObserver
 from h264edge.s3 import S3_AUTH_ERRORS, S3Origin, error_code as s3_error_code
 from h264edge.tcpio import write_at_once
 
 log = Logger()
-
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*$", re.IGNORECASE)
-
-
-def parse_content_range(value: str) -> tuple[Optional[int], Optional[int], Optional[int]]:
-    """C{(first, last, total)} of a Content-Range value; parts are None where the header has C{*}."""
-    match = _CONTENT_RANGE.match(value)
-    if match is None:
-        raise ValueError(f"bad Content-Range {value!r}")
-    first, last, total = match.groups()
-    return (
-        int(first) if first is not None else None,
-        int(last) if last is not None else None,
-        int(total) if total != "*" else None,
-    )
 
 
 def header(headers: Headers, name: str) -> Optional[str]:
@@ -57,6 +58,30 @@ def header(headers: Headers, name: str) -> Optional[str]:
     if not values:
         return None
     return values[-1].decode("latin-1") if isinstance(values[-1], bytes) else values[-1]
+
+
+def field_list(headers: Headers) -> Fields:
+    """Twisted's Headers as a field list (names as Twisted spells them, values latin-1 text)."""
+    return tuple(
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, values in headers.getAllRawHeaders()
+        for value in values
+    )
+
+
+class OriginPath(str):
+    """
+    An origin path (what L{OriginClient.fetch} asks for: normalised, percent-encoded, query included)
+    that also carries the request fields forwarded with every request made for it (see
+    L{h264edge.httpcache.forwarded_request_fields}).  It is a C{str}, so it travels where paths do.
+    """
+
+    fields: Fields
+
+    def __new__(cls, path: str, fields: Fields = ()) -> "OriginPath":
+        self = super().__new__(cls, path)
+        self.fields = fields
+        return self
 
 
 class _Slot:
@@ -94,8 +119,9 @@ class OriginReply:
     """
     One origin answer: status, headers, where its body lies in the object, and the body still unread.
 
-    C{first} is the object offset of the body's first byte (0 for a 200), C{total} the object's size
-    when the origin told it (Content-Length of a 200, Content-Range of a 206).
+    C{first} is the object offset of the body's first byte (0 but for a 206), C{total} the object's
+    size when the origin told it (Content-Length, or the Content-Range of a 206).  C{request_time}
+    and C{response_time} are when the request left and its answer's head arrived (RFC 9111 §4.2.3).
     """
 
     code: int
@@ -106,9 +132,16 @@ class OriginReply:
     url: str
     response: Any
     slot: _Slot = field(factory=_Slot)
+    request_time: float = 0.0
+    response_time: float = 0.0
 
     def header(self, name: str) -> Optional[str]:
         return header(self.headers, name)
+
+    @property
+    def fields(self) -> Fields:
+        """Every field of the answer's head, the connection ones Twisted keeps apart included."""
+        return field_list(self.headers) + answer_connection_fields(self.response)
 
     def deliver(self, protocol: IProtocol) -> None:
         """Stream the body into C{protocol} (its transport can pause and stop the origin socket)."""
@@ -118,6 +151,55 @@ class OriginReply:
         """We do not want this body: drop the connection rather than read it."""
         self.slot.release()
         discard_body(self.response)
+
+
+class BodyTooLarge(OriginUnavailable):
+    """An answer of unknown length went on past the cap given to L{read_body}."""
+
+
+class _Collect:
+    def __init__(self, cap: int, done: "Deferred[bytes]") -> None:
+        self.cap = cap
+        self.done = done
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.transport: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self.size += len(data)
+        if self.size > self.cap:
+            self.done.errback(BodyTooLarge(f"the answer's body is over {self.cap} bytes and has no length"))
+            if self.transport is not None:
+                self.transport.stopProducing()
+            return
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        if self.done.called:
+            return
+        from twisted.web.client import ResponseDone
+
+        if reason.check(ResponseDone):
+            self.done.callback(b"".join(self.chunks))
+        else:
+            self.done.errback(OriginUnavailable(f"the answer's body was cut short ({reason.getErrorMessage()})"))
+
+
+def read_body(reply: OriginReply, cap: int) -> "Deferred[bytes]":
+    """
+    The whole body of C{reply}, at most C{cap} bytes (for small answers of unknown length).
+
+    @raise BodyTooLarge: it went on past C{cap} (the connection is dropped).
+    @raise OriginUnavailable: it was cut short.
+    """
+    done: Deferred[bytes] = Deferred()
+    reply.deliver(_Collect(cap, done))  # type: ignore[arg-type]
+    return done
 
 
 class _Discard:
@@ -196,11 +278,12 @@ class EncodedBody(OriginUnavailable):
 class _PlainAgent:
     """
     The agent under treq's wrappers.  treq always adds C{Accept-Encoding: gzip} (its
-    ContentDecoderAgent) and replays cookies the origin set: an edge must not do either, since a
+    ContentDecoderAgent) and would replay cookies the origin set: an edge must not do either, since a
     gzip-decoded body no longer matches the origin's Content-Length and Content-Range, and one
     viewer's cookies must not reach the origin on another's behalf.  So every request leaves with
-    C{Accept-Encoding: identity} only and no Cookie, and an answer that is encoded anyway is
-    refused (L{EncodedBody}) before treq could decode it: nothing of it is cached or served.
+    C{Accept-Encoding: identity} only, the cookie jar keeps nothing (L{_NoCookies}: a Cookie field
+    is only ever the viewer's own, forwarded for its request), and an answer that is encoded anyway
+    is refused (L{EncodedBody}) before treq could decode it: nothing of it is cached or served.
     """
 
     def __init__(self, agent: Any) -> None:
@@ -209,7 +292,6 @@ class _PlainAgent:
     def request(self, method: bytes, uri: bytes, headers: Optional[Headers] = None, bodyProducer: Any = None) -> Any:
         headers = headers.copy() if headers is not None else Headers()
         headers.setRawHeaders(b"Accept-Encoding", [b"identity"])
-        headers.removeHeader(b"Cookie")
         return self._agent.request(method, uri, headers, bodyProducer).addCallback(self._plain, uri)
 
     @staticmethod
@@ -228,23 +310,17 @@ class _NoCookies(CookieJar):
     def __init__(self) -> None:
         super().__init__(DefaultCookiePolicy(allowed_domains=[]))
 
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
 
-_TRANSIENT = (
-    ConnectError,
-    DNSLookupError,
-    TxTimeoutError,
-    CancelledError,
-    ResponseNeverReceived,
-    OSError,
-)
+    def set_cookie(self, cookie: Any) -> None:
+        pass
 
 
 class OriginClient:
     """
-    Ranged GETs against one or more origin base URLs, tried in order.
-
-    A connect failure, a timeout before the headers, or a 5xx moves on to the next origin; a 4xx is the
-    object's answer and is raised as L{OriginStatus}; when every origin failed, L{OriginUnavailable}.
+    Ranged GETs against one or more origin base URLs, tried in order, each once (see L{fetch}), and
+    other methods passed through at most once (see L{forward}).
     Origins whose circuit is open or that health checks marked down are skipped (L{health}, see
     L{h264edge.health}); extra attempts draw on a L{RetryBudget}; C{connection_limit} caps the
     answers in flight per origin (0: no cap; a request waits up to C{timeout} for a free slot, then
@@ -280,14 +356,19 @@ class OriginClient:
         self.reactor = reactor
         self.timeout = timeout
         pool = HTTPConnectionPool(reactor, persistent=True)
+        strict_client_connections(pool)  # a connection that got bytes after its answer is never reused
         pool.maxPersistentPerHost = pool_size
-        pool.retryAutomatically = True  # GETs are idempotent: a stale keep-alive connection is retried once
+        # a GET lost on a pooled keep-alive connection the origin had closed meanwhile is sent again
+        # once on a new connection (idempotent, RFC 9110 §9.2.2; Twisted retries only such requests)
+        pool.retryAutomatically = True
         self.pool = pool
         agent = Agent.usingEndpointFactory(reactor, _OriginEndpoints(reactor, timeout, ORIGIN_READ_SIZE), pool=pool)
         self._client = treq.client.HTTPClient(_PlainAgent(agent), cookiejar=_NoCookies())  # type: ignore[arg-type]
+        # pass-through methods: one connection per request, never a pooled one (see forward())
+        once = Agent.usingEndpointFactory(reactor, _OriginEndpoints(reactor, timeout, ORIGIN_READ_SIZE),
+                                          pool=HTTPConnectionPool(reactor, persistent=False))
+        self._once = treq.client.HTTPClient(_PlainAgent(once), cookiejar=_NoCookies())  # type: ignore[arg-type]
         self.requests = 0  # statistics: origin requests sent
-        self.passes = 2  # rounds over the origin list before giving up (a dropped connection gets a second try)
-        self.retry_delay = 0.05
         self.health = health or OriginHealth(self.bases, reactor, limit=connection_limit)
         self.budget = retry_budget or RetryBudget(reactor)
         self.check_path = check_path.lstrip("/")
@@ -328,103 +409,139 @@ class OriginClient:
     ) -> OriginReply:
         """
         GET C{path} asking for bytes C{first}..C{last} (inclusive; None = to the end; a negative
-        C{first} asks for the last C{-first} bytes).
+        C{first} asks for the last C{-first} bytes), with the request fields C{path} carries when it
+        is an L{OriginPath} (not to an S3 origin: it gets the edge's own fields only, signed), and
+        C{via} when they hold no Via.
 
         With C{first == 0 and last is None} we still send C{Range: bytes=0-} so that the answer carries
         the total size in Content-Range even from an origin that streams without Content-Length.
+
+        Every final status is returned (the caller decides what a 404 or a 301 means); the origins are
+        asked in order, each once, skipping those whose circuit is open: a connect failure, a lost or
+        malformed answer, an encoded body, refused S3 credentials or a 5xx moves on to the next, and
+        when none gives a usable answer the last 5xx one is returned.
+
+        @raise OriginUnavailable: no origin gave an answer (C{timeout} set when one timed out).
         """
         if first < 0:
             wanted = f"bytes=-{-first}"  # a suffix range: the last -first bytes
         else:
             wanted = f"bytes={first}-{'' if last is None else last}"
-        headers: dict[Any, Any] = {"Range": wanted, "Accept-Encoding": "identity"}
-        if conditional:
-            headers.update(conditional)
-        if via:
-            headers["Via"] = via  # a parent edge adds itself and refuses a request that went round
+        fields = tuple(getattr(path, "fields", ()))
+        own = {"Range": wanted, "Accept-Encoding": "identity", **(conditional or {})}
+        if via and not any(name.lower() == "via" for name, _ in fields):
+            own["Via"] = via  # a parent edge adds itself and refuses a request that went round
         failures: list[str] = []
         timed_out = False
         attempts = 0
         health = self.health
-        for attempt in range(self.passes):
-            if attempt:
-                if timed_out:
-                    break  # a second round of timeouts would only make the viewer wait longer
-                await deferLater(self.reactor, self.retry_delay, lambda: None)
-            for base in self.bases:
-                if not health.admit(base):
-                    continue  # down: the next origin at once
-                attempts += 1
-                if attempts == 1:
-                    self.budget.deposit()
-                elif not self.budget.withdraw():
-                    health.abandoned(base)
-                    failures.append("retry budget spent")
-                    raise OriginUnavailable("no origin answered: " + "; ".join(failures), timeout=timed_out)
-                slot = await self._slot(base)
-                if slot is None:
-                    failures.append(f"{base}: {health.limit} requests in flight for {self.timeout}s")
-                    continue
-                url = self.url_for(base, path)
-                self.requests += 1
-                began = self.reactor.seconds()
+        server_error: Optional[OriginReply] = None  # the last 5xx, answered if nothing better comes
+        for base in self.bases:
+            if not health.admit(base):
+                continue  # down: the next origin at once
+            attempts += 1
+            if attempts == 1:
+                self.budget.deposit()
+            elif not self.budget.withdraw():
+                health.abandoned(base)
+                failures.append("retry budget spent")
+                break
+            slot = await self._slot(base)
+            if slot is None:
+                failures.append(f"{base}: {health.limit} requests in flight for {self.timeout}s")
+                continue
+            url = self.url_for(base, path)
+            self.requests += 1
+            request_time = self.reactor.seconds()
+            try:
+                response = await self._client.request(
+                    method,
+                    url,
+                    headers=self._request_headers(base, method, url, fields, own),
+                    unbuffered=True,
+                    allow_redirects=False,
+                    timeout=self.timeout,
+                    reactor=self.reactor,
+                )
+            except EncodedBody as e:
+                self.observer.origin_failed(base, "encoded")
+                slot.release()
+                health.succeeded(base)  # it answered; the answer is unusable
+                failures.append(str(e))
+                log.warn("{error}", error=e)
+                continue
+            except Exception as e:  # refused, timed out, cut, or not HTTP: a GET may go to the next origin
+                self.observer.origin_failed(base, "timeout" if _is_timeout(e) else "connect")
+                slot.release()
+                timed_out = timed_out or _is_timeout(e)
+                # no connection or no answer in time: skip it for a while; a lost or broken answer
+                # (a restart, a stale keep-alive, bad framing) counts like a 5xx
+                health.failed(base, hard=_is_timeout(e) or isinstance(e, (ConnectError, DNSLookupError)))
+                failures.append(f"{base}: {_why(e)}")
+                log.warn("origin {url} failed: {error}", url=url, error=_why(e))
+                continue
+            code = response.code
+            self.observer.origin_answered(base, code, self.reactor.seconds() - request_time)
+            if code >= 500:
+                self.observer.origin_failed(base, "status_5xx")
+                health.failed(base, hard=False)
+                failures.append(f"{base}: {code}")
+                log.warn("origin {url} answered {code}", url=url, code=code)
                 try:
-                    response = await self._client.request(
-                        method,
-                        url,
-                        headers=self._signed(base, method, url, headers),
-                        unbuffered=True,
-                        allow_redirects=False,
-                        timeout=self.timeout,
-                        reactor=self.reactor,
-                    )
-                except EncodedBody as e:
-                    self.observer.origin_failed(base, "encoded")
-                    slot.release()
-                    health.succeeded(base)  # it answered; the answer is unusable
-                    failures.append(str(e))
-                    log.warn("{error}", error=e)
+                    answered = self._reply(response, url, first, last, request_time, slot)
+                except OriginUnavailable:
                     continue
-                except _TRANSIENT as e:
-                    slot.release()
-                    timed_out = timed_out or _is_timeout(e)
-                    self.observer.origin_failed(base, "timeout" if _is_timeout(e) else "connect")
-                    # no connection or no answer in time: skip it for a while; a connection dropped
-                    # before the answer (a restart, a stale keep-alive) counts like a 5xx
-                    health.failed(base, hard=not isinstance(e, ResponseNeverReceived) or _is_timeout(e))
-                    failures.append(f"{base}: {'timeout' if _is_timeout(e) else e.__class__.__name__}")
-                    log.warn("origin {url} failed: {error}", url=url, error=e)
-                    continue
-                code = response.code
-                self.observer.origin_answered(base, code, self.reactor.seconds() - began)
-                if code >= 500:
-                    self.observer.origin_failed(base, "status_5xx")
-                    slot.release()
-                    health.failed(base, hard=False)
-                    discard_body(response)
-                    failures.append(f"{base}: {code}")
-                    log.warn("origin {url} answered {code}", url=url, code=code)
-                    continue
-                try:
-                    refused = await self._refused_credentials(base, response)
-                except Exception as e:  # the error body was lost: treat it like a dropped answer
-                    slot.release()
-                    health.failed(base, hard=False)
-                    failures.append(f"{base}: {code} and a lost body ({e.__class__.__name__})")
-                    continue
-                if refused is not None:
-                    slot.release()
-                    health.failed(base, hard=False)
-                    failures.append(f"{base}: origin authentication failed ({refused})")
-                    log.error("origin {base} refused our credentials: {code} {error} (check --s3-credentials, "
-                              "the AWS_* variables or ~/.aws/credentials, and --s3-region)",
-                              base=base, code=code, error=refused)
-                    continue
-                health.succeeded(base)
-                return self._reply(response, url, slot)
+                if server_error is not None:
+                    server_error.discard()
+                server_error = answered
+                continue
+            try:
+                refused = await self._refused_credentials(base, response)
+            except Exception as e:  # the error body was lost: treat it like a dropped answer
+                slot.release()
+                health.failed(base, hard=False)
+                failures.append(f"{base}: {code} and a lost body ({e.__class__.__name__})")
+                continue
+            if refused is not None:
+                slot.release()
+                health.failed(base, hard=False)
+                failures.append(f"{base}: origin authentication failed ({refused})")
+                log.error("origin {base} refused our credentials: {code} {error} (check --s3-credentials, "
+                          "the AWS_* variables or ~/.aws/credentials, and --s3-region)",
+                          base=base, code=code, error=refused)
+                continue
+            try:
+                reply = self._reply(response, url, first, last, request_time, slot)
+            except OriginUnavailable as e:
+                health.succeeded(base)  # it answered; the answer is unusable (as an encoded one)
+                failures.append(str(e))
+                continue
+            health.succeeded(base)
+            if server_error is not None:
+                server_error.discard()
+            return reply
+        if server_error is not None:
+            return server_error
         if not attempts:
             raise OriginUnavailable(health.all_skipped_message())
         raise OriginUnavailable("no origin answered: " + "; ".join(failures), timeout=timed_out)
+
+    def _request_headers(
+        self, base: str, method: str, url: str, fields: Sequence[tuple[str, str]], own: Mapping[str, str],
+        body: bytes = b"",
+    ) -> Any:
+        """
+        The request's fields for C{base}: the forwarded C{fields} then the edge's C{own} (which
+        replace those of the same name); for an S3 origin, the edge's own only, signed.
+        """
+        if base in self._s3:
+            return self._signed(base, method, url, own, body)
+        headers = Headers()
+        for name, value in fields:
+            headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        for name, value in own.items():
+            headers.setRawHeaders(name.encode("latin-1"), [value.encode("latin-1")])
+        return headers
 
     async def _slot(self, base: str) -> Optional[_Slot]:
         """A connection slot for C{base}, or None after waiting C{timeout} seconds for one."""
@@ -456,53 +573,62 @@ class OriginClient:
         discard_body(response)
         return 200 <= response.code < 400
 
-    def _reply(self, response: TreqResponse, url: str, slot: Optional[_Slot] = None) -> OriginReply:
+    def _reply(self, response: TreqResponse, url: str, asked_first: int = 0,
+               asked_last: Optional[int] = None, request_time: float = 0.0,
+               slot: Optional[_Slot] = None) -> OriginReply:
+        """
+        The answer to a GET of bytes C{asked_first}..C{asked_last} (see L{fetch}) as an L{OriginReply}
+        holding C{slot}; a 206 is used only if it holds exactly those bytes (or more) and agrees with
+        itself, and a body is used only in a framing the edge trusts.
+
+        @raise OriginUnavailable: it is not (its body is dropped, its slot released).
+        """
         slot = slot or _Slot()
         try:
-            return self._checked_reply(response, url, slot)
+            return self._checked_reply(response, url, asked_first, asked_last, request_time, slot)
         except BaseException:
             slot.release()
             raise
 
-    def _checked_reply(self, response: Any, url: str, slot: _Slot) -> OriginReply:
+    def _checked_reply(self, response: Any, url: str, asked_first: int, asked_last: Optional[int],
+                       request_time: float, slot: _Slot) -> OriginReply:
         code = response.code
         raw = treq_raw_response(response)
         hdrs: Headers = response.headers
         length = response.length if isinstance(response.length, int) else None
+        try:
+            check_framing(answer_connection_fields(raw))
+        except HeaderError as e:
+            discard_body(response)
+            log.warn("origin {url}: {error}", url=url, error=e)
+            raise OriginUnavailable(f"{url}: {e}") from None
         first, total = 0, None
         if code == 206:
             value = header(hdrs, "Content-Range")
-            if value is None:
-                discard_body(response)
-                raise OriginUnavailable(f"{url}: 206 without Content-Range")
             try:
-                cr_first, cr_last, total = parse_content_range(value)
-            except ValueError as e:
+                if value is None:
+                    raise HeaderError("206 without Content-Range")
+                content_range = parse_content_range(value)
+                check_partial(asked_first, asked_last, content_range, length)
+            except HeaderError as e:
                 discard_body(response)
+                log.warn("origin {url}: {error}", url=url, error=e)
                 raise OriginUnavailable(f"{url}: {e}") from None
-            if cr_first is None or cr_last is None:
-                discard_body(response)
-                raise OriginUnavailable(f"{url}: 206 with unsatisfied Content-Range")
-            first = cr_first
-            length = cr_last - cr_first + 1
-        elif code == 200:
-            total = length
-        elif code in (304,):
+            assert content_range.first is not None and content_range.length is not None
+            first, length, total = content_range.first, content_range.length, content_range.total
+        elif code in (304, 416):
             slot.release()
-            discard_body(response)
-        elif code == 416:
-            value = header(hdrs, "Content-Range")
-            if value:
+            if code == 416:
+                value = header(hdrs, "Content-Range")
                 try:
-                    total = parse_content_range(value)[2]
-                except ValueError:
+                    total = parse_content_range(value).total if value else None
+                except HeaderError:
                     pass
-            slot.release()
             discard_body(response)
+            length = 0
         else:
-            discard_body(response)
-            raise OriginStatus(code)
-        return OriginReply(code, hdrs, first, length, total, url, raw, slot)
+            total = length
+        return OriginReply(code, hdrs, first, length, total, url, raw, slot, request_time, self.reactor.seconds())
 
     async def probe(self) -> dict[str, str]:
         """
@@ -529,26 +655,49 @@ class OriginClient:
         return results
 
     async def forward(
-        self, method: str, path: str, headers: Mapping[str, str], body: bytes
+        self, method: str, path: str, fields: Sequence[tuple[str, str]], body: bytes
     ) -> TreqResponse:
-        """Pass an unsafe method through to the first origin that answers (uncached)."""
+        """
+        Pass a method other than GET/HEAD through to the origins (uncached), sending it at most once:
+        only a connection that could not be made moves on to the next origin.  Whatever the first
+        origin that took the request answers (a 5xx included) is the answer, and an answer lost after
+        the request went out is L{OriginUnavailable}: the method may have taken effect, so it is never
+        sent again.  Each request has a connection of its own, so that no stale pooled connection
+        can lose a request the origin may or may not have seen.
+        """
         failures = []
         for base in self.bases:
+            if not self.health.admit(base):
+                continue  # down: nothing was sent there
             url = self.url_for(base, path)
             self.requests += 1
             try:
-                response = await self._client.request(
-                    method, url, headers=self._signed(base, method, url, headers, body), data=body or None,
+                return await self._once.request(
+                    method, url, headers=self._request_headers(base, method, url, fields, {}, body), data=body or None,
                     allow_redirects=False, timeout=self.timeout, reactor=self.reactor,
                 )
-            except _TRANSIENT as e:
+            except (ConnectError, DNSLookupError) as e:
                 failures.append(f"{base}: {e.__class__.__name__}")
+                log.warn("origin {url} could not be reached for {method}: {error}", url=url, method=method, error=e)
                 continue
-            if response.code >= 500 and base is not self.bases[-1]:
-                failures.append(f"{base}: {response.code}")
-                continue
-            return response
-        raise OriginUnavailable("no origin answered: " + "; ".join(failures))
+            except Exception as e:
+                log.warn("origin {url} took {method} but its answer was lost: {error}", url=url, method=method,
+                         error=e)
+                raise OriginUnavailable(f"{base}: the answer to {method} was lost "
+                                        f"({'timeout' if _is_timeout(e) else e.__class__.__name__}); "
+                                        "not sent again", timeout=_is_timeout(e)) from None
+        raise OriginUnavailable("no origin could be reached: " + "; ".join(failures))
+
+
+def _why(error: BaseException) -> str:
+    """A short reason for a failed request: the timeout, or the innermost error's class and message."""
+    if _is_timeout(error):
+        return "timeout"
+    reasons = getattr(error, "reasons", None) or []
+    inner = [reason.value for reason in reasons if reason.value is not None]
+    shown = inner[-1] if inner else error
+    text = str(shown)[:100]
+    return f"{shown.__class__.__name__}: {text}" if text else shown.__class__.__name__
 
 
 def _is_timeout(error: BaseException) -> bool:

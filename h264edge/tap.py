@@ -53,6 +53,7 @@ log = Logger()
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}")  # RFC 9110 §9.1: method = token
 
 
 def parse_size(value: str) -> int:
@@ -120,7 +121,10 @@ class Options(usage.Options):
         ["listen", "l", "tcp:8080", "Where to listen for viewers (a Twisted endpoint description: tcp:8080, "
          "tcp:80:interface=192.0.2.1, systemd:domain=INET:index=0)."],
         ["slice-size", None, "1M", "Cache objects are kept in slices of this many bytes."],
-        ["default-ttl", None, "3600", "Seconds an answer stays fresh when the origin says nothing."],
+        ["default-ttl", None, "3600", "Seconds an answer stays fresh when the origin gives neither freshness nor "
+         "Last-Modified, and the cap of the heuristic freshness (10% of the time since Last-Modified)."],
+        ["stale-if-error", None, "86400", "Seconds past its freshness a stored answer may stand in when the "
+         "origins fail, unless the answer says otherwise (stale-if-error) or forbids it (must-revalidate)."],
         ["origin-timeout", None, "10", "Seconds to wait for an origin to connect or answer."],
         ["origin-idle-timeout", None, "30", "Seconds an origin body may stay silent before it is dropped "
          "(and resumed, from the next origin if that one is now marked down)."],
@@ -180,6 +184,10 @@ class Options(usage.Options):
         ["exact-seek", None, "Start MP4 seeks exactly at start= (lead-in hidden by an edit list)."],
         ["no-sync", None, "Do not fdatasync before recording slices as present (faster; unsafe on power loss)."],
         ["no-player", None, "Do not serve the demo player page at /player on the viewer listener."],
+        ["viewer-no-cache", None, "Honour viewers' Cache-Control no-cache / max-age / min-fresh (and Pragma: "
+         "no-cache): they make the edge revalidate with the origin."],
+        ["cache-set-cookie", None, "Store answers that carry Set-Cookie, without the Set-Cookie (by default "
+         "they pass through unstored)."],
     ]
 
     def __init__(self) -> None:
@@ -264,8 +272,8 @@ class Options(usage.Options):
 
     def opt_pass_method(self, method: str) -> None:
         """Forward this HTTP method to the origin uncached (repeatable)."""
-        if not method.isalpha():
-            raise usage.UsageError(f"--pass-method={method!r} is not a method name")
+        if not _METHOD.fullmatch(method):
+            raise usage.UsageError(f"--pass-method={method!r} is not a method name (an RFC 9110 token)")
         self["pass-methods"].append(method.upper())
 
     def opt_trusted_proxy(self, address: str) -> None:
@@ -297,8 +305,8 @@ class Options(usage.Options):
             self[name] = _option_size(name, self[name])
         self["min-free"] = parse_min_free(self["min-free"])
         for name in ("default-ttl", "origin-timeout", "origin-idle-timeout", "origin-retry-after",
-                     "origin-check-interval", "origin-retry-budget", "drain-timeout", "mp4-limit-rate",
-                     "mp4-limit-rate-after"):
+                     "origin-check-interval", "origin-retry-budget", "stale-if-error", "drain-timeout",
+                     "mp4-limit-rate", "mp4-limit-rate-after"):
             self[name] = parse_number(name, self[name])
         for name in ("origin-connections", "origin-rise", "origin-fall"):
             self[name] = parse_count(name, self[name])
@@ -909,7 +917,8 @@ def makeService(options: Options) -> service.MultiService:
     except CacheDirUnusable as e:
         raise StartupRefused(f"h264edge: --cache-dir: {e}") from None  # one line, exit status 1
     origin = origin_client(options)
-    filler = Filler(store, origin, default_ttl=options["default-ttl"], idle_timeout=options["origin-idle-timeout"])
+    filler = Filler(store, origin, default_ttl=options["default-ttl"], idle_timeout=options["origin-idle-timeout"],
+                    stale_if_error=options["stale-if-error"], store_set_cookie=options["cache-set-cookie"])
     shared = options["workers"] > 1 or options["listen-fd"] is not None
     if shared:  # one origin fetch per slice for all the processes on the directory
         filler.shared = FillLocks(options["cache-dir"])
@@ -925,6 +934,7 @@ def makeService(options: Options) -> service.MultiService:
         hot_bytes=options["hot-cache"],
         filler=filler,
         name=options["name"],
+        viewer_no_cache=options["viewer-no-cache"],
     )
     loader = IndexLoader(store, rescan_every=RESCAN_INTERVAL if shared else None)
     loader.setServiceParent(top)

@@ -66,13 +66,16 @@ class Upstream:
 
 def cache_status(name: str, x_cache: str, upstream: Optional[str] = None) -> str:
     """
-    This edge's C{Cache-Status} member, after C{upstream}'s members: C{hit} for X-Cache HIT,
-    C{fwd=partial} for PARTIAL, C{fwd=uri-miss} for MISS.
+    This edge's C{Cache-Status} member, after C{upstream}'s members: C{hit} for X-Cache HIT (and
+    STALE: served from the store), C{fwd=partial} for PARTIAL, C{fwd=stale; fwd-status=304} for
+    REVALIDATED, C{fwd=uri-miss} for MISS and BYPASS.
     """
-    if x_cache == "HIT":
+    if x_cache in ("HIT", "STALE"):
         member = f"{name}; hit"
     elif x_cache == "PARTIAL":
         member = f"{name}; fwd=partial"
+    elif x_cache == "REVALIDATED":
+        member = f"{name}; fwd=stale; fwd-status=304"
     else:
         member = f"{name}; fwd=uri-miss"
     upstream = (upstream or "").strip()[:MAX_VIA]

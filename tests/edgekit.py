@@ -17,7 +17,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from h264edge.origin import OriginClient
 from h264edge.store import SliceStore
-from h264edge.testing import MemoryOrigin, listen_origin
+from h264edge.testing import MemoryOrigin, ScriptedOrigin, listen_origin, listen_scripted
 from h264edge.web.hot import EdgeSite
 from h264edge.web.resource import EdgeResource
 
@@ -84,12 +84,36 @@ class EdgeTestCase(TestCase):
             pass
 
     async def get(self, path: str, headers: Optional[dict[str, str]] = None, method: str = "GET") -> tuple[Any, bytes]:
-        response = await self.client.request(method, self.edge_url + path, headers=headers or {})
+        response = await self.client.request(method, self.edge_url + path, headers=headers or {},
+                                             allow_redirects=False)
         body = await response.content()
         return response, body
 
     async def settle(self, seconds: float = 0.05) -> None:
         await deferLater(reactor, seconds, lambda: None)
+
+
+class ScriptedEdgeTestCase(EdgeTestCase):
+    """An edge in front of a L{ScriptedOrigin} (C{self.scripted}); the MemoryOrigin stays unused."""
+
+    def setUp(self) -> None:
+        self.scripted = ScriptedOrigin()
+        port, self.scripted_url = listen_scripted(self.scripted)
+        self.addCleanup(port.stopListening)
+        super().setUp()
+
+    def start_edge(self, origins: Optional[list[str]] = None, **kwargs: Any) -> None:
+        kwargs.setdefault("name", "edge.test")
+        super().start_edge(origins or [self.scripted_url], **kwargs)
+
+    async def fetch_ok(self, path: str, headers: Optional[dict[str, str]] = None) -> tuple[Any, bytes]:
+        """A GET whose body may be cut short, as (response, body so far or b"<cut>")."""
+        response = await self.client.request("GET", self.edge_url + path, headers=headers or {})
+        try:
+            body = await response.content()
+        except Exception:
+            body = b"<cut>"
+        return response, body
 
 
 def header(response: Any, name: str) -> Optional[str]:

@@ -298,9 +298,20 @@ class BudgetTests(EdgeTestCase):
         clock = reactor
         client = OriginClient([self.origin_url, self.origin_url + "again/"], timeout=2,
                               retry_budget=RetryBudget(clock, ratio=0.0, floor=0.0))
-        client.passes = 1
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(close_later(client)))
+        # the failover the budget refuses is not made: the first origin's 503 is the answer (relayed)
+        reply = yield defer.Deferred.fromCoroutine(client.fetch("/a.bin"))
+        reply.discard()
+        self.assertEqual(reply.code, 503)
+        self.assertEqual(self.origin.requests, 1)
+        # a first origin that gave no answer at all: the second is not tried, no answer is had
+        dead = listen_origin(MemoryOrigin())[0]
+        dead_url = f"http://127.0.0.1:{dead.getHost().port}/"
+        yield dead.stopListening()
+        other = OriginClient([dead_url, self.origin_url], timeout=2,
+                             retry_budget=RetryBudget(clock, ratio=0.0, floor=0.0))
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(close_later(other)))
         with self.assertRaises(OriginUnavailable) as caught:
-            yield defer.Deferred.fromCoroutine(client.fetch("/a.bin"))
+            yield defer.Deferred.fromCoroutine(other.fetch("/a.bin"))
         self.assertIn("retry budget spent", str(caught.exception))
         self.assertEqual(self.origin.requests, 1)

@@ -694,7 +694,7 @@ class HostileSidecarTests(StoreTestCase):
         self.assert_discarded(change)
 
     def test_unknown_version(self) -> None:
-        self.assert_discarded(self.with_field("version", 2))
+        self.assert_discarded(self.with_field("version", 3))
 
     def test_huge_sidecar(self) -> None:
         self.assert_discarded(lambda r: b" " * (2 << 20))

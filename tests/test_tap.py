@@ -46,14 +46,32 @@ class OptionsTests(SynchronousTestCase):
     def test_bad_values_are_usage_errors(self) -> None:
         for argv in (["--origin=ftp://x/"], ["--origin=http://x/", "--max-size=lots"],
                      ["--origin=http://x/", "--default-ttl=soon"], ["--origin=http://x/", "--slice-size=1K"],
-                     ["--origin=http://x/", "--pass-method=GE T"]):
+                     ["--origin=http://x/", "--pass-method=GE T"], ["--origin=http://x/", "--pass-method=A(B)"],
+                     ["--origin=http://x/", "--stale-if-error=later"]):
             self.assertRaises(usage.UsageError, Options().parseOptions, argv)
+
+    def test_method_tokens_may_hold_dashes(self) -> None:
+        """RFC 9110 §9.1, §5.6.2: a method is a token; M-SEARCH is one."""
+        options = Options()
+        options.parseOptions(["--origin=http://a/", "--pass-method=M-SEARCH", "--pass-method=x.y"])
+        self.assertEqual(options["pass-methods"], ["M-SEARCH", "X.Y"])
+
+    def test_http_cache_options(self) -> None:
+        options = Options()
+        options.parseOptions(["--origin=http://a/"])
+        self.assertEqual((options["viewer-no-cache"], options["cache-set-cookie"], options["stale-if-error"]),
+                         (False, False, 86400.0))
+        options = Options()
+        options.parseOptions(["--origin=http://a/", "--viewer-no-cache", "--cache-set-cookie", "--stale-if-error=60"])
+        self.assertEqual((options["viewer-no-cache"], options["cache-set-cookie"], options["stale-if-error"]),
+                         (True, True, 60.0))
 
     def test_help_documents_every_option(self) -> None:
         text = str(Options())
         for name in ("--origin", "--cache-dir", "--max-size", "--listen", "--slice-size", "--default-ttl",
                      "--origin-timeout", "--seek-cache", "--max-moov", "--ignore-query", "--exact-seek",
-                     "--pass-method", "--no-sync", "--workers", "--hot-cache", "--access-log", "--min-free"):
+                     "--pass-method", "--no-sync", "--workers", "--hot-cache", "--access-log", "--min-free",
+                     "--viewer-no-cache", "--cache-set-cookie", "--stale-if-error"):
             self.assertIn(name, text)
 
 
@@ -126,6 +144,12 @@ class ServiceTests(SynchronousTestCase):
         site = port.factory
         self.assertIsInstance(site, EdgeSite)
         return site
+
+    def test_http_cache_options_reach_the_filler(self) -> None:
+        site = self.site_of("--stale-if-error=60", "--cache-set-cookie", "--viewer-no-cache")
+        filler = site.resource.filler
+        self.assertEqual((filler.stale_if_error, filler.store_set_cookie, site.resource.viewer_no_cache),
+                         (60.0, True, True))
 
     def test_hot_cache_and_access_log(self) -> None:
         site = self.site_of()

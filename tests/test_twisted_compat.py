@@ -392,3 +392,33 @@ class _Collect(protocol.Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.done.callback(self.data)
+
+
+class ClientConnectionTests(TestCase):
+    """L{compat.strict_client_connections} and L{compat.answer_connection_fields} on Twisted's HTTP client."""
+
+    timeout = 30
+
+    async def test_bytes_after_an_answer_close_its_connection_and_framing_fields_are_told(self) -> None:
+        from twisted.web.client import Agent
+
+        from h264edge.testing import Answer, ScriptedOrigin, listen_scripted
+
+        origin = ScriptedOrigin()
+        port, url = listen_scripted(origin)
+        self.addCleanup(port.stopListening)
+        origin.route("/a", lambda r: Answer(200, [("Connection", "X-Hop"), ("X-Hop", "1")], b"a",
+                                            then=b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nj"))
+        origin.route("/b", lambda r: Answer(200, [], b"b"))
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.assertTrue(compat.strict_client_connections(pool))
+        self.addCleanup(pool.closeCachedConnections)
+        client = treq.client.HTTPClient(Agent(reactor, pool=pool))
+        first = await client.get(url + "a")
+        self.assertEqual(await first.content(), b"a")
+        self.assertEqual(compat.answer_connection_fields(first), (("Connection", "X-Hop"), ("Content-Length", "1")))
+        for _ in range(2):
+            response = await client.get(url + "b")
+            self.assertEqual(await response.content(), b"b")
+        # the connection that got "j" after its answer was not reused; the next one was
+        self.assertEqual([r.connection for r in origin.log], [1, 2, 2])

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_store -*-
+# -*- test-case-name: tests.test_store,tests.test_sidecar -*-
 """
 Object metadata and its on-disk sidecar: encoding, and paranoid decoding.
 
@@ -17,7 +17,12 @@ from typing import Any
 
 from attrs import frozen
 
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2
+"""
+Version 2 adds the answer's status and header block and its cache policy (age, stale windows,
+Vary).  A version 1 sidecar is still read: its object is a 200 whose stored fields are the ones it
+kept (Content-Type, ETag, Last-Modified), aged 0 at its fetch, without stale windows or Vary.
+"""
 
 # Limits that keep a hostile sidecar from costing memory or time; far above anything real
 # (a 256 TiB object in 1 MiB slices needs a 32 MiB bitmap, so sidecars stay well under the cap
@@ -25,13 +30,35 @@ SIDECAR_VERSION = 1
 MAX_OBJECT_SIZE = 1 << 48
 MAX_SIDECAR_BYTES = 1 << 20
 MAX_TIMESTAMP = 1e11  # year 5138: file times beyond this overflow some platforms
+MAX_FIELDS = 1000  # stored header fields (the block itself is capped where it is made)
 
 _TOKEN = re.compile(r"\A[0-9a-f]{16}\Z")
+_FIELD_NAME = re.compile(r"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_FIELD_VALUE = re.compile(r"\A[^\x00\r\n]*\Z")
+_GENERATION = re.compile(r"\A(?:[0-9a-f]{16})?\Z")
+
+Fields = tuple[tuple[str, str], ...]
 
 
 @frozen
 class ObjectMeta:
-    """What the origin told us about one object (validators, type, freshness), keyed by cache key."""
+    """
+    What the origin told us about one object, keyed by cache key: its status, validators, type and
+    header block, and how long it is fresh.
+
+    @ivar headers: the stored header fields replayed with every answer (see
+        L{h264edge.httpcache.stored_fields}); Content-Type, ETag and Last-Modified are kept apart.
+    @ivar fetched_at: when its answer arrived (or was last revalidated).
+    @ivar expires_at: when it stops being fresh (its lifetime less its initial age, from fetched_at).
+    @ivar age: its corrected initial age at C{fetched_at} (RFC 9111 §4.2.3).
+    @ivar stale_while_revalidate: seconds past C{expires_at} it may be served while revalidating.
+    @ivar stale_if_error: seconds past C{expires_at} it may stand in for a failing origin (None: the
+        edge's setting).
+    @ivar revalidate: never served stale (must-revalidate and the like).
+    @ivar vary: the request fields that select it (a variant, and its Vary marker).
+    @ivar variants: set on a Vary marker (an empty object at the primary key that only records
+        C{vary}): the generation in its variants' keys.  Empty for an answer.
+    """
 
     key: str
     size: int
@@ -40,17 +67,30 @@ class ObjectMeta:
     content_type: str
     fetched_at: float
     expires_at: float
+    status: int = 200
+    headers: Fields = ()
+    age: float = 0.0
+    stale_while_revalidate: float = 0.0
+    stale_if_error: float | None = None
+    revalidate: bool = False
+    vary: tuple[str, ...] = ()
+    variants: str = ""
 
     def same_representation(self, other: ObjectMeta) -> bool:
-        """True if C{other} describes the same bytes: size, ETag and Last-Modified all equal."""
+        """True if C{other} describes the same bytes: status, size, ETag and Last-Modified all equal."""
         return (
             self.size == other.size
             and self.etag == other.etag
             and self.last_modified == other.last_modified
+            and self.status == other.status
         )
 
     def is_fresh(self, now: float) -> bool:
         return now < self.expires_at
+
+    def current_age(self, now: float) -> float:
+        """RFC 9111 §4.2.3: its initial age plus the time it has been stored."""
+        return self.age + max(0.0, now - self.fetched_at)
 
 
 class BadSidecar(Exception):
@@ -92,6 +132,14 @@ def encode_sidecar(
         "content_type": meta.content_type,
         "fetched_at": meta.fetched_at,
         "expires_at": meta.expires_at,
+        "status": meta.status,
+        "headers": [list(field) for field in meta.headers],
+        "age": meta.age,
+        "swr": meta.stale_while_revalidate,
+        "sie": meta.stale_if_error,
+        "revalidate": meta.revalidate,
+        "vary": list(meta.vary),
+        "variants": meta.variants,
         "slice_size": slice_size,
         "data": token,
         "present": present.hex(),
@@ -123,6 +171,48 @@ def _optional_str(record: dict[str, Any], name: str) -> str | None:
     return value
 
 
+def _cache_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """The version 2 fields: status, header block, age, stale windows, Vary."""
+    status = _int(record, "status")
+    if not (status == 0 or 100 <= status <= 999):
+        raise BadSidecar("status out of range")
+    raw_fields = record.get("headers")
+    if type(raw_fields) is not list or len(raw_fields) > MAX_FIELDS:
+        raise BadSidecar("headers is not a list of fields")
+    fields = []
+    for field in raw_fields:
+        if (type(field) is not list or len(field) != 2 or type(field[0]) is not str or type(field[1]) is not str
+                or not _FIELD_NAME.match(field[0]) or not _FIELD_VALUE.match(field[1])):
+            raise BadSidecar("a stored header field is not a field")
+        fields.append((field[0], field[1]))
+    sie = record.get("sie")
+    revalidate = record.get("revalidate")
+    if type(revalidate) is not bool:
+        raise BadSidecar("revalidate is not a boolean")
+    vary = record.get("vary")
+    if type(vary) is not list or len(vary) > MAX_FIELDS or any(
+            type(name) is not str or not _FIELD_NAME.match(name) for name in vary):
+        raise BadSidecar("vary is not a list of field names")
+    variants = record.get("variants")
+    if type(variants) is not str or not _GENERATION.match(variants):
+        raise BadSidecar("bad variants generation")
+    numbers = {name: _number(record, name) for name in ("age", "swr")}
+    if sie is not None:
+        numbers["sie"] = _number(record, "sie")
+    if any(not 0 <= value <= MAX_TIMESTAMP for value in numbers.values()):
+        raise BadSidecar("age or stale window out of range")
+    return {
+        "status": status,
+        "headers": tuple(fields),
+        "age": numbers["age"],
+        "stale_while_revalidate": numbers["swr"],
+        "stale_if_error": numbers.get("sie"),
+        "revalidate": revalidate,
+        "vary": tuple(vary),
+        "variants": variants,
+    }
+
+
 def decode_sidecar(raw: bytes, expected_hash: str, slice_size: int) -> Sidecar:
     """
     Parse and check a sidecar read from the file named after C{expected_hash}.
@@ -138,7 +228,8 @@ def decode_sidecar(raw: bytes, expected_hash: str, slice_size: int) -> Sidecar:
         raise BadSidecar(f"unparseable: {e}") from None
     if type(record) is not dict:
         raise BadSidecar("not an object")
-    if record.get("version") != SIDECAR_VERSION or type(record.get("version")) is not int:
+    version = record.get("version")
+    if type(version) is not int or version not in (1, SIDECAR_VERSION):
         raise BadSidecar("unknown version")
     key = record.get("key")
     if type(key) is not str or key_hash(key) != expected_hash:
@@ -174,6 +265,7 @@ def decode_sidecar(raw: bytes, expected_hash: str, slice_size: int) -> Sidecar:
         content_type=content_type,
         fetched_at=_number(record, "fetched_at"),
         expires_at=_number(record, "expires_at"),
+        **(_cache_fields(record) if version >= 2 else {}),
     )
     last_used = _number(record, "last_used")
     if not 0 <= last_used <= MAX_TIMESTAMP:

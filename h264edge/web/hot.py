@@ -14,11 +14,14 @@ these hold, and hands every other byte to twisted.web unchanged:
     Connection: close, a body...), so the answer cannot depend on them;
   - L{HotAnswers} holds a whole 200 answer for exactly that target, recorded by L{EdgeResource}
     from an answer it just sent through the normal road (a HIT of a complete object of at most
-    L{HOT_OBJECT_MAX} bytes), and that answer is still true: the store reports the same data file
-    (L{SliceStore.peek_complete}, with the same disk checks and LRU use as a normal hit) with the
-    same metadata, and it is fresh.
+    L{HOT_OBJECT_MAX} bytes, not a Vary'd one), and that answer is still true: the store reports
+    the same data file (L{SliceStore.peek_complete}, with the same disk checks and LRU use as a
+    normal hit) with the same metadata, and it is fresh;
+  - with C{viewer_cache_control} (the edge honours viewers' no-cache), the request has no
+    Cache-Control or Pragma.
 
-The answer is the recorded status line and headers (with a new Date) and the recorded body bytes:
+The answer is the recorded status line and headers (the object's stored header block, its stored
+Date, and an Age counted anew each second from the object's metadata) and the recorded body bytes:
 byte for byte what the normal road sends for that request.  Anything else (a stale object, a purge,
 another process's replacement) makes the lookup fail, the request goes the normal road, and that
 road records the new answer.  Access log lines are written as for any request.
@@ -34,7 +37,7 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
-from twisted.web.http import combinedLogFormatter, datetimeToString
+from twisted.web.http import combinedLogFormatter
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
@@ -75,13 +78,18 @@ class _Answer:
     key: str
     identity: object
     meta: ObjectMeta
-    before_date: bytes  # status line and the headers before Date
-    after_date: bytes  # the headers after Date, the blank line and the body
+    before_age: bytes  # status line and the headers before Age
+    after_age: bytes  # the headers after Age, the blank line and the body
     body_length: int
+    born: float  # when the object's age was 0 (RFC 9111 §4.2.3: its current age is now - born)
+    # the Age line for the second of age [age_from, age_until): made once a second, not per answer
+    age_line: bytes = b""
+    age_from: float = 0.0
+    age_until: float = -1.0
 
     @property
     def cost(self) -> int:
-        return len(self.before_date) + len(self.after_date) + 200
+        return len(self.before_age) + len(self.after_age) + 200
 
 
 class HotAnswers:
@@ -101,8 +109,8 @@ class HotAnswers:
         self.hits = 0
         self._clock: Any = reactor
         self._answers: OrderedDict[bytes, _Answer] = OrderedDict()
-        self._date_second = -1
-        self._date_line = b""
+        #: the edge honours viewers' Cache-Control / Pragma: requests with them take the normal road
+        self.viewer_cache_control = False
 
     def __len__(self) -> int:
         return len(self._answers)
@@ -126,21 +134,22 @@ class HotAnswers:
         head = [b"HTTP/1.1 200 ", request.code_message or b"OK", b"\r\n"]
         before: Optional[bytes] = None
         for name, values in request.responseHeaders.getAllRawHeaders():
-            if name.lower() == b"date":
+            if name.lower() == b"age":
                 before = b"".join(head)
                 head = []
                 continue
             for value in values:
                 head += [name, b": ", value, b"\r\n"]
         if before is None:
-            return  # twisted.web always sets Date; without it we could not tell where it goes
+            return  # a HIT always carries Age; without it we could not tell where it goes
         head.append(b"\r\n")
         held = self._answers.get(target)
         if held is not None and held.identity is obj.identity and held.meta is obj.meta \
-                and held.before_date == before and held.after_date.startswith(b"".join(head)):
+                and held.before_age == before and held.after_age.startswith(b"".join(head)):
             return  # the same answer (a request the hot path did not take): no need to read it again
         body = obj.read(0, size)
-        answer = _Answer(obj.meta.key, obj.identity, obj.meta, before, b"".join(head) + body, size)
+        born = obj.meta.fetched_at - obj.meta.age
+        answer = _Answer(obj.meta.key, obj.identity, obj.meta, before, b"".join(head) + body, size, born)
         self._drop(target)
         if answer.cost > self.max_bytes:
             return
@@ -165,12 +174,13 @@ class HotAnswers:
             self._drop(target)
             return None
         self._answers.move_to_end(target)
-        second = int(now)
-        if second != self._date_second:
-            self._date_second = second
-            self._date_line = b"Date: " + datetimeToString(second) + b"\r\n"
         self.hits += 1
-        return answer.before_date + self._date_line + answer.after_date, answer.body_length
+        if not answer.age_from <= now < answer.age_until:
+            age = max(0, int(now - answer.born))
+            answer.age_line = b"Age: %d\r\n" % age
+            answer.age_from = answer.born + age if age else float("-inf")
+            answer.age_until = answer.born + age + 1
+        return answer.before_age + answer.age_line + answer.after_age, answer.body_length
 
     def forget(self) -> None:
         self._answers.clear()
@@ -241,7 +251,9 @@ class HotChannel(LimitedChannel):
             and transport_open(self.transport)
         ):
             parsed = plain_get_target(data)
-            if parsed is not None:
+            if parsed is not None and not (
+                hot.viewer_cache_control and (b"cache-control" in parsed[1] or b"pragma" in parsed[1])
+            ):
                 found = hot.answer(parsed[0])
                 if found is not None:
                     send_now(self.transport, found[0])

@@ -18,7 +18,7 @@ from urllib.parse import quote, unquote_to_bytes
 from attrs import define, frozen
 
 from h264edge.errors import EdgeError
-from h264edge.freshness import parse_http_date
+from h264edge.httpcache import HeaderError, parse_etag_list, parse_http_date, weak_match
 
 SEEK_PARAMETERS = frozenset({"start", "end"})
 MP4_EXTENSIONS = (".mp4", ".m4v", ".mov", ".m4a", ".3gp")
@@ -301,14 +301,6 @@ def parse_request_date(value: str) -> Optional[float]:
 
 
 
-def _etags(value: str) -> list[str]:
-    return [tag.strip() for tag in value.split(",") if tag.strip()]
-
-
-def _weak_equal(a: str, b: str) -> bool:
-    return a.removeprefix("W/") == b.removeprefix("W/")
-
-
 def not_modified(
     if_none_match: Optional[str],
     if_modified_since: Optional[str],
@@ -319,8 +311,11 @@ def not_modified(
     if if_none_match is not None:
         if etag is None:
             return False
-        tags = _etags(if_none_match)
-        return "*" in tags or any(_weak_equal(tag, etag) for tag in tags)
+        try:
+            tags = parse_etag_list(if_none_match)  # commas inside an entity-tag's quotes are its own
+        except HeaderError:
+            return False  # not a list of entity-tags: it matches nothing
+        return tags == "*" or any(weak_match(tag, etag) for tag in tags)
     if if_modified_since is not None and last_modified is not None:
         since = parse_request_date(if_modified_since)
         modified = parse_http_date(last_modified)

@@ -1,9 +1,11 @@
-# -*- test-case-name: tests.test_edge -*-
+# -*- test-case-name: tests.test_edge,tests.test_http_cache,tests.test_origin_lies -*-
 """
 L{EdgeResource}: the edge as one twisted.web resource, embeddable in any Twisted app.
 
 Each GET/HEAD becomes a L{Plan} (whole object, Range slice, MP4 or FLV seek, or a Range over a seek)
-and goes out through one L{PlanProducer}.  Errors become one status and a short plain body.
+and goes out through one L{PlanProducer}, with the stored answer's status and header block (see
+L{h264edge.httpcache}) and the edge's own framing, Age, Via and X-Cache.  Errors become one status
+and a short plain body.
 """
 
 from __future__ import annotations
@@ -13,19 +15,33 @@ from collections import OrderedDict
 from typing import Any, Callable, Iterable, Optional
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from h264edge import flv, mp4, tiers
 from h264edge.errors import EdgeError, ObjectChanged, OriginStatus, OriginUnavailable
-from h264edge.fill import Filler, FillFailed, SharedResult
-from h264edge.origin import OriginClient
+from h264edge.fill import BYPASS, HIT, MISS, STALE, Filler, FillFailed, Found, SharedResult, Want
+from h264edge.httpcache import (
+    CONTENT_DIGESTS,
+    NOT_MODIFIED_FIELDS,
+    REPRESENTATION_DIGESTS,
+    Fields,
+    RequestDirectives,
+    format_http_date,
+    forwarded_request_fields,
+    hop_by_hop,
+    request_directives,
+    values,
+)
+from h264edge.origin import OriginClient, OriginPath, field_list
 from h264edge.plan import Literal, Plan
-from h264edge.store import CachedObject, SliceStore, StoreError
+from h264edge.store import CachedObject, ObjectMeta, SliceStore, StoreError
 from h264edge._twisted_compat import request_disconnected
 from h264edge.web.http import (
     BadRequest,
@@ -58,6 +74,10 @@ class MoovTooLarge(mp4.UnsupportedMP4):
     """The clip's moov is over the --max-moov cap: seeking it would cost too much memory."""
 
 
+class NotCached(EdgeError):
+    """A request that may only be answered from the store (only-if-cached) and has nothing fresh there: 504."""
+
+
 def _status_for(failure: Failure) -> tuple[int, str]:
     error = failure.value
     message = str(error) or error.__class__.__name__
@@ -71,6 +91,8 @@ def _status_for(failure: Failure) -> tuple[int, str]:
         return error.code, message
     if isinstance(error, OriginUnavailable):
         return (504 if error.timeout else 502), message
+    if isinstance(error, NotCached):
+        return 504, message
     if isinstance(error, mp4.UnsupportedMP4):
         return 501, "cannot seek in this MP4: " + message
     if isinstance(error, mp4.MalformedMP4):
@@ -100,6 +122,13 @@ class EdgeResource(Resource):
     @param pass_methods: methods forwarded uncached to the origin (others than GET/HEAD answer 405).
     @param exact_seek: start MP4 seeks exactly at C{start} (lead-in hidden by an edit list) rather than
         at the keyframe before it.
+    @param name: how this edge names itself in Via and Cache-Status (see L{h264edge.tiers}); without
+        one, answers and origin requests get no Via from it and loops are not checked.
+    @param viewer_no_cache: honour viewers' request no-cache / max-age / min-fresh (off: as nginx and
+        Varnish, a viewer cannot make the edge ask the origin).
+    @param stale_if_error: seconds past its freshness a stored answer may stand in when the origins
+        fail, unless the answer says otherwise (see L{Filler.stale_if_error}).
+    @param store_set_cookie: store answers that set cookies, without their Set-Cookie.
     """
 
     isLeaf = True
@@ -119,11 +148,16 @@ class EdgeResource(Resource):
         filler: Optional[Filler] = None,
         hot_bytes: int = 0,
         name: Optional[str] = None,
+        viewer_no_cache: bool = False,
+        stale_if_error: float = 86400.0,
+        store_set_cookie: bool = False,
     ) -> None:
         super().__init__()
         self.store = store
         self.origin = origin
-        self.filler = filler or Filler(store, origin, reactor=reactor, default_ttl=default_ttl)
+        self.filler = filler or Filler(store, origin, reactor=reactor, default_ttl=default_ttl,
+                                       stale_if_error=stale_if_error, store_set_cookie=store_set_cookie)
+        self.viewer_no_cache = viewer_no_cache
         self.indexes = mp4.SeekIndexCache(seek_cache_bytes)
         self.seek_plans = SeekPlanCache(seek_cache_bytes // 4)
         self.max_moov = max_moov
@@ -133,6 +167,8 @@ class EdgeResource(Resource):
         self._parsing: dict[tuple[Any, ...], SharedResult] = {}
         #: answers to plain GETs of small complete objects, for L{EdgeSite}'s hot path (None: off)
         self.hot = HotAnswers(store, hot_bytes, reactor) if hot_bytes > 0 else None
+        if self.hot is not None:
+            self.hot.viewer_cache_control = viewer_no_cache
         #: who may PURGE (a token, trusted proxies); shared with the admin listener
         self.purge_auth = PurgeAuth()
         #: which answers are paced, and how (None: none)
@@ -141,8 +177,10 @@ class EdgeResource(Resource):
         self.on_purge: Optional[Callable[[int, str, str], None]] = None
         #: this edge's name in Via and Cache-Status (see L{h264edge.tiers}); None: no Via, no loop check
         self.name = tiers.check_name(name) if name is not None else None
-        if self.name is not None and self.filler.via is None:
-            self.filler.via = tiers.via_onward(self.name, [])
+        #: what it adds to Via (on answers and origin requests), None without a name
+        self.via: Optional[str] = tiers.via_onward(self.name, []) if self.name is not None else None
+        if self.via is not None and self.filler.via is None:
+            self.filler.via = self.via
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -169,8 +207,9 @@ class EdgeResource(Resource):
         request.setResponseCode(code)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         request.setHeader(b"Content-Length", str(len(body)).encode())
-        if not request.responseHeaders.hasHeader(b"X-Cache"):
-            self._mark(request, "MISS")
+        if not request.responseHeaders.hasHeader(b"Cache-Status"):
+            existing = request.responseHeaders.getRawHeaders(b"X-Cache")
+            self._mark(request, existing[-1].decode("latin-1") if existing else MISS)
         return body
 
     def _failed(self, failure: Failure, request: Request) -> None:
@@ -184,6 +223,7 @@ class EdgeResource(Resource):
         code, message = _status_for(failure)
         if code == 500:
             log.failure("internal error on {uri}", failure, uri=request.uri)
+        _edge_answer_only(request, code)
         body = self._plain(request, code, message)
         if request.method != b"HEAD":
             request.write(body)
@@ -198,7 +238,6 @@ class EdgeResource(Resource):
 
     async def _serve(self, request: Request) -> None:
         target = self._target(request)
-        origin_path = target.path + ("?" + target.origin_query if target.origin_query else "")
         seek: Optional[tuple[float, Optional[float]]] = None
         flv_offset = 0
         if target.kind == "mp4":
@@ -215,46 +254,53 @@ class EdgeResource(Resource):
             hint = range_hint(_h(request, b"Range"))
             if hint is not None:
                 first, last = hint
-        cached = self.store.get(target.key)
-        existed = cached is not None
-        via = tiers.via_onward(self.name, _via(request)) if self.name is not None else None
-        obj = await self.filler.object_for(target.key, origin_path, first, last, cached=cached, via=via)
+        fields = request_fields(request)
+        asked = request_directives(fields)
+        want = self._want(request, target, fields, asked, first, last)
+        if asked.only_if_cached:
+            _, stored = self.filler.lookup(want)
+            if stored is None or not self.filler.fresh_enough(stored.meta, want, self.filler.reactor.seconds()):
+                raise NotCached("only-if-cached, and no fresh answer is stored")
+            found = Found(stored, HIT)
+        else:
+            found = await self.filler.find(want)
+        obj = found.obj
         meta = obj.meta
+        if meta.status != 200:
+            self._relay(request, found, want.path)
+            return
         # what an error answer about the object says from here on (a seek's 416, 501 or 502)
-        request.setHeader(b"X-Cache", b"HIT" if existed else b"MISS")
+        request.setHeader(b"X-Cache", found.how.encode())
 
         etag, last_modified = meta.etag, meta.last_modified
         if seek is not None:
-            index = await self._mp4_index(obj, origin_path)
+            index = await self._mp4_index(obj, want.path)
             # an end at or past the last track's end keeps every sample, exactly as no end does; passing
             # a huge one on overflows the media-time arithmetic (end=1e308 was a 502)
             end = seek[1] if seek[1] is not None and seek[1] < index.duration else None
-            plan_key = (target.key, meta.size, meta.etag, meta.last_modified, seek[0], end, self.exact_seek)
+            plan_key = (meta.key, meta.size, meta.etag, meta.last_modified, seek[0], end, self.exact_seek)
             plan = self.seek_plans.get(plan_key)
             if plan is None:
-                plan = mp4.plan_for_seek(index, target.key, seek[0], end, self.exact_seek)
+                plan = mp4.plan_for_seek(index, meta.key, seek[0], end, self.exact_seek)
                 self.seek_plans.put(plan_key, plan)
             etag = _derived_etag(obj, f"mp4:{seek[0]!r}:{end!r}:{self.exact_seek}")
         elif flv_offset:
-            plan = await self._flv_plan(obj, origin_path, flv_offset)
+            plan = await self._flv_plan(obj, want.path, flv_offset)
             etag = _derived_etag(obj, f"flv:{flv_offset}")
         else:
-            plan = Plan.whole(target.key, meta.size)
+            plan = Plan.whole(meta.key, meta.size)
+        rewritten = seek is not None or bool(flv_offset)
 
-        if etag:
-            request.setHeader(b"ETag", etag.encode("latin-1"))
-        if last_modified:
-            request.setHeader(b"Last-Modified", last_modified.encode("latin-1"))
-        request.setHeader(b"Accept-Ranges", b"bytes")
         if not_modified(_h(request, b"If-None-Match"), _h(request, b"If-Modified-Since"), etag, last_modified):
-            self._mark(request, "HIT" if existed else "MISS", target.key)
+            self._replay(request, meta, found.how, keep=NOT_MODIFIED_FIELDS)
+            self._validators(request, etag, last_modified)
+            self._mark(request, found.how, meta)
             request.setResponseCode(304)
             request.finish()
             return
 
         content_type = "video/mp4" if seek is not None and meta.content_type == "application/octet-stream" \
             else meta.content_type
-        request.setHeader(b"Content-Type", content_type.encode("latin-1"))
         total = plan.length
         byte_range = None
         if range_applies(_h(request, b"If-Range"), etag, last_modified):
@@ -262,48 +308,130 @@ class EdgeResource(Resource):
                 byte_range = parse_range(_h(request, b"Range"), total)
             except Unsatisfiable:
                 request.setHeader(b"Content-Range", f"bytes */{total}".encode())
-                self._mark(request, "HIT" if existed else "MISS", target.key)
+                self._mark(request, found.how, meta)
                 raise
+        drop = CONTENT_DIGESTS | (REPRESENTATION_DIGESTS if rewritten else frozenset())
+        self._replay(request, meta, found.how, drop=drop if rewritten or byte_range is not None else frozenset())
+        self._validators(request, etag, last_modified)
+        request.setHeader(b"Accept-Ranges", b"bytes")
+        request.setHeader(b"Content-Type", content_type.encode("latin-1"))
         if byte_range is not None:
             plan = plan.slice(*byte_range)
             request.setResponseCode(206)
             request.setHeader(b"Content-Range", f"bytes {byte_range[0]}-{byte_range[1]}/{total}".encode())
-        cache_status = self._cache_status(obj, plan, existed)
-        self._mark(request, cache_status, target.key)
+        cache_status = self._cache_status(obj, plan, found.how)
+        self._mark(request, cache_status, meta)
         request.setHeader(b"Content-Length", str(plan.length).encode())
         if request.method == b"HEAD" or plan.length == 0:
             request.finish()
             return
-        if self.hot is not None and cache_status == "HIT" and byte_range is None and seek is None and not flv_offset \
-                and request.method == b"GET":
+        if self.hot is not None and cache_status == HIT and byte_range is None and not rewritten \
+                and request.method == b"GET" and not meta.vary:
             self.hot.record(request.uri, obj, request)
-        producer = PlanProducer(request, plan, {target.key: obj}, {target.key: origin_path}, self.filler,
+        self._stream(request, plan, obj, want.path)
+
+    def _want(self, request: Request, target: Any, fields: Fields, asked: RequestDirectives, first: int,
+              last: Optional[int]) -> Want:
+        """What the cache needs to know of C{request}, with the fields forwarded to the origin for it."""
+        forwarded = forwarded_request_fields(fields, _client(request), self.via)
+        origin_path = OriginPath(target.path + ("?" + target.origin_query if target.origin_query else ""), forwarded)
+        honour = self.viewer_no_cache
+        return Want(
+            key=target.key,
+            path=origin_path,
+            fields=fields,
+            first=first,
+            last=last,
+            authorized=bool(values(fields, "Authorization")),
+            no_store=asked.no_store,
+            revalidate=honour and asked.no_cache,
+            max_age=asked.max_age if honour else None,
+            min_fresh=asked.min_fresh if honour else 0.0,
+        )
+
+    def _stream(self, request: Request, plan: Plan, obj: CachedObject, path: str) -> None:
+        producer = PlanProducer(request, plan, {obj.meta.key: obj}, {obj.meta.key: path}, self.filler,
                                 on_early_failure=lambda failure: self._failed(failure, request))
         request.notifyFinish().addErrback(lambda _: producer.stopProducing())
         producer.throttle_policy = self.throttle_policy
         producer.start()
 
-    def _mark(self, request: Request, x_cache: str, key: Optional[str] = None) -> None:
+    def _relay(self, request: Request, found: Found, path: str) -> None:
         """
-        Say how the answer was found: C{X-Cache} (HIT, MISS, PARTIAL), the RFC 9211 C{Cache-Status}
-        chain (the members of caches nearer the origin, then ours) and, when the edge has a name, C{Via}.
+        An answer with another status than 200 (a 301 with its Location, a 404 page): its status,
+        header block and body as the origin sent them.  Range and conditionals do not apply to it
+        (RFC 9110 §13.2.1, §14.2).
+        """
+        obj, meta = found.obj, found.obj.meta
+        request.setResponseCode(meta.status)
+        self._replay(request, meta, found.how)
+        self._validators(request, meta.etag, meta.last_modified)
+        if meta.content_type:
+            request.setHeader(b"Content-Type", meta.content_type.encode("latin-1"))
+        else:
+            _no_default_content_type(request)
+        self._mark(request, self._cache_status(obj, Plan.whole(meta.key, meta.size), found.how), meta)
+        if meta.status in (204, 304) or meta.status < 200:
+            request.finish()
+            return
+        request.setHeader(b"Content-Length", str(meta.size).encode())
+        if request.method == b"HEAD" or meta.size == 0:
+            request.finish()
+            return
+        self._stream(request, Plan.whole(meta.key, meta.size), obj, path)
+
+    def _replay(self, request: Request, meta: ObjectMeta, how: str, *, drop: frozenset[str] = frozenset(),
+                keep: Optional[frozenset[str]] = None) -> None:
+        """
+        Put the stored header block on C{request}'s answer (less the fields in C{drop}, or only those
+        in C{keep}), with the stored Date, this edge added to Via (RFC 9110 §7.6.3) and an Age: on
+        every answer from the store, and on a fresh one when the origin's already had one (RFC 9111
+        §5.1, §4.2.3).
+        """
+        headers = request.responseHeaders
+        fields = [(name, value) for name, value in meta.headers
+                  if name.lower() not in drop and (keep is None or name.lower() in keep)]
+        for name in {name for name, _ in fields}:
+            headers.removeHeader(name)
+        for name, value in fields:
+            headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        if not values(meta.headers, "Date"):
+            headers.setRawHeaders(b"Date", [format_http_date(meta.fetched_at).encode("ascii")])
+        if self.via is not None:
+            headers.setRawHeaders(b"Via", [", ".join(values(meta.headers, "Via") + [self.via]).encode("latin-1")])
+        age = int(meta.current_age(self.filler.reactor.seconds()))
+        if how in (HIT, STALE) or age > 0:
+            headers.setRawHeaders(b"Age", [str(age).encode("ascii")])
+
+    @staticmethod
+    def _validators(request: Request, etag: Optional[str], last_modified: Optional[str]) -> None:
+        if etag:
+            request.setHeader(b"ETag", etag.encode("latin-1"))
+        if last_modified:
+            request.setHeader(b"Last-Modified", last_modified.encode("latin-1"))
+
+    def _mark(self, request: Request, x_cache: str, meta: Optional[ObjectMeta] = None) -> None:
+        """
+        Say how the answer was found: C{X-Cache} (see L{h264edge.fill}), the RFC 9211 C{Cache-Status}
+        chain (the members of caches nearer the origin, from the stored answer's own field, then ours)
+        and, for an answer of the edge's own with a name, C{Via} (a stored answer's is replayed).
         """
         request.setHeader(b"X-Cache", x_cache.encode())
-        upstream = self.filler.upstream.get(key) if key is not None else None
-        request.setHeader(b"Cache-Status", tiers.cache_status(
-            self.name or "h264edge", x_cache, upstream.cache_status if upstream else None).encode("latin-1"))
-        if self.name is not None:
-            request.setHeader(b"Via", tiers.via_onward(self.name, [upstream.via] if upstream and upstream.via else [])
-                              .encode("latin-1"))
+        upstream = ", ".join(values(meta.headers, "Cache-Status")) if meta is not None else None
+        request.setHeader(b"Cache-Status", tiers.cache_status(self.name or "h264edge", x_cache, upstream)
+                          .encode("latin-1"))
+        if meta is None and self.via is not None:
+            request.setHeader(b"Via", self.via.encode("latin-1"))
 
-    def _cache_status(self, obj: CachedObject, plan: Plan, existed: bool) -> str:
-        if not existed:
-            return "MISS"
+    def _cache_status(self, obj: CachedObject, plan: Plan, how: str) -> str:
+        """The X-Cache value: C{how} the answer was had, a stored one told apart as HIT, PARTIAL or MISS."""
+        if how != HIT:
+            return how
         spans = list(plan.spans())
         ready = [self.filler.readable(obj, span.offset) >= span.length for span in spans]
         if all(ready):
-            return "HIT"
-        return "PARTIAL" if any(obj.available_from(s.offset) for s in spans) or any(ready) else "MISS"
+            return HIT
+        return "PARTIAL" if any(obj.available_from(s.offset) for s in spans) or any(ready) else MISS
 
     # -- containers -------------------------------------------------------------------------
 
@@ -398,6 +526,7 @@ class EdgeResource(Resource):
         except BadRequest as e:
             return self._plain(request, 400, str(e))
         removed = self.purge_target(target)
+        request.setHeader(b"X-Cache", BYPASS.encode())
         shown = target.key if len(target.key) <= 200 else target.key[:200] + "..."  # percent-encoded ASCII
         if self.on_purge is not None:
             self.on_purge(removed, "viewer", shown)
@@ -421,9 +550,9 @@ class EdgeResource(Resource):
         """
         Drop the cached objects of a request target (below this resource's mount point, as its keys
         are); how many went.  C{/clip.mp4} drops that path's
-        object and those of the path with any query string (every variant kept under it); with a
-        query (less C{start}/C{end}), only that key.  Seek answers, Range answers and hot answers are
-        made from those objects, so they go with them.
+        object and those of the path with any query string; with a query (less C{start}/C{end}),
+        only that key; either way with every Vary variant kept under the key.  Seek answers, Range
+        answers and hot answers are made from those objects, so they go with them.
 
         @raise BadRequest: the target is not a path the edge would serve.
         """
@@ -433,6 +562,8 @@ class EdgeResource(Resource):
     def purge_target(self, target: Target) -> int:
         """L{purge} for a parsed target."""
         removed = int(self.store.remove(target.key))
+        variants = target.key + "\x00"  # a Vary'd answer's variants (see httpcache.variant_key)
+        removed += self.store.remove_matching(lambda key: key.startswith(variants))
         if target.key == target.path:
             removed += self.store.remove_matching(lambda key: key.startswith(target.path + "?"))
         return removed
@@ -446,26 +577,41 @@ class EdgeResource(Resource):
     # -- other methods ------------------------------------------------------------------------
 
     async def _forward(self, request: Request, method: str) -> None:
+        """
+        A pass-through method: the viewer's end-to-end fields and body go to the origin once (see
+        L{OriginClient.forward}), its answer comes back as it is, and nothing is stored; a
+        successful answer invalidates the stored one (RFC 9111 §4.4).
+        """
         target = self._target(request)
         origin_path = target.path + ("?" + target.origin_query if target.origin_query else "")
-        headers = {}
-        for name in (b"Content-Type", b"Authorization", b"If-Match", b"If-Unmodified-Since"):
-            value = request.getHeader(name)
-            if value is not None:
-                headers[name.decode()] = value.decode("latin-1")
+        fields = request_fields(request)
+        forwarded = [(name, value) for name, value in forwarded_request_fields(fields, _client(request), self.via)]
+        for name in ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since", "If-Range", "Range"):
+            forwarded += [(name, value) for value in values(fields, name)]
         body = request.content.read() if request.content is not None else b""
-        response = await self.origin.forward(method, origin_path, headers, body)
-        content = await response.content()
+        response = await self.origin.forward(method, origin_path, forwarded, body)
+        try:
+            content = await response.content()
+        except Exception as e:
+            raise OriginUnavailable(f"the origin's answer to {method} was cut short ({e.__class__.__name__})") from None
         if 200 <= response.code < 400:
             # RFC 9111 §4.4: a successful unsafe method invalidates the stored response
             self.store.remove(target.key)
         request.setResponseCode(response.code)
-        for name in (b"Content-Type", b"Location", b"ETag", b"Last-Modified"):
-            values = response.headers.getRawHeaders(name)
-            if values:
-                request.setHeader(name, values[-1])
+        answer = field_list(response.headers)
+        skipped = hop_by_hop(answer) | {"content-length", "x-cache"}
+        kept = [(name, value) for name, value in answer if name.lower() not in skipped]
+        for name in {name for name, _ in kept}:
+            request.responseHeaders.removeHeader(name)
+        for name, value in kept:
+            request.responseHeaders.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        if not values(kept, "Content-Type"):
+            _no_default_content_type(request)
+        vias = values(kept, "Via") + ([self.via] if self.via is not None else [])
+        if vias:
+            request.responseHeaders.setRawHeaders(b"Via", [", ".join(vias).encode("latin-1")])
         request.setHeader(b"Content-Length", str(len(content)).encode())
-        self._mark(request, "MISS")
+        self._mark(request, BYPASS)
         request.write(content)
         request.finish()
 
@@ -513,6 +659,31 @@ def purge_refusal(auth: PurgeAuth, request: Request, viewer_listener: bool) -> O
     return refusal
 
 
+def request_fields(request: Request) -> Fields:
+    """A request's header fields as text (latin-1)."""
+    return field_list(request.requestHeaders)
+
+
+def _client(request: Request) -> Optional[str]:
+    peer = request.getClientAddress()
+    return peer.host if isinstance(peer, (IPv4Address, IPv6Address)) else None
+
+
+#: headers an error answer of the edge's own keeps of what was set for the answer it replaces
+_KEPT_ON_ERROR = frozenset({b"server", b"x-served-by", b"x-cache", b"cache-status", b"via", b"allow"})
+
+
+def _edge_answer_only(request: Request, code: int) -> None:
+    """Drop what was set for an answer that became an error answer (a replayed Cache-Control above all)."""
+    headers = request.responseHeaders
+    for name, _ in list(headers.getAllRawHeaders()):
+        lower = name.lower()
+        if lower not in _KEPT_ON_ERROR and not (code == 416 and lower == b"content-range"):
+            headers.removeHeader(name)
+    headers.setRawHeaders(b"Date", [datetimeToString()])
+    request.defaultContentType = b"text/html"
+
+
 def path_below_mount(request: Request, raw_path: bytes) -> bytes:
     """
     The part of C{raw_path} (as sent, still percent-encoded) below the resource that renders
@@ -531,6 +702,11 @@ def path_below_mount(request: Request, raw_path: bytes) -> bytes:
 
 def _via(request: Request) -> list[str]:
     return [v.decode("latin-1") for v in request.requestHeaders.getRawHeaders(b"Via") or []]
+
+
+def _no_default_content_type(request: Any) -> None:
+    """An answer without a Content-Type gets none: not twisted.web's default (text/html)."""
+    request.defaultContentType = None
 
 
 def _h(request: Request, name: bytes) -> Optional[str]:
