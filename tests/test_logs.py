@@ -67,7 +67,7 @@ class CombinedLogTests(AccessLogTestCase):
         self.assertTrue(all(parsed), lines)
         fields = [(m["method"], m["uri"], m["code"], m["cache"], m["cut"]) for m in parsed if m]
         self.assertEqual(fields, [("GET", "/a.bin", "200", "MISS", "0"), ("HEAD", "/a.bin", "200", "HIT", "0"),
-                                  ("GET", "/missing.bin", "404", "MISS", "0"), ("GET", "/cut.bin", "200", "MISS", "1")])
+                                  ("GET", "/missing.bin", "404", "BYPASS", "0"), ("GET", "/cut.bin", "200", "MISS", "1")])
         first, cut = parsed[0], parsed[3]
         assert first is not None and cut is not None
         self.assertEqual((first["bytes"], first["referer"], first["agent"], first["client"]),

@@ -79,7 +79,7 @@ class StatusPageTests(BrowserTestCase):
         self.assertEqual(tables["top-bytes"][0][0], "/big.bin")
         self.assertEqual(tables["origins"][0][:2], [self.origin_url, "down"])  # its last answer was a 503
         self.assertIn(f"{self.origin_url}: status_5xx", [row[2] for row in tables["errors"]])
-        self.assertIn("502 for GET /broken.bin", [row[2] for row in tables["errors"]])
+        self.assertIn("503 for GET /broken.bin", [row[2] for row in tables["errors"]])  # the origin's, relayed
         lines = await self.js(browser, "document.querySelectorAll('#chart-throughput polyline').length")
         self.assertEqual(lines, 2)  # sent and from origins, between the two samples
         self.assertEqual(await self.js(browser, "document.getElementById('disk-bar').style.width"),

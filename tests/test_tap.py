@@ -147,8 +147,9 @@ class ServiceTests(SynchronousTestCase):
 
     def test_http_cache_options_reach_the_filler(self) -> None:
         site = self.site_of("--stale-if-error=60", "--cache-set-cookie", "--viewer-no-cache")
-        filler = site.resource.filler
-        self.assertEqual((filler.stale_if_error, filler.store_set_cookie, site.resource.viewer_no_cache),
+        edge = getattr(site.resource, "edge", site.resource)  # under the player page's root
+        filler = edge.filler
+        self.assertEqual((filler.stale_if_error, filler.store_set_cookie, edge.viewer_no_cache),
                          (60.0, True, True))
 
     def test_hot_cache_and_access_log(self) -> None:
