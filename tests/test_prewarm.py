@@ -60,7 +60,7 @@ class PrewarmTests(ServedEdgeTestCase):
         # the progress bar: clips done of all, bytes, rate, time left
         self.assertIn("clips", result.stdout)
         self.assertIn("5/5", result.stdout)
-        self.assertRegex(result.stdout, r"[\d.]+ [kM]B/s")
+        self.assertRegex(result.stdout, r"[\d.]+ (bytes|[kMG]B)/s")
         self.assertIn("━", result.stdout)
         # now they are cached: every one a hit
         urls = self.list_file("/a.bin\n/b.bin\n/c.mp4?start=6\n/c.mp4 bytes=0-99999\n")
