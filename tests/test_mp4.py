@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from hachoir.core import config as hachoir_config
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -443,6 +443,8 @@ class PlanTests(SynchronousTestCase):
         length=st.one_of(st.none(), st.floats(min_value=0.01, max_value=30)),
         exact=st.booleans(),
     )
+    # an end inside the last frame: that frame is shown whole, to the video's end
+    @example(start=1.96875, length=18.0, exact=False)
     def test_any_start_and_end_gives_a_consistent_plan(self, start: float, length: float | None, exact: bool) -> None:
         source = load("bframes.mp4")
         index = source.index()

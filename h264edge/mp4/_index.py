@@ -652,7 +652,8 @@ def _frame_boundary(video: Track, end: float, movie_timescale: int) -> float:
     """
     Where an answer ending at C{end} stops: when the first video frame shown at or after C{end} starts,
     so that the frames shown are whole and the reference frames decoded before C{end} but shown after
-    it stay hidden by the edit list; C{end} itself when no video frame is shown after it.
+    it stay hidden by the edit list.  When no frame starts at or after C{end}, C{end} falls in the last
+    frame (which is shown whole, up to the video's end) or after the video.
     """
     tables = video.tables
     target = video.media_at(end, movie_timescale)
@@ -664,7 +665,7 @@ def _frame_boundary(video: Track, end: float, movie_timescale: int) -> float:
         if shown >= target and (first is None or shown < first):
             first = shown
     if first is None:
-        return end
+        return max(end, video.presentation_end)
     return max((first - video.media_time) / video.timescale + video.empty / movie_timescale, end)
 
 
