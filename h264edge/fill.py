@@ -70,6 +70,9 @@ BYPASS = "BYPASS"  # fetched from the origin for this request only: the answer o
 
 MAX_BUFFERED_BODY = 1 << 20
 """An answer without a length (chunked, not a 206) is read whole up to this size, else it is a 502."""
+MAX_OBJECT_SLICES = 1 << 24
+"""An origin's answer of more slices than this is refused (502): every object, stored or streamed through,
+keeps a bit per slice (twice), and a Content-Length of 18 digits would otherwise claim gigabytes of them."""
 MAX_SECONDARY_KEY = 4096
 """A variant whose selecting request fields come to more than this is not stored (a huge Cookie or
 custom field would otherwise make a key, and an index entry, of that size for every value)."""
@@ -418,6 +421,9 @@ class Filler:
         if total is None:
             body = await read_body(reply, MAX_BUFFERED_BODY)
             total = len(body)
+        if total > MAX_OBJECT_SLICES * self.store.slice_size:
+            raise OriginUnavailable(f"{reply.url}: an object of {total} bytes is too large (over "
+                                    f"{MAX_OBJECT_SLICES} slices of {self.store.slice_size} bytes)")
         age = initial_age(fields, reply.request_time, now)
         vary = parse_vary(values(fields, "Vary")) or ()
         key = want.key
@@ -488,7 +494,10 @@ class Filler:
             return Found(stale, REVALIDATED)
         old = stale.meta
         try:
-            block = updated_fields(old.headers, fresh)
+            # a stored answer goes without Set-Cookie (see response_policy): one a 304 brings is this
+            # viewer's, never merged into what every later viewer gets
+            block = updated_fields(old.headers, fresh,
+                                   strip=frozenset({"set-cookie"}) if self.store_set_cookie else frozenset())
         except HeaderError as e:
             raise OriginUnavailable(f"{reply.url}: {e}") from None
         validators = tuple((name, value) for name, value in (("Last-Modified", old.last_modified),) if value)

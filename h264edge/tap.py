@@ -26,7 +26,6 @@ from twisted.internet.testing import MemoryReactor
 from twisted.logger import Logger, jsonFileLogObserver
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
-from twisted.web.server import Site
 
 from h264edge.config import ConfigError, config_arguments, config_path, load_config
 from h264edge.lifecycle import EdgeService, SignalHandlers, StartupRefused, forward_signal, open_more_files
@@ -40,7 +39,7 @@ from h264edge.tiers import BadEdgeName, check_name
 from h264edge.store._fill_locks import FillLocks
 from h264edge.store._store import ORPHAN_GRACE, CacheDirUnusable, check_cache_dir, default_min_free
 from h264edge.metrics import HISTORY_STEP, EdgeMetrics
-from h264edge.web.admin import admin_resource, read_token_file
+from h264edge.web.admin import admin_resource, admin_site, read_token_file
 from h264edge.web.hot import EdgeSite
 from h264edge.web.http import TOKEN_CHARS, parse_networks
 from h264edge.web.limits import ConnectionLimits
@@ -969,9 +968,7 @@ def makeService(options: Options) -> service.MultiService:
         metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") if options["workers"] > 1 else None
         MetricsUpkeep(metrics, remove_dir=metrics_dir).setServiceParent(top)
         if options["listen-fd"] is None:  # a worker's figures are served by the first process
-            admin = Site(admin_resource(resource, metrics, loader.scan_now if shared else None))
-            admin.log = lambda request: None  # type: ignore[method-assign]  # scrapes are not viewers
-            admin.displayTracebacks = False
+            admin = admin_site(admin_resource(resource, metrics, loader.scan_now if shared else None), limits)
             top.add_listener(listening_service(options["admin-listen"], admin, "admin-listen"),
                              f"--admin-listen={options['admin-listen']}")
     OriginProbe(origin, metrics).setServiceParent(top)

@@ -233,3 +233,16 @@ def frame_hashes(path: str | Path, stream: str = "v:0") -> list[str]:
         check=True,
     )
     return [line.rsplit(",", 1)[1].strip() for line in result.stdout.splitlines() if line and line[0] != "#"]
+
+
+def probe_clean(data: bytes) -> bool:
+    """Whether ffprobe reads C{data} (an MP4) and every packet of it without an error."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+        f.write(data)
+        f.flush()
+        result = subprocess.run(
+            [FFPROBE or "ffprobe", "-v", "error", "-count_packets", "-show_entries", "stream=nb_read_packets",
+             "-of", "csv=p=0", f.name], capture_output=True, timeout=60)
+    return result.returncode == 0 and not result.stderr.strip()

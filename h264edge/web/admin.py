@@ -11,7 +11,8 @@ The admin listener (C{--admin-listen}): what an operator's tools ask of an edge,
     GET  /status                  the status page (L{h264edge.web.status})
 
 Purges answer C{{"purged": N}} as JSON and follow L{PurgeAuth}: with a token, C{Authorization:
-Bearer TOKEN}; without one, loopback clients only.
+Bearer TOKEN}; without one, loopback clients only.  The listener is held to the viewer port's
+deadlines (L{admin_site}), with a connection cap and a body cap of its own.
 """
 
 from __future__ import annotations
@@ -29,12 +30,15 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from h264edge.metrics import CONTENT_TYPE, EdgeMetrics
 from h264edge.web.http import BadRequest, PurgeAuth
+from h264edge.web.limits import ConnectionLimits, LimitedSite
 from h264edge.web.resource import purge_refusal
 from h264edge.web.status import status_pages
 
 log = Logger()
 
 READY_PROBE_EVERY = 5.0  # seconds a readiness probe of the origins is trusted
+ADMIN_MAX_CONNECTIONS = 32  # connections to the admin listener at once (scrapers, a purge script)
+ADMIN_MAX_BODY = 64 * 1024  # bytes of a request body on the admin listener (its API takes none)
 
 
 def _plain(request: Request, code: int, text: str, content_type: bytes = b"text/plain; charset=utf-8") -> bytes:
@@ -169,7 +173,10 @@ class PurgePage(_Leaf):
         refusal = purge_refusal(self.auth, request, viewer_listener=False)
         if refusal is not None:
             return _json(request, refusal[0], {"error": refusal[1]})
-        query = parse_qs(request.uri.partition(b"?")[2].decode("latin-1"), keep_blank_values=True)
+        # latin-1 both ways: each byte of the query (percent-decoded) stays one character, which
+        # purge() turns back into that byte, whatever the bytes are (a path as a viewer sent it)
+        query = parse_qs(request.uri.partition(b"?")[2].decode("latin-1"), keep_blank_values=True,
+                         encoding="latin-1")
         paths, prefixes = query.get("path", []), query.get("prefix", [])
         if len(paths) + len(prefixes) != 1 or set(query) - {"path", "prefix"}:
             return _json(request, 400, {"error": "give one path=/... or prefix=/..."})
@@ -234,6 +241,21 @@ def admin_resource(
         **status_pages(metrics, edge.origin),
     }
     return AdminRoot(pages)
+
+
+def admin_site(root: Resource, limits: ConnectionLimits) -> LimitedSite:
+    """
+    The admin listener's site for C{root}: the viewer port's deadlines (C{limits}: a head trickling in,
+    an idle connection, a peer that stops reading), at most L{ADMIN_MAX_CONNECTIONS} connections and
+    L{ADMIN_MAX_BODY} bytes of body; no access log and no tracebacks.
+    """
+    site = LimitedSite(root, limits=ConnectionLimits(
+        header_timeout=limits.header_timeout, idle_timeout=limits.idle_timeout, send_timeout=limits.send_timeout,
+        max_connections=ADMIN_MAX_CONNECTIONS, max_body=ADMIN_MAX_BODY, quiet_body=min(limits.quiet_body,
+                                                                                        ADMIN_MAX_BODY)))
+    site.log = lambda request: None  # type: ignore[method-assign]  # scrapes are not viewers
+    site.displayTracebacks = False
+    return site
 
 
 def read_token_file(path: str) -> str:
