@@ -481,6 +481,14 @@ class OriginClient:
                 log.warn("origin {url} failed: {error}", url=url, error=_why(e))
                 continue
             code = response.code
+            if not 200 <= code <= 599:  # RFC 9110 §15: 100-599 (1xx are interim): a broken answer
+                discard_body(response)
+                slot.release()
+                self.observer.origin_failed(base, "connect")
+                health.failed(base, hard=False)
+                failures.append(f"{base}: an invalid status {code}")
+                log.warn("origin {url} answered an invalid status {code}", url=url, code=code)
+                continue
             self.observer.origin_answered(base, code, self.reactor.seconds() - request_time)
             if code >= 500:
                 self.observer.origin_failed(base, "status_5xx")

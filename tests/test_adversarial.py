@@ -79,6 +79,26 @@ class HugeObjectTests(ScriptedEdgeTestCase):
                                          b"x" * SLICE), {"Range": "bytes=0-99"})
 
 
+class InvalidStatusTests(ScriptedEdgeTestCase):
+    """RFC 9110 §15: a status outside 100-599 is no answer: 502 (it was relayed, as a status line no
+    client can parse: `HTTP/1.1 99`), and the next origin is asked."""
+
+    async def test_statuses_outside_the_range_are_502(self) -> None:
+        for code in (99, 600, 999):
+            self.scripted.route(f"/s{code}.bin", lambda request, code=code: Answer(code, [], b"body!"))
+            response, body = await self.fetch_ok(f"/s{code}.bin")
+            self.assertEqual(response.code, 502, (code, body))
+            self.assertIn(b"invalid status", body)
+
+    async def test_the_next_origin_is_asked(self) -> None:
+        self.scripted.route("/s.bin", lambda request: Answer(999, [], b"body!"))
+        self.scripted.route("/ok/s.bin", lambda request: represent(request, DATA, [], ETAG))
+        await self._stop_once(self._stop_edge)
+        self.start_edge([self.scripted_url, self.scripted_url + "ok/"])
+        response, body = await self.fetch_ok("/s.bin")
+        self.assertEqual((response.code, body), (200, DATA))
+
+
 class AdminListenerTests(ServedEdgeTestCase):
     """The admin listener is held to the same connection limits as the viewer port."""
 
