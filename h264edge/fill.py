@@ -403,7 +403,12 @@ class Filler:
         if code == 304:
             if stale is None:
                 raise OriginUnavailable(f"{reply.url}: 304 to a request without conditionals")
-            return self._revalidated(want, reply, stale, marker, now)
+            try:
+                return self._revalidated(want, reply, stale, marker, now)
+            except OriginUnavailable as e:  # a 304 that cannot be used (another entity-tag, a huge block)
+                if self.may_stand_in(stale.meta, now):
+                    return self._standing_in(stale, str(e))
+                raise
         empty = code == 416 and reply.total == 0
         if code == 416 and not empty:
             raise OriginUnavailable(f"{reply.url}: 416 for the object's first bytes")

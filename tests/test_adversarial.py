@@ -58,6 +58,30 @@ class RevalidationCookieTests(ScriptedEdgeTestCase):
         self.assertEqual((header(response, "X-Cache"), all_values(response, "Set-Cookie")), ("HIT", []))
 
 
+class UnusableNotModifiedTests(ScriptedEdgeTestCase):
+    """
+    A 304 the edge cannot use (RFC 9111 §4.3.4: another strong entity-tag than the stored one; a
+    header block over the cap) is no usable answer: the stored copy stands in (stale-if-error), as
+    for a 5xx, instead of a 502.
+    """
+
+    async def assert_stands_in(self, lie: Any) -> None:
+        def handler(request: ScriptedRequest) -> Answer:
+            answer = represent(request, DATA, [("Cache-Control", "max-age=0")], ETAG)
+            return lie(answer) if answer.status == 304 else answer
+
+        self.scripted.route("/n.bin", handler)
+        answers = [await self.get("/n.bin") for _ in range(2)]
+        self.assertEqual([(r.code, header(r, "X-Cache"), body == DATA) for r, body in answers],
+                         [(200, "MISS", True), (200, "STALE", True)])
+
+    async def test_a_304_for_another_entity_tag(self) -> None:
+        await self.assert_stands_in(lambda answer: answer.with_headers(("ETag", '"b2"'), drop=("ETag",)))
+
+    async def test_a_304_with_a_header_block_over_the_cap(self) -> None:
+        await self.assert_stands_in(lambda answer: answer.with_headers(*[(f"X-F{i}", "v" * 200) for i in range(400)]))
+
+
 class HugeObjectTests(ScriptedEdgeTestCase):
     """An origin claiming an object of petabytes gets a clean 502, at once, with no memory spent on it."""
 
