@@ -1,29 +1,34 @@
 """
 The integrated adversarial pass (issue 10 on the combined code): lying origins against the HTTP-cache
-rules (stored header blocks, revalidation), hostile clients against the admin listener and its purge
-API, and hostile media at the origin through a real edge.  Each test is a finding of that pass: it
-failed on the code before its fix.  The long loops are C{dev/fuzz-mp4} and C{dev/kill-fills}.
+rules (stored header blocks, revalidation, statuses), hostile clients against the admin listener and
+its purge API, hostile media at the origin through a real edge, and kill -9 during fills.  The tests
+of findings failed on the code before their fix; the media and kill tests are the short versions of
+the long loops C{dev/fuzz-mp4} and C{dev/kill-fills}.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import socket
+import subprocess
 import time
-from typing import Any
+from typing import Any, Optional
 from urllib.parse import quote
 
 from hachoir.core import config as hachoir_config
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest
+from twisted.trial.unittest import SkipTest, TestCase
 
-from h264edge.testing import Answer, ScriptedRequest, represent
+from h264edge.testing import Answer, MemoryOrigin, ScriptedRequest, represent
 from tests.edgekit import SLICE, EdgeTestCase, ScriptedEdgeTestCase, header, random_bytes
 from tests.media import clip, have_ffmpeg, probe_clean
 from tests.mp4fuzz import MUTATIONS, mutate, seek_answer
 from tests.served import ServedEdgeTestCase
-from tests.test_hostile_requests import exchange
+from tests.running import RunningEdge, free_port, serve_origin, sleep
+from tests.test_hostile_requests import exchange, request
 
 DATA = random_bytes(3 * SLICE + 321, seed=41)
 ETAG = '"a1"'
@@ -233,3 +238,63 @@ class HostileMediaTests(EdgeTestCase):
             if body != data:
                 problems.append(f"{what}: the whole file came back {response.code}, {len(body)} bytes, not the file's")
         self.assertEqual(problems, [])
+
+
+class KillDuringFillTests(TestCase):
+    """
+    kill -9 of a twistd edge (with --workers=2, both processes) at several points of a fill, then a
+    restart on the same cache directory: every object served is the origin's bytes, whole and as ranges.
+    The short version of dev/kill-fills.
+    """
+
+    timeout = 180
+
+    async def test_objects_are_the_origins_bytes_after_kills(self) -> None:
+        origin = MemoryOrigin()
+        objects = {f"/k{i}.bin": random_bytes(size, seed=60 + i) for i, size in enumerate((700_000, 2_300_001))}
+        for path, data in objects.items():
+            origin.add(path, data)
+        origin.dribble = (64 * 1024, 0.02)  # fills take a while: the kills land inside them
+        origin_url = serve_origin(self, origin)
+        workdir = os.path.abspath(self.mktemp())
+        port = free_port()
+        edge = RunningEdge(workdir, [f"--origin={origin_url}", f"--cache-dir={workdir}/cache", "--slice-size=64K",
+                                     f"--listen=tcp:{port}:interface=127.0.0.1", "--workers=2"], port)
+        self.addCleanup(edge.stop)
+        rng = random.Random(7)
+        wrong = []
+        for kill in range(3):
+            await edge.start()
+            viewers = [deferToThread(raw_get, port, path, rng.choice(([], [f"Range: bytes={rng.randrange(300000)}-"])))
+                       for path in objects for _ in range(2)]
+            await sleep(rng.uniform(0.2, 0.8))
+            assert edge.proc is not None
+            _kill_tree(edge.proc.pid)
+            await edge.wait_exit(10)
+            for viewer in viewers:
+                await viewer
+            await edge.start()
+            for path, data in objects.items():
+                for extra, expected in (([], data), (["Range: bytes=70000-200000"], data[70000:200001])):
+                    status, body = await deferToThread(raw_get, port, path, extra)
+                    if body != expected:
+                        wrong.append(f"after kill {kill}: {path} {extra}: {status}, {len(body)} bytes")
+            edge.signal(signal.SIGTERM)
+            await edge.wait_exit(30)
+        self.assertEqual(wrong, [])
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL C{pid} and its children (the workers), all at once."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    for each in [pid, *map(int, children)]:
+        try:
+            os.kill(each, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def raw_get(port: int, path: str, extra: list[str]) -> tuple[Optional[int], bytes]:
+    """A GET on its own connection: the status and the body as far as it came (whole, or cut by a kill)."""
+    status, body = exchange(port, request(path, *extra), 20)
+    return status, body
