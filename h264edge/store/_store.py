@@ -15,13 +15,14 @@ Trust rules:
     completes, every L{PERSIST_EVERY_SLICES} slices, when the oldest unpersisted slice is older than
     L{PERSIST_INTERVAL} seconds (checked at commit and at get()), at L{CachedObject.close} and at
     L{SliceStore.close}.  With C{run_in_thread} (the server's setting) a batch's fdatasync, then the
-    new sidecar's tmp file and its fsync, run in a thread (so do a publish's and a refresh's); the sidecar, renamed into place on the
-    reactor when both are done, lists only the slices present when the sync began
-    (C{_Entry.listed}); the reactor keeps receiving and sending meanwhile.  Cold fills measured
-    5-10% faster than with the sync on the reactor thread, close to C{sync=False}.  L{SliceStore.close}
-    still syncs in the caller.  A crash loses at most the unpersisted slices; they are refetched.  The
-    directory is not fsync'ed after the rename: a crash may bring back the previous sidecar, which
-    lists a subset of the same file's synced slices, so it is still true.
+    new sidecar's tmp file and its fsync, run in a thread (so do those of L{SliceStore.publish} and
+    L{SliceStore.refresh}); the sidecar, put in place on the reactor when both are done, lists only
+    the slices present when the sync began (C{_Entry.listed}); the reactor keeps receiving and
+    sending meanwhile.  Cold fills measured 5-10% faster than with the sync on the reactor thread,
+    close to C{sync=False}.  L{SliceStore.close} still syncs in the caller.  A crash loses at most
+    the unpersisted slices; they are refetched.  The directory is not fsync'ed after the rename: a
+    crash may bring back the previous sidecar, which lists a subset of the same file's synced
+    slices, so it is still true.
   - A data file's bitmap only ever grows: a new representation (create()) gets a new data file.
 
 Several processes on one root (C{--workers}): the disk is the only thing they share, so every
