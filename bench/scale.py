@@ -151,7 +151,10 @@ def main() -> None:
     parser.add_argument("--max-size", default="20M", help="each edge's --max-size (the working set is 2 MiB per file)")
     parser.add_argument("--setups", default="1,2,3,4", help="which setups to run, by number (see above)")
     args = parser.parse_args()
-    setups = [SETUPS[int(n) - 1] for n in args.setups.split(",") if n.strip()]
+    numbers = [n.strip() for n in args.setups.split(",") if n.strip()]
+    if not numbers or any(n not in {"1", "2", "3", "4"} for n in numbers):
+        parser.error(f"--setups takes numbers 1-4, comma separated, not {args.setups!r}")
+    setups = [SETUPS[int(n) - 1] for n in numbers]
     base = tempfile.mkdtemp(prefix="h264edge-scale-")
     try:
         media = os.path.join(base, "media")
