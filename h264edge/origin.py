@@ -61,11 +61,16 @@ def header(headers: Headers, name: str) -> Optional[str]:
 
 
 def field_list(headers: Headers) -> Fields:
-    """Twisted's Headers as a field list (names as Twisted spells them, values latin-1 text)."""
+    """
+    Twisted's Headers as a field list (names as Twisted spells them, values latin-1 text).  An empty
+    Content-Encoding is left out: Twisted's ContentDecoderAgent (under every treq request) adds one to
+    each answer that had none, and the edge would store and replay it.
+    """
     return tuple(
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, values in headers.getAllRawHeaders()
         for value in values
+        if value.strip(b" \t") or name.lower() != b"content-encoding"
     )
 
 

@@ -23,11 +23,11 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from h264edge.testing import Answer, MemoryOrigin, ScriptedRequest, represent
-from tests.edgekit import SLICE, EdgeTestCase, ScriptedEdgeTestCase, header, random_bytes
+from tests.edgekit import SLICE, EdgeTestCase, RawClient, ScriptedEdgeTestCase, header, random_bytes
 from tests.media import clip, have_ffmpeg, probe_clean
 from tests.mp4fuzz import MUTATIONS, mutate, seek_answer
 from tests.served import ServedEdgeTestCase
-from tests.running import RunningEdge, free_port, serve_origin, sleep
+from tests.running import RunningEdge, free_port, serve_origin, sleep, until
 from tests.test_hostile_requests import exchange, request
 
 DATA = random_bytes(3 * SLICE + 321, seed=41)
@@ -108,6 +108,29 @@ class HugeObjectTests(ScriptedEdgeTestCase):
                                          b"x" * SLICE), {"Range": "bytes=0-99"})
 
 
+class EmptyContentEncodingTests(ScriptedEdgeTestCase):
+    """
+    An answer without Content-Encoding is replayed without one: Twisted's ContentDecoderAgent (under
+    treq) adds an empty Content-Encoding to such an answer, which was stored and sent to every viewer.
+    """
+
+    def head_of(self, path: str) -> bytes:
+        client = RawClient(self.edge_port.getHost().port)
+        try:
+            client.send_get(path)
+            return client.read_response().head
+        finally:
+            client.close()
+
+    async def test_no_content_encoding_is_made_up(self) -> None:
+        self.scripted.route("/e.bin", lambda request: represent(request, DATA, [("Cache-Control", "max-age=600")],
+                                                                ETAG))
+        for expected in ("MISS", "HIT"):
+            head = await deferToThread(self.head_of, "/e.bin")
+            self.assertIn(f"X-Cache: {expected}".encode(), head)
+            self.assertNotIn(b"content-encoding", head.lower())
+
+
 class InvalidStatusTests(ScriptedEdgeTestCase):
     """RFC 9110 §15: a status outside 100-599 is no answer: 502 (it was relayed, as a status line no
     client can parse: `HTTP/1.1 99`), and the next origin is asked."""
@@ -132,6 +155,14 @@ class AdminListenerTests(ServedEdgeTestCase):
     """The admin listener is held to the same connection limits as the viewer port."""
 
     extra = ("--header-timeout=1", "--idle-timeout=1")
+
+    async def serve(self, *extra: str) -> None:
+        await super().serve(*extra)
+        # the start's origin probe lands first: its connection is then in the pool the stop closes
+        self.origin.add("/a.bin", b"a" * 100)
+        await until(lambda: self.origin.log)
+        code, _, _ = await self.request("/a.bin")
+        self.assertEqual(code, 200)
 
     def slow_head(self) -> tuple[bool, bytes]:
         """A head sent a line every 0.3 s for 4 s: whether the server closed first, and what it said."""
