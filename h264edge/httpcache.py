@@ -205,7 +205,9 @@ def _year_of(timestamp: float) -> int:
 
 
 def _timestamp(year: int, month: int, day: int, hour: int, minute: int, second: int) -> Optional[float]:
-    if not (1 <= day <= calendar.monthrange(year, month)[1] and hour < 24 and minute < 60 and second <= 60):
+    """The POSIX time of a calendar date and time; None if there is no such day (year 0000, 31 Feb)."""
+    if not (year >= 1 and 1 <= day <= calendar.monthrange(year, month)[1] and hour < 24 and minute < 60
+            and second <= 60):
         return None
     return float(calendar.timegm((year, month, day, hour, minute, min(second, 59), 0, 0, 0)))
 

@@ -455,6 +455,21 @@ class FreshnessRuleTests(ScriptedEdgeTestCase):
         self.assertLess(abs(lifetimes[1] - 3600), 2)  # the cap: --default-ttl
         self.assertEqual(self.scripted.requests, 2)
 
+    async def test_dates_in_year_0000_are_invalid_dates_not_errors(self) -> None:
+        """
+        RFC 9111 §4.2 and §5.3: an origin's Date, Expires or Last-Modified that names no real day is an
+        invalid date (an Expires in the past: stale), never a 500.  Year 0000 follows the HTTP-date
+        grammar; each of the three was a 500 before.
+        """
+        year_0 = "Sat, 01 Jan 0000 00:00:00 GMT"
+        for name in ("Date", "Expires", "Last-Modified"):
+            path = f"/y0-{name}.bin"
+            self.scripted.serve(path, DATA, [(name, year_0)])
+            response, body = await self.get(path)
+            self.assertEqual((response.code, body, header(response, "X-Cache")), (200, DATA, "MISS"), name)
+            response, body = await self.get(path, {"If-Modified-Since": year_0})
+            self.assertIn(response.code, (200, 304), name)
+
     async def test_only_if_cached(self) -> None:
         """RFC 9111 §5.2.1.7: only-if-cached gets the stored answer or 504; the origin is never asked."""
         self.scripted.serve("/o.bin", DATA, [("Cache-Control", "max-age=600")])

@@ -52,6 +52,7 @@ from h264edge.web.http import (
     excerpt,
     not_modified,
     parse_byte_offset,
+    parse_key_prefix,
     parse_range,
     parse_seek,
     parse_target,
@@ -552,11 +553,13 @@ class EdgeResource(Resource):
         are); how many went.  C{/clip.mp4} drops that path's
         object and those of the path with any query string; with a query (less C{start}/C{end}),
         only that key; either way with every Vary variant kept under the key.  Seek answers, Range
-        answers and hot answers are made from those objects, so they go with them.
+        answers and hot answers are made from those objects, so they go with them.  The target is
+        text, percent-encoded or not (C{/€.mp4} and C{/%E2%82%AC.mp4} name one object): its
+        characters are taken as UTF-8, as a request's path is.
 
         @raise BadRequest: the target is not a path the edge would serve.
         """
-        raw_path, _, raw_query = target.encode("latin-1").partition(b"?")
+        raw_path, _, raw_query = target.encode("utf-8").partition(b"?")
         return self.purge_target(parse_target(raw_path, raw_query, self.keep_query))
 
     def purge_target(self, target: Target) -> int:
@@ -569,10 +572,14 @@ class EdgeResource(Resource):
         return removed
 
     def purge_prefix(self, prefix: str) -> int:
-        """Drop every cached object whose key starts with C{prefix} (a path prefix: C{/videos/2024/})."""
-        if not prefix.startswith("/"):
-            raise BadRequest("a purge prefix starts with /")
-        return self.store.remove_matching(lambda key: key.startswith(prefix))
+        """
+        Drop every cached object whose key starts with C{prefix} (a path prefix: C{/videos/2024/},
+        percent-encoded or not, see L{parse_key_prefix}).
+
+        @raise BadRequest: the prefix does not start with C{/}, or is not UTF-8.
+        """
+        start = parse_key_prefix(prefix)
+        return self.store.remove_matching(lambda key: key.startswith(start))
 
     # -- other methods ------------------------------------------------------------------------
 
