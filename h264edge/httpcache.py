@@ -649,7 +649,20 @@ def secondary_key(vary: Sequence[str], request_fields: Fields) -> str:
 
 def variant_key(primary: str, generation: str, secondary: str) -> str:
     """The cache key of one variant of C{primary}: the one rule for keys of Vary'd answers."""
-    return f"{primary}\x00vary\x00{generation}\x00{secondary}"
+    return f"{derived_prefix(primary)}vary\x00{generation}\x00{secondary}"
+
+
+def bypass_key(primary: str, nonce: str) -> str:
+    """The key of an answer to C{primary} that is kept nowhere (not storable): it replaces nothing."""
+    return f"{derived_prefix(primary)}bypass\x00{nonce}"
+
+
+def derived_prefix(primary: str) -> str:
+    """
+    The start of every key made from C{primary} (L{variant_key}, L{bypass_key}), and of no other
+    key: a request's key never holds NUL (its path and query are percent-encoded).
+    """
+    return primary + "\x00"
 
 
 # -- entity tags (RFC 9110 §8.8.3, §13.1.2) ----------------------------------------------------------

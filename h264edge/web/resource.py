@@ -33,6 +33,7 @@ from h264edge.httpcache import (
     REPRESENTATION_DIGESTS,
     Fields,
     RequestDirectives,
+    derived_prefix,
     format_http_date,
     forwarded_request_fields,
     hop_by_hop,
@@ -565,7 +566,7 @@ class EdgeResource(Resource):
     def purge_target(self, target: Target) -> int:
         """L{purge} for a parsed target."""
         removed = int(self.store.remove(target.key))
-        variants = target.key + "\x00"  # a Vary'd answer's variants (see httpcache.variant_key)
+        variants = derived_prefix(target.key)  # a Vary'd answer's variants
         removed += self.store.remove_matching(lambda key: key.startswith(variants))
         if target.key == target.path:
             removed += self.store.remove_matching(lambda key: key.startswith(target.path + "?"))
