@@ -131,6 +131,10 @@ class EdgeResource(Resource):
     @param stale_if_error: seconds past its freshness a stored answer may stand in when the origins
         fail, unless the answer says otherwise (see L{Filler.stale_if_error}).
     @param store_set_cookie: store answers that set cookies, without their Set-Cookie.
+    @param filler: the L{Filler} to use (C{twistd h264edge} shares one with its metrics and worker
+        locks); without one, one is made from C{default_ttl}, C{stale_if_error} and
+        C{store_set_cookie}, which are otherwise the given filler's own.
+    @param hot_bytes: memory for L{HotAnswers} (the hot path of L{EdgeSite}); 0: none.
     """
 
     isLeaf = True
