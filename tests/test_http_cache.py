@@ -620,6 +620,20 @@ class PassThroughTests(ScriptedEdgeTestCase):
         response, _ = await self.get("/api", method="M-SEARCH")
         self.assertEqual(self.scripted.log[-1].method, "M-SEARCH")
 
+    async def test_a_pass_through_answer_keeps_the_chain_of_caches(self) -> None:
+        """
+        RFC 9110 §7.6.3 and RFC 9211 §2: the answer of a parent tier to a pass-through method keeps
+        its Via and its Cache-Status members, this edge's added after them, as on a GET (both were
+        replaced by this edge's alone).
+        """
+        await self.restart_edge(pass_methods=["POST"])
+        self.scripted.route("/api", lambda r: Answer(200, [("Via", "1.1 parent"),
+                                                           ("Cache-Status", "parent; fwd=uri-miss")], b"ok"))
+        response = await self.client.request("POST", self.edge_url + "/api", data=b"x=1")
+        self.assertEqual(await response.content(), b"ok")
+        self.assertEqual(headers_of(response, "Via"), ["1.1 parent, 1.1 edge.test"])
+        self.assertEqual(headers_of(response, "Cache-Status"), ["parent; fwd=uri-miss, edge.test; fwd=uri-miss"])
+
 
 class HotPathTests(ScriptedEdgeTestCase):
     """The hot path replays the stored header block, with an Age counted per second (issue 9, checks)."""

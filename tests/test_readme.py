@@ -23,7 +23,6 @@ DYNAMIC_DEFAULTS = {"name": "the host name"}
 #: long options of twistd h264edge that are not options of the edge (usage.Options' own)
 NOT_EDGE_OPTIONS = {"help", "version"}
 
-_ROW = re.compile(r"^\| (.*?) \| (.*?) \| (.*) \|$")
 _OPTION = re.compile(r"`(--?[A-Za-z0-9][A-Za-z0-9-]*)")
 
 

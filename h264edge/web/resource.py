@@ -300,7 +300,7 @@ class EdgeResource(Resource):
         if not_modified(_h(request, b"If-None-Match"), _h(request, b"If-Modified-Since"), etag, last_modified):
             self._replay(request, meta, found.how, keep=NOT_MODIFIED_FIELDS)
             self._validators(request, etag, last_modified)
-            self._mark(request, found.how, meta)
+            self._mark(request, found.how, meta.headers)
             request.setResponseCode(304)
             request.finish()
             return
@@ -314,7 +314,7 @@ class EdgeResource(Resource):
                 byte_range = parse_range(_h(request, b"Range"), total)
             except Unsatisfiable:
                 request.setHeader(b"Content-Range", f"bytes */{total}".encode())
-                self._mark(request, found.how, meta)
+                self._mark(request, found.how, meta.headers)
                 raise
         drop = CONTENT_DIGESTS | (REPRESENTATION_DIGESTS if rewritten else frozenset())
         self._replay(request, meta, found.how, drop=drop if rewritten or byte_range is not None else frozenset())
@@ -326,7 +326,7 @@ class EdgeResource(Resource):
             request.setResponseCode(206)
             request.setHeader(b"Content-Range", f"bytes {byte_range[0]}-{byte_range[1]}/{total}".encode())
         cache_status = self._cache_status(obj, plan, found.how)
-        self._mark(request, cache_status, meta)
+        self._mark(request, cache_status, meta.headers)
         request.setHeader(b"Content-Length", str(plan.length).encode())
         if request.method == b"HEAD" or plan.length == 0:
             request.finish()
@@ -376,7 +376,7 @@ class EdgeResource(Resource):
             request.setHeader(b"Content-Type", meta.content_type.encode("latin-1"))
         else:
             _no_default_content_type(request)
-        self._mark(request, self._cache_status(obj, Plan.whole(meta.key, meta.size), found.how), meta)
+        self._mark(request, self._cache_status(obj, Plan.whole(meta.key, meta.size), found.how), meta.headers)
         if meta.status in (204, 304) or meta.status < 200:
             request.finish()
             return
@@ -416,17 +416,20 @@ class EdgeResource(Resource):
         if last_modified:
             request.setHeader(b"Last-Modified", last_modified.encode("latin-1"))
 
-    def _mark(self, request: Request, x_cache: str, meta: Optional[ObjectMeta] = None) -> None:
+    def _mark(self, request: Request, x_cache: str, block: Optional[Fields] = None) -> None:
         """
         Say how the answer was found: C{X-Cache} (see L{h264edge.fill}), the RFC 9211 C{Cache-Status}
-        chain (the members of caches nearer the origin, from the stored answer's own field, then ours)
-        and, for an answer of the edge's own with a name, C{Via} (a stored answer's is replayed).
+        chain (the members of caches nearer the origin, from the relayed C{block}'s own field, then
+        ours) and, for an answer of the edge's own (no C{block}) with a name, C{Via} (a relayed
+        answer's Via is the block's, with ours added where the block is put on the answer).
+
+        @param block: the header block the answer relays: a stored answer's, or a pass-through answer's.
         """
         request.setHeader(b"X-Cache", x_cache.encode())
-        upstream = ", ".join(values(meta.headers, "Cache-Status")) if meta is not None else None
+        upstream = ", ".join(values(block, "Cache-Status")) if block is not None else None
         request.setHeader(b"Cache-Status", tiers.cache_status(self.name or "h264edge", x_cache, upstream)
                           .encode("latin-1"))
-        if meta is None and self.via is not None:
+        if block is None and self.via is not None:
             request.setHeader(b"Via", self.via.encode("latin-1"))
 
     def _cache_status(self, obj: CachedObject, plan: Plan, how: str) -> str:
@@ -623,7 +626,7 @@ class EdgeResource(Resource):
         if vias:
             request.responseHeaders.setRawHeaders(b"Via", [", ".join(vias).encode("latin-1")])
         request.setHeader(b"Content-Length", str(len(content)).encode())
-        self._mark(request, BYPASS)
+        self._mark(request, BYPASS, tuple(kept))
         request.write(content)
         request.finish()
 
