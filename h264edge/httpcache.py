@@ -667,7 +667,6 @@ def derived_prefix(primary: str) -> str:
 
 # -- entity tags (RFC 9110 §8.8.3, §13.1.2) ----------------------------------------------------------
 
-_ENTITY_TAG = re.compile(r'(?:W/)?"[\x21\x23-\x7e\x80-\xff]*"')
 _ETAG_LIST_ITEM = re.compile(r'[ \t]*((?:W/)?"[\x21\x23-\x7e\x80-\xff]*")?[ \t]*(?:,|$)')
 
 
@@ -693,10 +692,6 @@ def parse_etag_list(value: str) -> Union[str, list[str]]:
     if not tags:
         raise HeaderError("an empty entity-tag list")
     return tags
-
-
-def is_entity_tag(value: str) -> bool:
-    return _ENTITY_TAG.fullmatch(value) is not None
 
 
 def weak_match(a: str, b: str) -> bool:
