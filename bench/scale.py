@@ -10,7 +10,10 @@ with the same --max-size, smaller than the working set: one edge keeps part of i
 between them keep all of it.  Prints origin requests and bytes, the hit ratio (X-Cache of every
 answer) and requests/s.  Small by default (a minute or two on 2 cores); all on 127.0.0.1.
 
-    .venv/bin/python bench/scale.py [--files 24] [--requests 1200] [--clients 16]
+    .venv/bin/python bench/scale.py [--files 24] [--requests 1200] [--clients 16] [--setups 1,2,3,4]
+
+1 vs 2 worker processes alone: --setups 1,2.  (Hit throughput with one and two processes, where
+the CPU is the limit, is figure 4 of bench/run.py: bench/run.py --only small.)
 """
 
 from __future__ import annotations
@@ -121,7 +124,7 @@ def scenario(name: str, base: str, media: str, work: list[Any], clients: int, ed
         servers += fleet
         port = fleet[0].port
         if proxy:
-            haproxy = HAProxy(os.path.join(root, "haproxy"), [e.port for e in fleet]).start()
+            haproxy = HAProxy(os.path.join(root, "haproxy"), [e.checked for e in fleet]).start()
             servers.append(haproxy)
             port = haproxy.port
         time.sleep(1.0)  # workers and health checks settle
@@ -135,13 +138,23 @@ def scenario(name: str, base: str, media: str, work: list[Any], clients: int, ed
         shutil.rmtree(root, ignore_errors=True)
 
 
+#: name, edges, worker processes per edge, behind HAProxy
+SETUPS = [("1 edge, 1 process", 1, 1, False), ("1 edge, --workers=2", 1, 2, False),
+          ("1 edge behind HAProxy", 1, 1, True), ("3 edges behind HAProxy", 3, 1, True)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=24)
     parser.add_argument("--requests", type=int, default=1200)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-size", default="20M", help="each edge's --max-size (the working set is 2 MiB per file)")
+    parser.add_argument("--setups", default="1,2,3,4", help="which setups to run, by number (see above)")
     args = parser.parse_args()
+    numbers = [n.strip() for n in args.setups.split(",") if n.strip()]
+    if not numbers or any(n not in {"1", "2", "3", "4"} for n in numbers):
+        parser.error(f"--setups takes numbers 1-4, comma separated, not {args.setups!r}")
+    setups = [SETUPS[int(n) - 1] for n in numbers]
     base = tempfile.mkdtemp(prefix="h264edge-scale-")
     try:
         media = os.path.join(base, "media")
@@ -155,9 +168,7 @@ def main() -> None:
         print(f"{args.requests} requests ({args.clients} clients) over {args.files} files of 2 MiB "
               f"({args.files * 2} MiB working set), each edge --max-size={args.max_size}")
         print(f"{'setup':<28} {'hit ratio':>9} {'origin reqs':>11} {'origin MiB':>10} {'req/s':>7}")
-        for name, edges, workers, proxy in (("1 edge, 1 process", 1, 1, False), ("1 edge, --workers=2", 1, 2, False),
-                                            ("1 edge behind HAProxy", 1, 1, True),
-                                            ("3 edges behind HAProxy", 3, 1, True)):
+        for name, edges, workers, proxy in setups:
             r = scenario(name, base, media, work, args.clients, edges, workers, proxy, args.max_size)
             print(f"{r['name']:<28} {r['hit_ratio']:>9.2f} {r['origin_requests']:>11} {r['origin_mib']:>10.1f} "
                   f"{r['rps']:>7.0f}", flush=True)

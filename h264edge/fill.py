@@ -348,7 +348,12 @@ class Filler:
                 return Found(found, HIT)
             result = await self._ask_origin(want, found, marker)
             if result.obj is not found:
-                self.store.publish(result.obj)
+                published = self.store.publish(result.obj)
+                if lock is not None:
+                    # the others wait for its sidecar (put in place in a thread): the lock goes once
+                    # it is there, while this viewer's answer goes on at once
+                    held, lock = lock, None
+                    published.addBoth(lambda _: held.release())
             return result
         finally:
             if lock is not None:

@@ -256,15 +256,21 @@ def shared_seaweed(workdir_parent: str) -> SeaweedS3:
 
 
 class HAProxy(ChildServer):
-    """HAProxy running C{contrib/haproxy.cfg} with its bind and server addresses rewritten to C{port}/C{servers}."""
+    """
+    HAProxy running C{contrib/haproxy.cfg} with its bind and server lines rewritten: C{servers} are
+    (port, check port) pairs, an edge's viewer listener and the admin listener its health check asks;
+    C{frontend} lines are added to the frontend (a test's own rules).
+    """
 
     name = "haproxy"
     config_source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "contrib", "haproxy.cfg")
 
-    def __init__(self, workdir: str, servers: Sequence[int], check_inter: str = "200ms") -> None:
+    def __init__(self, workdir: str, servers: Sequence[tuple[int, int]], check_inter: str = "200ms",
+                 frontend: Sequence[str] = ()) -> None:
         super().__init__(workdir)
         self.servers = list(servers)
         self.check_inter = check_inter
+        self.frontend = list(frontend)
         self.port = 0
 
     def config(self) -> str:
@@ -272,11 +278,15 @@ class HAProxy(ChildServer):
 
         with open(self.config_source) as f:
             text = f.read()
-        text = re.sub(r"(?m)^    bind \S+", f"    bind 127.0.0.1:{self.port}", text)
-        text = re.sub(r"(?m)^    server .*\n", "", text)
-        text = text.replace("default-server inter 1s", f"default-server inter {self.check_inter}")
+        bind = f"    bind 127.0.0.1:{self.port}\n" + "".join(f"    {line}\n" for line in self.frontend)
+        text, binds = re.subn(r"(?m)^    bind \S+\n", lambda _: bind, text)
+        text, servers = re.subn(r"(?m)^    server .*\n", "", text)
+        text, inters = re.subn(r"(?m)^(    default-server inter )\S+", rf"\g<1>{self.check_inter}", text)
+        if (binds, inters) != (1, 1) or not servers:
+            raise AssertionError(f"{self.config_source} no longer has the lines this test rewrites")
         text = text.rstrip("\n") + "\n" + "".join(
-            f"    server edge{i + 1} 127.0.0.1:{port}\n" for i, port in enumerate(self.servers))
+            f"    server edge{i + 1} 127.0.0.1:{port} check port {check}\n"
+            for i, (port, check) in enumerate(self.servers))
         return text
 
     def start(self) -> "HAProxy":
@@ -292,16 +302,24 @@ class HAProxy(ChildServer):
         self.wait_listening(self.port)
         return self
 
+    def server_events(self, server: str) -> list[str]:
+        """HAProxy's log lines about C{server} going up or down (health checks), oldest first."""
+        return [line for line in self.output().splitlines()
+                if f"/{server} is UP" in line or f"/{server} is DOWN" in line]
+
 
 class EdgeServer(ChildServer):
-    """C{twistd -n h264edge} on a free port with its own cache directory and access log."""
+    """
+    C{twistd -n h264edge} on a free port with its own cache directory and access log, and its admin
+    listener (/healthz, which HAProxy's checks ask) on another free port.
+    """
 
     def __init__(self, workdir: str, name: str, origin: str, *extra: str) -> None:
         super().__init__(workdir)
         self.name = name
         self.origin = origin
         self.extra = list(extra)
-        self.port = free_port()
+        self.port, self.admin_port = free_ports(2)
 
     @property
     def url(self) -> str:
@@ -315,10 +333,24 @@ class EdgeServer(ChildServer):
         self.spawn([
             sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
             "h264edge", f"--origin={self.origin}", f"--name={self.name}", "--cache-dir=cache",
-            f"--access-log={self.access_log}", f"--listen=tcp:{self.port}:interface=127.0.0.1", *self.extra,
+            f"--access-log={self.access_log}", f"--listen=tcp:{self.port}:interface=127.0.0.1",
+            f"--admin-listen=tcp:{self.admin_port}:interface=127.0.0.1", *self.extra,
         ], env=child_env())
         self.wait_listening(self.port)
+        self.wait_listening(self.admin_port)
         return self
+
+    @property
+    def checked(self) -> tuple[int, int]:
+        """(viewer port, health-check port), as L{HAProxy} takes its servers."""
+        return self.port, self.admin_port
+
+    def access_lines(self) -> list[str]:
+        try:
+            with open(self.access_log, encoding="utf-8", errors="replace") as f:
+                return f.read().splitlines()
+        except FileNotFoundError:
+            return []
 
     def cached_objects(self) -> int:
         """Objects with a sidecar in this edge's cache directory."""

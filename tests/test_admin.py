@@ -223,6 +223,18 @@ class TrustedProxyTests(ServedEdgeTestCase):
         self.assertEqual(code, 200)
 
 
+    async def test_every_x_forwarded_for_line_counts(self) -> None:
+        """
+        A proxy may add an X-Forwarded-For line of its own (HAProxy does) rather than append to the
+        one it got: a viewer two trusted proxies away is still the one judged, not the last proxy.
+        """
+        self.origin.add("/l.bin", b"l" * 100)
+        await self.request("/l.bin")
+        lines: Any = {"X-Forwarded-For": ["203.0.113.9", "127.0.0.2"]}
+        code, _, _ = await self.request("/l.bin", "PURGE", headers=lines)
+        self.assertEqual(code, 403)
+
+
 class UntrustedProxyTests(ServedEdgeTestCase):
     async def test_x_forwarded_for_is_ignored_from_other_peers(self) -> None:
         self.origin.add("/u.bin", b"u" * 100)

@@ -1016,6 +1016,60 @@ class ThreadedSyncTests(StoreTestCase):
         self.assertTrue(loaded.complete)
         self.assertEqual(calls, [])
 
+    def reopened(self, key: str) -> CachedObject | None:
+        """C{key} as a store opened on the directory now finds it (after a crash: no close())."""
+        return SliceStore(self.root, 1 << 20, slice_size=SLICE, now=self.clock).get(key)
+
+    def test_publish_syncs_in_the_thread(self) -> None:
+        store = self.open_store(run_in_thread=self.threads)
+        obj = store.create(meta_for("/p", SLICE * 4))
+        calls = self.syncs_here()
+        published = store.publish(obj)
+        self.assertEqual(calls, [])  # the reactor's thread did not wait for the disk
+        self.assertNoResult(published)  # the sidecar is not there yet: other processes wait
+        self.assertIsNone(self.reopened("/p"))
+        self.threads.run_next()
+        self.assertIsNone(self.successResultOf(published))
+        self.assertEqual(calls, [])
+        found = self.reopened("/p")  # published: another process finds it, with nothing present yet
+        assert found is not None
+        self.assertEqual(found.missing_slices(0, 3), [0, 1, 2, 3])
+        self.assertEqual(self.tmp_files(), [])
+
+    def test_a_crash_around_a_publish_leaves_no_partial_object(self) -> None:
+        store = self.open_store(run_in_thread=self.threads)
+        size = SLICE * 4
+        obj = store.create(meta_for("/p", size))
+        published = store.publish(obj)
+        # every byte arrives and is committed while the publish's sync runs: the object completes,
+        # its batch waits for that sync
+        self.commit(obj, range(4), size)
+        self.assertTrue(obj.complete)
+        f, args, d = self.threads.jobs.pop(0)
+        inode = f(*args)  # the publish's sync and tmp sidecar, in the thread: a crash here ...
+        self.assertIsNone(self.reopened("/p"))  # ... shows no object (the tmp file is a leftover)
+        d.callback(inode)  # the sidecar is put in place, listing what was synced before it: nothing
+        self.assertIsNone(self.successResultOf(published))
+        self.assertEqual(len(self.threads.jobs), 1)  # the complete object's batch
+        found = self.reopened("/p")  # a crash now: the object is there, none of its bytes trusted yet
+        assert found is not None
+        self.assertEqual((found.complete, found.missing_slices(0, 3)), (False, [0, 1, 2, 3]))
+        self.threads.run_next()
+        found = self.reopened("/p")
+        assert found is not None
+        self.assertEqual((found.complete, found.read(0, size)), (True, body(size)))
+        self.assertEqual(self.tmp_files(), [])
+
+    def test_a_publish_whose_sync_fails_drops_the_object_and_is_over(self) -> None:
+        store = self.open_store(run_in_thread=self.threads)
+        obj = store.create(meta_for("/p", SLICE * 4))
+        published = store.publish(obj)
+        self.threads.fail_next(OSError(errno.EIO, "I/O error"))
+        self.assertIsNone(self.successResultOf(published))  # the contact lock is released all the same
+        self.assertTrue(obj.evicted)
+        self.assertIsNone(self.reopened("/p"))
+        self.assertEqual(self.all_files(), [])
+
     def test_batches_due_during_a_sync_follow_it(self) -> None:
         store = self.open_store(run_in_thread=self.threads)
         size = SLICE * 40

@@ -56,7 +56,7 @@ from h264edge._twisted_compat import (
 from h264edge.store import CachedObject, ObjectMeta, SliceStore
 from h264edge.tcpio import send_now
 from h264edge.web.answers import CLIENT_CLOSED, Answer, Draining, EdgeRequest, combined_line, escape, iso_time, json_line
-from h264edge.web.http import forwarded_client, trusted_peer
+from h264edge.web.http import forwarded_client, list_field, trusted_peer
 from h264edge.web.limits import LimitedChannel, LimitedSite
 
 log = Logger()
@@ -343,7 +343,8 @@ class EdgeSite(LimitedSite):
         cache = request.responseHeaders.getRawHeaders(b"x-cache")
         peer = request.getClientAddress()
         host = peer.host if isinstance(peer, (IPv4Address, IPv6Address)) else "-"
-        client = forwarded_client(host, _h(request, b"x-forwarded-for"), self.trusted_proxies) \
+        client = forwarded_client(host, list_field(request.requestHeaders.getRawHeaders(b"x-forwarded-for")),
+                                  self.trusted_proxies) \
             if self.trusted_proxies else host
         answer = Answer(
             client=client,
@@ -447,11 +448,6 @@ class EdgeSite(LimitedSite):
 def _now(site: Any) -> float:
     reactor: Any = site.reactor
     return float(reactor.seconds())
-
-
-def _h(request: Any, name: bytes) -> Optional[str]:
-    value = request.getHeader(name)
-    return value.decode("latin-1") if value is not None else None
 
 
 def _header_text(value: Optional[bytes]) -> Optional[str]:

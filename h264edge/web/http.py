@@ -346,6 +346,17 @@ def parse_networks(values: Sequence[str]) -> tuple[ipaddress.IPv4Network | ipadd
     return tuple(networks)
 
 
+def list_field(lines: Optional[Sequence[bytes]]) -> Optional[str]:
+    """
+    A list field's lines as one value (RFC 9110 §5.3: joined with ", "), None without any.  For
+    X-Forwarded-For: a proxy may add a line of its own (HAProxy's C{option forwardfor} does) rather
+    than append to the one it got, and only the whole list says who is right-most.
+    """
+    if not lines:
+        return None
+    return ", ".join(line.decode("latin-1") for line in lines)
+
+
 def _address(text: str) -> Optional[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     text = text.strip()
     if text.startswith("[") and "]" in text:  # [v6]:port

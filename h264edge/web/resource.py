@@ -51,6 +51,7 @@ from h264edge.web.http import (
     Unsatisfiable,
     allowed_methods,
     excerpt,
+    list_field,
     not_modified,
     parse_byte_offset,
     parse_key_prefix,
@@ -667,7 +668,8 @@ class SeekPlanCache:
 def purge_refusal(auth: PurgeAuth, request: Request, viewer_listener: bool) -> Optional[tuple[int, str]]:
     """C{auth}'s answer to the purge C{request} (L{PurgeAuth.refusal}); a 401 gets its WWW-Authenticate."""
     peer = request.getClientAddress()
-    refusal = auth.refusal(str(getattr(peer, "host", "")), _h(request, b"X-Forwarded-For"),
+    refusal = auth.refusal(str(getattr(peer, "host", "")),
+                           list_field(request.requestHeaders.getRawHeaders(b"X-Forwarded-For")),
                            _h(request, b"Authorization"), viewer_listener)
     if refusal is not None and refusal[0] == 401:
         request.setHeader(b"WWW-Authenticate", b'Bearer realm="h264edge"')
