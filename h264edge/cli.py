@@ -93,7 +93,8 @@ def _check(edge_url: str, admin_url: str, reactor: Any, flv_offset: int) -> "Any
     return Deferred.fromCoroutine(run())
 
 
-def demo(argv: list[str]) -> int:
+def demo_parser() -> argparse.ArgumentParser:
+    """C{h264edge demo}'s options."""
     parser = argparse.ArgumentParser(prog="h264edge demo", description=DEMO_HELP)
     parser.add_argument("--dir", default="h264edge-demo", help="where the sample origin files and cache go")
     parser.add_argument("--port", type=int, default=8080, help="edge port on 127.0.0.1 (0 = any free port)")
@@ -102,7 +103,11 @@ def demo(argv: list[str]) -> int:
                         help="admin listener (/status, /metrics, ...) port on 127.0.0.1 (0 = any)")
     parser.add_argument("--max-size", default="1G", help="cache size bound")
     parser.add_argument("--check", action="store_true", help="request the samples through the edge, verify, exit")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def demo(argv: list[str]) -> int:
+    args = demo_parser().parse_args(argv)
 
     from twisted.internet import reactor as global_reactor
 

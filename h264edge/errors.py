@@ -15,7 +15,11 @@ class OriginUnavailable(EdgeError):
 
 
 class OriginStatus(EdgeError):
-    """The origin answered with a final 4xx status (404, 403, ...) that we relay."""
+    """
+    A slice fetch for a stored object got a 4xx (404, 403, ...): the object is gone at the origin, it
+    is dropped, and an answer that has not started yet gets that status (stored 4xx answers are
+    relayed with their own block instead, see L{h264edge.web.resource.EdgeResource}).
+    """
 
     def __init__(self, code: int, message: str = "") -> None:
         super().__init__(message or f"origin answered {code}")

@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 from h264edge.errors import EdgeError, ObjectChanged, OriginStatus, OriginUnavailable
 from h264edge.httpcache import (
     Fields,
+    bypass_key,
     HeaderError,
     format_http_date,
     initial_age,
@@ -440,7 +441,7 @@ class Filler:
         secondary = secondary_key(vary, want.fields) if vary else ""
         store = policy.store and len(secondary) <= MAX_SECONDARY_KEY
         if not store:
-            key = f"{want.key}\x00bypass\x00{secrets.token_hex(8)}"  # kept nowhere, replaces nothing
+            key = bypass_key(want.key, secrets.token_hex(8))
         elif vary:
             marker = self._marker(want.key, vary, marker, now)
             key = variant_key(want.key, marker.meta.variants, secondary)

@@ -205,7 +205,9 @@ def _year_of(timestamp: float) -> int:
 
 
 def _timestamp(year: int, month: int, day: int, hour: int, minute: int, second: int) -> Optional[float]:
-    if not (1 <= day <= calendar.monthrange(year, month)[1] and hour < 24 and minute < 60 and second <= 60):
+    """The POSIX time of a calendar date and time; None if there is no such day (year 0000, 31 Feb)."""
+    if not (year >= 1 and 1 <= day <= calendar.monthrange(year, month)[1] and hour < 24 and minute < 60
+            and second <= 60):
         return None
     return float(calendar.timegm((year, month, day, hour, minute, min(second, 59), 0, 0, 0)))
 
@@ -647,12 +649,24 @@ def secondary_key(vary: Sequence[str], request_fields: Fields) -> str:
 
 def variant_key(primary: str, generation: str, secondary: str) -> str:
     """The cache key of one variant of C{primary}: the one rule for keys of Vary'd answers."""
-    return f"{primary}\x00vary\x00{generation}\x00{secondary}"
+    return f"{derived_prefix(primary)}vary\x00{generation}\x00{secondary}"
+
+
+def bypass_key(primary: str, nonce: str) -> str:
+    """The key of an answer to C{primary} that is kept nowhere (not storable): it replaces nothing."""
+    return f"{derived_prefix(primary)}bypass\x00{nonce}"
+
+
+def derived_prefix(primary: str) -> str:
+    """
+    The start of every key made from C{primary} (L{variant_key}, L{bypass_key}), and of no other
+    key: a request's key never holds NUL (its path and query are percent-encoded).
+    """
+    return primary + "\x00"
 
 
 # -- entity tags (RFC 9110 §8.8.3, §13.1.2) ----------------------------------------------------------
 
-_ENTITY_TAG = re.compile(r'(?:W/)?"[\x21\x23-\x7e\x80-\xff]*"')
 _ETAG_LIST_ITEM = re.compile(r'[ \t]*((?:W/)?"[\x21\x23-\x7e\x80-\xff]*")?[ \t]*(?:,|$)')
 
 
@@ -678,10 +692,6 @@ def parse_etag_list(value: str) -> Union[str, list[str]]:
     if not tags:
         raise HeaderError("an empty entity-tag list")
     return tags
-
-
-def is_entity_tag(value: str) -> bool:
-    return _ENTITY_TAG.fullmatch(value) is not None
 
 
 def weak_match(a: str, b: str) -> bool:

@@ -152,7 +152,8 @@ class _Failed(Exception):
     pass
 
 
-def prewarm(argv: list[str]) -> int:
+def prewarm_parser() -> argparse.ArgumentParser:
+    """C{h264edge prewarm}'s options."""
     parser = argparse.ArgumentParser(prog="h264edge prewarm", description=PREWARM_HELP)
     parser.add_argument("urls_file", metavar="URLS-FILE", help="the list of clips ('-' for standard input)")
     parser.add_argument("--edge", required=True, help="the edge's viewer URL, e.g. http://127.0.0.1:8080")
@@ -160,6 +161,11 @@ def prewarm(argv: list[str]) -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds without a byte before a request fails")
     parser.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
                         help="the progress bar: on a terminal (auto), always, or never")
+    return parser
+
+
+def prewarm(argv: list[str]) -> int:
+    parser = prewarm_parser()
     args = parser.parse_args(argv)
     if not 1 <= args.concurrency <= 256:
         parser.error("--concurrency must be between 1 and 256")
@@ -230,7 +236,8 @@ def _size(count: float) -> str:
     return f"{count} B"
 
 
-def purge(argv: list[str]) -> int:
+def purge_parser() -> argparse.ArgumentParser:
+    """C{h264edge purge}'s options."""
     parser = argparse.ArgumentParser(prog="h264edge purge", description=PURGE_HELP)
     parser.add_argument("targets", metavar="PATH", nargs="+", help="paths (or, with --prefix, path prefixes)")
     parser.add_argument("--admin", required=True, help="the admin listener's URL, e.g. http://127.0.0.1:9080")
@@ -238,6 +245,11 @@ def purge(argv: list[str]) -> int:
     token = parser.add_mutually_exclusive_group()
     token.add_argument("--token", help="the admin token (visible in the process list: prefer --token-file)")
     token.add_argument("--token-file", help="a file whose first line is the admin token")
+    return parser
+
+
+def purge(argv: list[str]) -> int:
+    parser = purge_parser()
     args = parser.parse_args(argv)
     secret = args.token
     if args.token_file is not None:

@@ -164,8 +164,8 @@ class Options(usage.Options):
         ["idle-timeout", None, "60", "Seconds a kept-alive connection may wait for its next request."],
         ["send-timeout", None, "60", "Seconds a connection may make no progress while the edge waits on the "
          "viewer (an answer it does not read, a request body it stops sending); then it is dropped."],
-        ["max-connections", None, "auto", "Viewer connections at once (per process); 'auto' is half of the "
-         "descriptor limit (ulimit -n) less 128, at least 16.  At the cap the connection idle longest is closed, "
+        ["max-connections", None, "auto", "Viewer connections at once (per process); 'auto' is the descriptor "
+         "limit (ulimit -n) less 128, halved, at least 16.  At the cap the connection idle longest is closed, "
          "else 503."],
         ["max-connections-per-ip", None, "0", "Viewer connections at once from one address (per process); "
          "0: no cap (an edge behind a load balancer sees one address)."],

@@ -1,10 +1,15 @@
 # -*- test-case-name: tests.test_edge,tests.test_http_cache,tests.test_origin_lies -*-
 """
-Test doubles for embedders and for our own tests: a real HTTP origin that serves files from memory.
+Test doubles for embedders and for our own tests: real HTTP origins on a real socket.
 
-L{MemoryOrigin} is a twisted.web resource; listen on it with L{listen_origin} and point an edge at the
-URL.  It honours single byte ranges, sends ETag/Last-Modified, counts requests and body bytes, and can
-misbehave on purpose: ignore Range, dribble the body slowly, abort mid-body, answer 5xx.
+L{MemoryOrigin} is a twisted.web resource that serves files from memory; listen on it with
+L{listen_origin} and point an edge at the URL.  It honours single byte ranges, sends
+ETag/Last-Modified, counts requests and body bytes, and can misbehave on purpose: ignore Range,
+dribble the body slowly, abort mid-body, answer 5xx.
+
+L{ScriptedOrigin} is a raw HTTP/1.1 server (no twisted.web underneath, so it can break framing)
+whose every answer a test scripts per request (L{Answer}: status, fields, body, raw bytes, bytes
+after the end); it logs each request it got.  Listen on it with L{listen_scripted}.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Each edge has a name (C{--name}).  It adds C{1.1 NAME} to the C{Via} of the requ
 origin (after the C{Via} of the viewer request that caused the fetch, so a loop shows up) and of
 the answers it sends, and adds its member to C{Cache-Status} after those of the caches nearer the
 origin (RFC 9211 2: the first member is the cache closest to the origin server), e.g.
-C{h264edge-parent; hit, h264edge-child; fwd=uri-miss; stored}.  A request whose C{Via} already
+C{h264edge-parent; hit, h264edge-child; fwd=uri-miss}.  A request whose C{Via} already
 names this edge has gone round in a circle and is answered 508 (Loop Detected).
 """
 
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import re
 from typing import Optional
-
-from attrs import frozen
 
 #: a token (RFC 9110 5.6.2) that may also hold ':' for host:port names
 _NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z:]{1,64}$")
@@ -54,14 +52,6 @@ def via_onward(name: str, via_values: list[str]) -> str:
     """The C{Via} to send on (towards the origin, or to the viewer): what came, then us."""
     came = ", ".join(v.strip() for v in via_values if v.strip())[:MAX_VIA]
     return f"{came}, 1.1 {name}" if came else f"1.1 {name}"
-
-
-@frozen
-class Upstream:
-    """What the caches nearer the origin said about an answer: their C{Via} and C{Cache-Status}."""
-
-    via: Optional[str] = None
-    cache_status: Optional[str] = None
 
 
 def cache_status(name: str, x_cache: str, upstream: Optional[str] = None) -> str:

@@ -19,13 +19,9 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
+from tests.running import child_env, free_port  # free_port: the S3 and shared-fill tests take it from here
+
 DEADLINE = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def free_ports(n: int) -> list[int]:
@@ -334,13 +330,12 @@ class EdgeServer(ChildServer):
         return os.path.join(self.workdir, "access.log")
 
     def start(self) -> "EdgeServer":
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self.spawn([
             sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
             "h264edge", f"--origin={self.origin}", f"--name={self.name}", "--cache-dir=cache",
             f"--access-log={self.access_log}", f"--listen=tcp:{self.port}:interface=127.0.0.1",
             f"--admin-listen=tcp:{self.admin_port}:interface=127.0.0.1", *self.extra,
-        ], env=env)
+        ], env=child_env())
         self.wait_listening(self.port)
         self.wait_listening(self.admin_port)
         return self

@@ -167,6 +167,28 @@ class PurgeTests(ServedEdgeTestCase):
         found = await self.scrape()
         self.assertEqual(value(found, "h264edge_purged_objects_total", via="admin"), 4)
 
+    async def test_paths_and_prefixes_beyond_ascii(self) -> None:
+        """
+        The API takes a path as text (its query decodes it: C{h264edge purge /v/€.bin} sends
+        C{path=/v/%E2%82%AC.bin}), percent-encoded or not: /v/€.bin is the object the viewer asked
+        for at /v/%E2%82%AC.bin (a 500 before), and the prefix /vidéos/ takes what lies under
+        /vid%C3%A9os/ (it purged nothing before).
+        """
+        await self.warm("/v/%E2%82%AC.bin", "/v/%C3%A9.bin", "/vid%C3%A9os/a.bin", "/vid%C3%A9os/b.bin",
+                        "/vid%C3%A9os/c.bin")
+        token = {"Authorization": "Bearer s3cret-token"}
+        for target in ("/v/%E2%82%AC.bin", "/v/%25C3%25A9.bin"):  # decoded: /v/€.bin, /v/%C3%A9.bin
+            code, body, _ = await self.admin(f"/purge?path={target}", "POST", token)
+            self.assertEqual((code, b'"purged": 1' in body), (200, True), (target, body))
+        code, body, _ = await self.admin("/purge?prefix=/vid%C3%A9os/a", "POST", token)
+        self.assertEqual((code, b'"purged": 1' in body), (200, True), body)
+        code, body, _ = await self.admin("/purge?prefix=/vid%25C3%25A9os/", "POST", token)
+        self.assertEqual((code, b'"purged": 2' in body), (200, True), body)
+        for path in ("/v/%E2%82%AC.bin", "/v/%C3%A9.bin", "/vid%C3%A9os/b.bin"):
+            self.assertEqual((await self.request(path))[2].headers.getRawHeaders("X-Cache"), ["MISS"], path)
+        code, body, _ = await self.admin("/purge?prefix=/%25FF/", "POST", token)  # decoded: /%FF/, not UTF-8
+        self.assertEqual(code, 400, body)
+
     async def test_a_seek_after_a_purge_is_a_miss(self) -> None:
         if not have_ffmpeg():
             raise SkipTest("ffmpeg is not installed")

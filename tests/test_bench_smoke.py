@@ -11,6 +11,8 @@ import sys
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from tests.running import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -24,8 +26,7 @@ class BenchSmokeTests(SynchronousTestCase):
             raise SkipTest("the harness runs nginx as root from a temp prefix")
         scratch = os.path.abspath(self.mktemp())
         os.makedirs(scratch)
-        env = dict(os.environ, H264EDGE_BENCH_PYTHON=sys.executable,
-                   PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        env = child_env(H264EDGE_BENCH_PYTHON=sys.executable)
         media = os.environ.get("H264EDGE_BENCH_MEDIA") or os.path.join(scratch, "media")
         report = os.path.join(scratch, "RESULTS-quick.md")
         result = subprocess.run(

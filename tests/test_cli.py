@@ -7,6 +7,7 @@ import sys
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.media import have_ffmpeg
+from tests.running import child_env
 
 
 class DemoTests(SynchronousTestCase):
@@ -14,7 +15,7 @@ class DemoTests(SynchronousTestCase):
         if not have_ffmpeg():
             raise SkipTest("ffmpeg is not installed (apt-get install -y ffmpeg)")
         directory = os.path.abspath(self.mktemp())
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        env = child_env()
         for run in ("cold", "warm"):
             result = subprocess.run(
                 [sys.executable, "-m", "h264edge.cli", "demo", "--check", "--port", "0", "--admin-port", "0", "--dir",
@@ -30,8 +31,7 @@ class DemoTests(SynchronousTestCase):
 
 
 def h264edge(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    return subprocess.run([sys.executable, "-m", "h264edge.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "h264edge.cli", *args], capture_output=True, text=True, env=child_env(),
                           timeout=60)
 
 

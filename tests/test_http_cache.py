@@ -455,6 +455,21 @@ class FreshnessRuleTests(ScriptedEdgeTestCase):
         self.assertLess(abs(lifetimes[1] - 3600), 2)  # the cap: --default-ttl
         self.assertEqual(self.scripted.requests, 2)
 
+    async def test_dates_in_year_0000_are_invalid_dates_not_errors(self) -> None:
+        """
+        RFC 9111 §4.2 and §5.3: an origin's Date, Expires or Last-Modified that names no real day is an
+        invalid date (an Expires in the past: stale), never a 500.  Year 0000 follows the HTTP-date
+        grammar; each of the three was a 500 before.
+        """
+        year_0 = "Sat, 01 Jan 0000 00:00:00 GMT"
+        for name in ("Date", "Expires", "Last-Modified"):
+            path = f"/y0-{name}.bin"
+            self.scripted.serve(path, DATA, [(name, year_0)])
+            response, body = await self.get(path)
+            self.assertEqual((response.code, body, header(response, "X-Cache")), (200, DATA, "MISS"), name)
+            response, body = await self.get(path, {"If-Modified-Since": year_0})
+            self.assertIn(response.code, (200, 304), name)
+
     async def test_only_if_cached(self) -> None:
         """RFC 9111 §5.2.1.7: only-if-cached gets the stored answer or 504; the origin is never asked."""
         self.scripted.serve("/o.bin", DATA, [("Cache-Control", "max-age=600")])
@@ -604,6 +619,20 @@ class PassThroughTests(ScriptedEdgeTestCase):
         self.assertIsNone(seen.header("expect"))  # twisted.web answered 100 Continue itself
         response, _ = await self.get("/api", method="M-SEARCH")
         self.assertEqual(self.scripted.log[-1].method, "M-SEARCH")
+
+    async def test_a_pass_through_answer_keeps_the_chain_of_caches(self) -> None:
+        """
+        RFC 9110 §7.6.3 and RFC 9211 §2: the answer of a parent tier to a pass-through method keeps
+        its Via and its Cache-Status members, this edge's added after them, as on a GET (both were
+        replaced by this edge's alone).
+        """
+        await self.restart_edge(pass_methods=["POST"])
+        self.scripted.route("/api", lambda r: Answer(200, [("Via", "1.1 parent"),
+                                                           ("Cache-Status", "parent; fwd=uri-miss")], b"ok"))
+        response = await self.client.request("POST", self.edge_url + "/api", data=b"x=1")
+        self.assertEqual(await response.content(), b"ok")
+        self.assertEqual(headers_of(response, "Via"), ["1.1 parent, 1.1 edge.test"])
+        self.assertEqual(headers_of(response, "Cache-Status"), ["parent; fwd=uri-miss, edge.test; fwd=uri-miss"])
 
 
 class HotPathTests(ScriptedEdgeTestCase):

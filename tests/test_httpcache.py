@@ -154,6 +154,16 @@ class HttpDateTests(SynchronousTestCase):
                       "0", "", "Tue, 14 Nov 2023 22:13:20 GMT junk", "Tue, ١٤ Nov 2023 22:13:20 GMT"):
             self.assertIsNone(parse_http_date(value, NOW), value)
 
+    def test_year_0000_is_not_a_date(self) -> None:
+        """
+        A four-digit year of 0000 follows the grammar but names no day (Python's calendar starts at
+        year 1): not a date, never an exception (it raised ValueError, a 500 for an origin's Date).
+        """
+        for value in ("Sat, 01 Jan 0000 00:00:00 GMT", "Sat Jan  1 00:00:00 0000"):
+            self.assertIsNone(parse_http_date(value, NOW), value)
+            self.assertIsNone(parse_http_date(value), value)
+        self.assertEqual(parse_http_date("Mon, 01 Jan 0001 00:00:00 GMT", NOW), -62135596800.0)
+
     @given(header_like)
     @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     def test_any_text_is_a_date_or_none(self, value: str) -> None:

@@ -22,6 +22,7 @@ from twisted.web import http
 
 from h264edge.web.limits import ConnectionLimits, default_max_connections
 from tests.edgekit import EdgeTestCase, RawClient, random_bytes
+from tests.running import child_env
 
 SHORT = 0.5  # the deadlines under test, in seconds
 
@@ -346,8 +347,7 @@ open({port_file!r}, "w").write(str(port.getHost().port))
 reactor.callLater(60, reactor.stop)
 reactor.run()
 """
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        child = subprocess.Popen([sys.executable, "-c", script], env=env)
+        child = subprocess.Popen([sys.executable, "-c", script], env=child_env())
         idle: list[socket.socket] = []
         try:
             for _ in range(200):  # bounded: 10 s

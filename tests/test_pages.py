@@ -135,6 +135,17 @@ class PlayerPageTests(BrowserTestCase):
         self.assertEqual(code, 200)
         self.assertIn(b'data-src="/a%20b.mp4?x=1&amp;y=2"', body)
 
+    async def test_a_src_beyond_ascii_is_a_path_as_a_viewer_sends_it(self) -> None:
+        """
+        src is text (the query decodes it) whose characters are UTF-8, as in a request's path:
+        /vidéos/€.mp4 is a path on this edge (a 400 before: its characters were taken as latin-1).
+        """
+        code, body, _ = await self.request("/player?src=/vid%C3%A9os/%E2%82%AC.mp4")
+        self.assertEqual(code, 200, body)
+        self.assertIn('data-src="/vidéos/€.mp4"'.encode(), body)
+        code, body, _ = await self.request("/player?src=/%25FF.mp4")  # decoded: /%FF.mp4, not UTF-8
+        self.assertEqual(code, 400, body)
+
 
 class NoPlayerTests(ServedEdgeTestCase):
     extra = ("--no-player",)

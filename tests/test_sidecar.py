@@ -61,6 +61,22 @@ class SidecarVersionTests(SynchronousTestCase):
             raw["headers"] = fields
             self.assertRaises(BadSidecar, decode, raw)
 
+    def test_values_that_cannot_go_on_the_wire_are_refused(self) -> None:
+        """
+        Every stored value the edge writes into an answer's head must be latin-1 text on one line: a
+        character beyond latin-1 (which the answer cannot encode: it was a 500 on every hit of the
+        object) or a line break in Content-Type, ETag, Last-Modified or a stored field refuses the
+        sidecar whole (the object is a miss).
+        """
+        for name, value in (("content_type", "vid\u20aco/mp4"), ("etag", '"\u20ac"'), ("last_modified", "a\r\nb"),
+                            ("etag", '"e"\nX-A: 1'), ("headers", [["X-A", "\u20ac"]]), ("headers", [["X-A", "\u0100"]])):
+            raw = record()
+            raw[name] = value
+            self.assertRaises(BadSidecar, decode, raw)
+        raw = record()
+        raw["headers"], raw["content_type"] = [["X-A", "caf\xe9 \xff"]], "text/plain; name=\xe9"  # latin-1: kept
+        self.assertEqual(decode(raw).meta.headers, (("X-A", "caf\xe9 \xff"),))
+
     def test_bad_cache_fields_are_refused(self) -> None:
         for name, value in (("status", 99), ("status", "200"), ("age", -1), ("swr", float("nan")), ("sie", "x"),
                             ("revalidate", 1), ("vary", ["bad name"]), ("vary", "x"), ("variants", "../x")):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,27 +24,10 @@ from twisted.web.resource import Resource
 
 from h264edge.tap import Options
 from h264edge.workers import LISTEN_FD, MAX_BACKOFF, MAX_QUICK_DEATHS, STOP_TIMEOUT, WorkerPool
+from tests.engines import wait_for_port
+from tests.running import child_env, free_port
 
 DEADLINE = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited early ({proc.returncode})")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"nothing listening on {port}")
 
 
 def fetch(port: int, path: str) -> tuple[int, bytes, str]:
@@ -98,7 +80,7 @@ class EndToEndTests(SynchronousTestCase):
         for path, data in self.files.items():
             with open(os.path.join(self.dir, "origin", path[1:]), "wb") as f:
                 f.write(data)
-        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self.env = child_env()
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def tearDown(self) -> None:

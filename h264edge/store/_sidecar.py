@@ -34,7 +34,8 @@ MAX_FIELDS = 1000  # stored header fields (the block itself is capped where it i
 
 _TOKEN = re.compile(r"\A[0-9a-f]{16}\Z")
 _FIELD_NAME = re.compile(r"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_FIELD_VALUE = re.compile(r"\A[^\x00\r\n]*\Z")
+_FIELD_VALUE = re.compile(r"\A[^\x00\r\n\u0100-\U0010ffff]*\Z")  # latin-1 (an answer's head), one line
+_META_VALUE = re.compile(r"\A[^\r\n\u0100-\U0010ffff]*\Z")  # Content-Type, ETag, Last-Modified
 _GENERATION = re.compile(r"\A(?:[0-9a-f]{16})?\Z")
 
 Fields = tuple[tuple[str, str], ...]
@@ -165,9 +166,10 @@ def _number(record: dict[str, Any], name: str) -> float:
 
 
 def _optional_str(record: dict[str, Any], name: str) -> str | None:
+    """A stored header value (ETag, Last-Modified) or None: latin-1 text on one line, as it is sent."""
     value = record.get(name)
-    if value is not None and type(value) is not str:
-        raise BadSidecar(f"{name} is not a string")
+    if value is not None and (type(value) is not str or not _META_VALUE.match(value)):
+        raise BadSidecar(f"{name} is not a header value")
     return value
 
 
@@ -240,8 +242,8 @@ def decode_sidecar(raw: bytes, expected_hash: str, slice_size: int) -> Sidecar:
     if _int(record, "slice_size") != slice_size:
         raise BadSidecar("written with another slice size")
     content_type = record.get("content_type")
-    if type(content_type) is not str:
-        raise BadSidecar("content_type is not a string")
+    if type(content_type) is not str or not _META_VALUE.match(content_type):
+        raise BadSidecar("content_type is not a header value")
     token = record.get("data")
     if type(token) is not str or not _TOKEN.match(token):
         raise BadSidecar("bad data file token")

@@ -22,7 +22,9 @@ these hold, and hands every other byte to twisted.web unchanged:
 
 The answer is the recorded status line and headers (the object's stored header block, its stored
 Date, and an Age counted anew each second from the object's metadata) and the recorded body bytes:
-byte for byte what the normal road sends for that request.  Anything else (a stale object, a purge,
+byte for byte what the normal road sends for that request (one exception: a request whose Via
+names this edge, which the normal road refuses as a loop with 508, gets the answer: one from memory
+asks nothing of another cache, so it cannot loop).  Anything else (a stale object, a purge,
 another process's replacement) makes the lookup fail, the request goes the normal road, and that
 road records the new answer.  Access log lines are written as for any request.
 """

@@ -11,7 +11,6 @@ import hmac
 import ipaddress
 import math
 import re
-from datetime import datetime, timezone
 from typing import Optional, Sequence
 from urllib.parse import quote, unquote_to_bytes
 
@@ -103,7 +102,7 @@ def parse_target(raw_path: bytes, raw_query: bytes, keep_query: bool = True) -> 
             raise BadRequest("the path holds . or .. segments")
     if not segments or segments[-1] == "":
         raise BadRequest("the path names a directory, not a file")
-    path = "/" + "/".join(quote(segment, safe=_SAFE_PATH_CHARS.replace("/", "")) for segment in segments)
+    path = _quoted_path(segments)
     query = _query_text(raw_query)
     seekable = path.lower().endswith(MP4_EXTENSIONS + FLV_EXTENSIONS)
     found: dict[str, str] = {}
@@ -120,6 +119,28 @@ def parse_target(raw_path: bytes, raw_query: bytes, keep_query: bool = True) -> 
             query = "&".join(kept)
     key = path + ("?" + query if query and keep_query else "")
     return Target(path, key, query, found.get("start"), found.get("end"))
+
+
+def _quoted_path(segments: Sequence[str]) -> str:
+    """Decoded path segments as a key's and an origin request's path: each percent-encoded the one way."""
+    return "/" + "/".join(quote(segment, safe=_SAFE_PATH_CHARS.replace("/", "")) for segment in segments)
+
+
+def parse_key_prefix(prefix: str) -> str:
+    """
+    A purge prefix (text: C{/videos/2024/}, C{/vidéos/} or C{/vid%C3%A9os/}) as the start of the cache
+    keys under it: its path percent-encoded as L{parse_target} encodes paths, a query part as sent.
+
+    @raise BadRequest: it does not start with C{/}, or its path is not UTF-8 once decoded.
+    """
+    if not prefix.startswith("/"):
+        raise BadRequest("a purge prefix starts with /")
+    path, mark, query = prefix.partition("?")
+    try:
+        text = unquote_to_bytes(path.encode("utf-8")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("the prefix is not UTF-8") from None
+    return _quoted_path(text.split("/")[1:]) + mark + _query_text(query.encode("utf-8"))
 
 
 def excerpt(value: str | bytes, limit: int = 40) -> str:
@@ -263,42 +284,14 @@ def range_hint(value: Optional[str]) -> Optional[tuple[int, Optional[int]]]:
 
 # -- conditionals -------------------------------------------------------------------------------
 
-_MONTHS = {name: number for number, name in enumerate(
-    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), start=1)}
-_DAY = r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
-_LONG_DAY = r"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
-_MONTH = r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
-_TIME = r"([0-9]{2}):([0-9]{2}):([0-9]{2})"
-_IMF_FIXDATE = re.compile(_DAY + r", ([0-9]{2}) " + _MONTH + r" ([0-9]{4}) " + _TIME + " GMT")
-_RFC850_DATE = re.compile(_LONG_DAY + r", ([0-9]{2})-" + _MONTH + r"-([0-9]{2}) " + _TIME + " GMT")
-_ASCTIME_DATE = re.compile(_DAY + " " + _MONTH + r" ([0-9 ][0-9]) " + _TIME + r" ([0-9]{4})")
-
 
 def parse_request_date(value: str) -> Optional[float]:
     """
-    An HTTP-date from a request (If-Modified-Since) as POSIX seconds, or None if it is not one:
-    exactly the three forms of RFC 9110 §5.6.7 (IMF-fixdate, obsolete RFC 850 and asctime), ASCII
-    digits only, a real calendar date and time.
+    An HTTP-date from a request (If-Modified-Since) as POSIX seconds, or None if it is not one: the
+    three forms of RFC 9110 §5.6.7 as L{parse_http_date} reads every HTTP-date, at most 40 characters.
     """
     value = value.strip(" \t")
-    if len(value) > 40:
-        return None
-    if match := _IMF_FIXDATE.fullmatch(value):
-        day, month, year, hour, minute, second = match.groups()
-    elif match := _RFC850_DATE.fullmatch(value):
-        day, month, short_year, hour, minute, second = match.groups()
-        year = str((2000 if int(short_year) < 70 else 1900) + int(short_year))
-    elif match := _ASCTIME_DATE.fullmatch(value):
-        month, day, hour, minute, second, year = match.groups()
-    else:
-        return None
-    try:
-        when = datetime(int(year), _MONTHS[month], int(day), int(hour), int(minute), min(int(second), 59),
-                        tzinfo=timezone.utc)
-    except ValueError:
-        return None
-    return when.timestamp()
-
+    return parse_http_date(value) if len(value) <= 40 else None
 
 
 def not_modified(

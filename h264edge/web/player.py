@@ -17,7 +17,7 @@ from urllib.parse import parse_qs
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from h264edge.web.http import BadRequest, parse_target
+from h264edge.web.http import BadRequest, excerpt, parse_target
 from h264edge.web.status import asset
 
 _SRC = re.compile(r"/[^\s\"'<>\\]{0,2047}")
@@ -48,9 +48,9 @@ class PlayerPage(Resource):
         src = sources[0]
         path, _, rest = src.partition("?")
         try:
-            parse_target(path.encode("latin-1"), rest.encode("latin-1"))
-        except (BadRequest, UnicodeEncodeError) as e:
-            return _plain(request, 400, f"src={src!r}: {e}")
+            parse_target(path.encode("utf-8"), rest.encode("utf-8"))  # characters of a path are UTF-8
+        except BadRequest as e:
+            return _plain(request, 400, f"src={excerpt(src)}: {e}")
         body = self.template.replace(b"{{src}}", html.escape(src, quote=True).encode())
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Content-Length", str(len(body)).encode())

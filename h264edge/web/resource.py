@@ -33,6 +33,7 @@ from h264edge.httpcache import (
     REPRESENTATION_DIGESTS,
     Fields,
     RequestDirectives,
+    derived_prefix,
     format_http_date,
     forwarded_request_fields,
     hop_by_hop,
@@ -53,6 +54,7 @@ from h264edge.web.http import (
     list_field,
     not_modified,
     parse_byte_offset,
+    parse_key_prefix,
     parse_range,
     parse_seek,
     parse_target,
@@ -130,6 +132,10 @@ class EdgeResource(Resource):
     @param stale_if_error: seconds past its freshness a stored answer may stand in when the origins
         fail, unless the answer says otherwise (see L{Filler.stale_if_error}).
     @param store_set_cookie: store answers that set cookies, without their Set-Cookie.
+    @param filler: the L{Filler} to use (C{twistd h264edge} shares one with its metrics and worker
+        locks); without one, one is made from C{default_ttl}, C{stale_if_error} and
+        C{store_set_cookie}, which are otherwise the given filler's own.
+    @param hot_bytes: memory for L{HotAnswers} (the hot path of L{EdgeSite}); 0: none.
     """
 
     isLeaf = True
@@ -295,7 +301,7 @@ class EdgeResource(Resource):
         if not_modified(_h(request, b"If-None-Match"), _h(request, b"If-Modified-Since"), etag, last_modified):
             self._replay(request, meta, found.how, keep=NOT_MODIFIED_FIELDS)
             self._validators(request, etag, last_modified)
-            self._mark(request, found.how, meta)
+            self._mark(request, found.how, meta.headers)
             request.setResponseCode(304)
             request.finish()
             return
@@ -309,7 +315,7 @@ class EdgeResource(Resource):
                 byte_range = parse_range(_h(request, b"Range"), total)
             except Unsatisfiable:
                 request.setHeader(b"Content-Range", f"bytes */{total}".encode())
-                self._mark(request, found.how, meta)
+                self._mark(request, found.how, meta.headers)
                 raise
         drop = CONTENT_DIGESTS | (REPRESENTATION_DIGESTS if rewritten else frozenset())
         self._replay(request, meta, found.how, drop=drop if rewritten or byte_range is not None else frozenset())
@@ -321,7 +327,7 @@ class EdgeResource(Resource):
             request.setResponseCode(206)
             request.setHeader(b"Content-Range", f"bytes {byte_range[0]}-{byte_range[1]}/{total}".encode())
         cache_status = self._cache_status(obj, plan, found.how)
-        self._mark(request, cache_status, meta)
+        self._mark(request, cache_status, meta.headers)
         request.setHeader(b"Content-Length", str(plan.length).encode())
         if request.method == b"HEAD" or plan.length == 0:
             request.finish()
@@ -371,7 +377,7 @@ class EdgeResource(Resource):
             request.setHeader(b"Content-Type", meta.content_type.encode("latin-1"))
         else:
             _no_default_content_type(request)
-        self._mark(request, self._cache_status(obj, Plan.whole(meta.key, meta.size), found.how), meta)
+        self._mark(request, self._cache_status(obj, Plan.whole(meta.key, meta.size), found.how), meta.headers)
         if meta.status in (204, 304) or meta.status < 200:
             request.finish()
             return
@@ -411,17 +417,20 @@ class EdgeResource(Resource):
         if last_modified:
             request.setHeader(b"Last-Modified", last_modified.encode("latin-1"))
 
-    def _mark(self, request: Request, x_cache: str, meta: Optional[ObjectMeta] = None) -> None:
+    def _mark(self, request: Request, x_cache: str, block: Optional[Fields] = None) -> None:
         """
         Say how the answer was found: C{X-Cache} (see L{h264edge.fill}), the RFC 9211 C{Cache-Status}
-        chain (the members of caches nearer the origin, from the stored answer's own field, then ours)
-        and, for an answer of the edge's own with a name, C{Via} (a stored answer's is replayed).
+        chain (the members of caches nearer the origin, from the relayed C{block}'s own field, then
+        ours) and, for an answer of the edge's own (no C{block}) with a name, C{Via} (a relayed
+        answer's Via is the block's, with ours added where the block is put on the answer).
+
+        @param block: the header block the answer relays: a stored answer's, or a pass-through answer's.
         """
         request.setHeader(b"X-Cache", x_cache.encode())
-        upstream = ", ".join(values(meta.headers, "Cache-Status")) if meta is not None else None
+        upstream = ", ".join(values(block, "Cache-Status")) if block is not None else None
         request.setHeader(b"Cache-Status", tiers.cache_status(self.name or "h264edge", x_cache, upstream)
                           .encode("latin-1"))
-        if meta is None and self.via is not None:
+        if block is None and self.via is not None:
             request.setHeader(b"Via", self.via.encode("latin-1"))
 
     def _cache_status(self, obj: CachedObject, plan: Plan, how: str) -> str:
@@ -553,27 +562,33 @@ class EdgeResource(Resource):
         are); how many went.  C{/clip.mp4} drops that path's
         object and those of the path with any query string; with a query (less C{start}/C{end}),
         only that key; either way with every Vary variant kept under the key.  Seek answers, Range
-        answers and hot answers are made from those objects, so they go with them.
+        answers and hot answers are made from those objects, so they go with them.  The target is
+        text, percent-encoded or not (C{/€.mp4} and C{/%E2%82%AC.mp4} name one object): its
+        characters are taken as UTF-8, as a request's path is.
 
         @raise BadRequest: the target is not a path the edge would serve.
         """
-        raw_path, _, raw_query = target.encode("latin-1").partition(b"?")
+        raw_path, _, raw_query = target.encode("utf-8").partition(b"?")
         return self.purge_target(parse_target(raw_path, raw_query, self.keep_query))
 
     def purge_target(self, target: Target) -> int:
         """L{purge} for a parsed target."""
         removed = int(self.store.remove(target.key))
-        variants = target.key + "\x00"  # a Vary'd answer's variants (see httpcache.variant_key)
+        variants = derived_prefix(target.key)  # a Vary'd answer's variants
         removed += self.store.remove_matching(lambda key: key.startswith(variants))
         if target.key == target.path:
             removed += self.store.remove_matching(lambda key: key.startswith(target.path + "?"))
         return removed
 
     def purge_prefix(self, prefix: str) -> int:
-        """Drop every cached object whose key starts with C{prefix} (a path prefix: C{/videos/2024/})."""
-        if not prefix.startswith("/"):
-            raise BadRequest("a purge prefix starts with /")
-        return self.store.remove_matching(lambda key: key.startswith(prefix))
+        """
+        Drop every cached object whose key starts with C{prefix} (a path prefix: C{/videos/2024/},
+        percent-encoded or not, see L{parse_key_prefix}).
+
+        @raise BadRequest: the prefix does not start with C{/}, or is not UTF-8.
+        """
+        start = parse_key_prefix(prefix)
+        return self.store.remove_matching(lambda key: key.startswith(start))
 
     # -- other methods ------------------------------------------------------------------------
 
@@ -612,7 +627,7 @@ class EdgeResource(Resource):
         if vias:
             request.responseHeaders.setRawHeaders(b"Via", [", ".join(vias).encode("latin-1")])
         request.setHeader(b"Content-Length", str(len(content)).encode())
-        self._mark(request, BYPASS)
+        self._mark(request, BYPASS, tuple(kept))
         request.write(content)
         request.finish()
 
