@@ -173,10 +173,7 @@ class PurgePage(_Leaf):
         refusal = purge_refusal(self.auth, request, viewer_listener=False)
         if refusal is not None:
             return _json(request, refusal[0], {"error": refusal[1]})
-        # latin-1 both ways: each byte of the query (percent-decoded) stays one character, which
-        # purge() turns back into that byte, whatever the bytes are (a path as a viewer sent it)
-        query = parse_qs(request.uri.partition(b"?")[2].decode("latin-1"), keep_blank_values=True,
-                         encoding="latin-1")
+        query = parse_qs(request.uri.partition(b"?")[2].decode("latin-1"), keep_blank_values=True)
         paths, prefixes = query.get("path", []), query.get("prefix", [])
         if len(paths) + len(prefixes) != 1 or set(query) - {"path", "prefix"}:
             return _json(request, 400, {"error": "give one path=/... or prefix=/..."})
