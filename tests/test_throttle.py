@@ -148,12 +148,31 @@ class ThrottleRuleTests(SynchronousTestCase):
 
         obj: Any = object()
         policy = ThrottlePolicy(rate=100, rate_after=10, mp4_factor=2.0, mp4_after=3.0,
-                                bitrate_of=lambda o, p: succeed(50.0))
+                                bitrate_of=lambda o, p: succeed(50_000.0))
         plain = policy.throttle_for(b"/a.bin", {"k": obj}, {"k": "/a.bin"})
         self.assertEqual((plain.rate, plain.burst), (100.0, 10))  # type: ignore[union-attr]
         mp4 = policy.throttle_for(b"/a.MP4?start=3", {"k": obj}, {"k": "/a.mp4"})
-        self.assertEqual((mp4.rate, mp4.burst), (100.0, 150))  # type: ignore[union-attr]
+        self.assertEqual((mp4.rate, mp4.burst), (100_000.0, 150_000))  # type: ignore[union-attr]
         unreadable = ThrottlePolicy(rate=100, rate_after=10, mp4_factor=2.0, bitrate_of=lambda o, p: succeed(None))
         fallback = unreadable.throttle_for(b"/b.mp4", {"k": obj}, {"k": "/b.mp4"})
         self.assertEqual((fallback.rate, fallback.burst), (100.0, 10))  # type: ignore[union-attr]
         self.assertIsNone(ThrottlePolicy().throttle_for(b"/a.mp4", {"k": obj}, {"k": "/a.mp4"}))
+
+    def test_a_moov_claiming_a_tiny_bitrate_does_not_hang_the_viewer(self) -> None:
+        """
+        A lying moov (timescale 1: a 1.8 MB clip of 20,000 s, 90 bytes/s) paced its viewers at 90 bytes/s
+        with --mp4-limit-rate, a hang in all but name: the pace has a floor of MIN_MP4_PACE.
+        """
+        from twisted.internet.defer import succeed
+
+        from h264edge.web.producer import MIN_MP4_PACE
+
+        obj: Any = object()
+        policy = ThrottlePolicy(mp4_factor=1.25, mp4_after=30.0, bitrate_of=lambda o, p: succeed(90.0))
+        paced = policy.throttle_for(b"/liar.mp4", {"k": obj}, {"k": "/liar.mp4"})
+        assert paced is not None
+        self.assertEqual((paced.rate, paced.burst), (MIN_MP4_PACE, int(MIN_MP4_PACE * 30)))
+        real = ThrottlePolicy(mp4_factor=1.25, mp4_after=30.0, bitrate_of=lambda o, p: succeed(250_000.0))
+        paced = real.throttle_for(b"/real.mp4", {"k": obj}, {"k": "/real.mp4"})
+        assert paced is not None
+        self.assertEqual((paced.rate, paced.burst), (312_500.0, 7_500_000))  # a real clip: as configured
