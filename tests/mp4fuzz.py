@@ -97,16 +97,22 @@ def truncate(data: bytes, rng: random.Random) -> tuple[bytes, str]:
     return data[:cut], f"truncated at {cut} of {len(data)}"
 
 
+def _set_extreme(data: bytes, at: int, rng: random.Random) -> tuple[bytes, int, int]:
+    """C{data} with the 32-bit field at C{at} set to an extreme value; the old and new values."""
+    (old,) = struct.unpack_from(">I", data, at)
+    value = _extreme(rng, old)
+    out = bytearray(data)
+    _u32(out, at, value)
+    return bytes(out), old, value
+
+
 def entry_count(data: bytes, rng: random.Random) -> tuple[bytes, str]:
     """A table's entry count that disagrees with its size or with the other tables."""
     box = rng.choice(_tables(data))
     fixed, _ = TABLES[box.type]
     at = box.body + 4 + fixed - 4  # the count is the fixed part's last field
-    (old,) = struct.unpack_from(">I", data, at)
-    value = _extreme(rng, old)
-    out = bytearray(data)
-    _u32(out, at, value)
-    return bytes(out), f"count of {box.type.decode('latin-1')}@{box.offset} {old}->{value}"
+    out, old, value = _set_extreme(data, at, rng)
+    return out, f"count of {box.type.decode('latin-1')}@{box.offset} {old}->{value}"
 
 
 def entry_value(data: bytes, rng: random.Random) -> tuple[bytes, str]:
@@ -119,11 +125,8 @@ def entry_value(data: bytes, rng: random.Random) -> tuple[bytes, str]:
         return entry_count(data, rng)
     entry = rng.choice((0, entries - 1, rng.randrange(entries)))
     at = first + entry * width + 4 * rng.randrange(width // 4)
-    (old,) = struct.unpack_from(">I", data, at)
-    value = _extreme(rng, old)
-    out = bytearray(data)
-    _u32(out, at, value)
-    return bytes(out), f"{box.type.decode('latin-1')}@{box.offset} entry {entry} {old}->{value}"
+    out, old, value = _set_extreme(data, at, rng)
+    return out, f"{box.type.decode('latin-1')}@{box.offset} entry {entry} {old}->{value}"
 
 
 def stsz_uniform(data: bytes, rng: random.Random) -> tuple[bytes, str]:
