@@ -277,11 +277,18 @@ def _strict_protocol() -> Optional[type]:
         return None
 
     class OneAnswerPerRequest(HTTP11ClientProtocol):  # type: ignore[misc]
+        body_read_size: Optional[int] = None  # see set_body_read_size
+
         def request(self, request: Any) -> Any:
+            size = self.body_read_size
+            if size is not None:
+                set_read_size(self.transport, HEAD_READ_SIZE)
             d = super().request(request)
             parser = getattr(self, "_parser", None)
 
             def remember(response: Any) -> Any:
+                if size is not None:
+                    set_read_size(self.transport, size)  # the head is parsed: the body in large reads
                 fields = getattr(parser, "connHeaders", None)
                 if fields is not None:
                     response._h264edge_connection_fields = tuple(
@@ -307,6 +314,25 @@ def _strict_protocol() -> Optional[type]:
 
 
 _STRICT_CONNECTIONS = _strict_protocol()
+
+#: bytes read per call while an answer's head is awaited (see L{set_body_read_size})
+HEAD_READ_SIZE = 16 * 1024
+
+
+def set_body_read_size(protocol: Any, size: int) -> None:
+    """
+    Let the connection of C{protocol} (a client protocol of L{strict_client_connections}) read an
+    answer's body C{size} bytes per call, and its head L{HEAD_READ_SIZE} bytes per call.  Twisted's
+    client parses the head line by line (C{LineReceiver}), copying all the bytes that follow a line
+    once per line: with the first 256 KiB of a body in the same read, a 12-line head meant ~1.5 MB
+    copied before the answer was seen (~0.1 ms on every origin answer).  Elsewhere the size is
+    simply the read size (L{set_read_size}).
+    """
+    transport = getattr(protocol, "transport", None)
+    if transport is not None:
+        set_read_size(transport, size)
+    if _STRICT_CONNECTIONS is not None and hasattr(protocol, "body_read_size"):
+        protocol.body_read_size = size
 
 
 def strict_client_connections(pool: Any) -> bool:

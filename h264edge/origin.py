@@ -40,7 +40,7 @@ from zope.interface import implementer
 from h264edge._twisted_compat import (
     TreqResponse,
     answer_connection_fields,
-    set_read_size,
+    set_body_read_size,
     strict_client_connections,
     treq_raw_response,
 )
@@ -242,11 +242,9 @@ class _LargeReads:
 
     def connect(self, factory: Any) -> Any:
         def grow(protocol: Any) -> Any:
-            transport = getattr(protocol, "transport", None)
-            if transport is not None:
-                set_read_size(transport, self._size)
+            set_body_read_size(protocol, self._size)
             # a request leaves when it is written, not on the reactor's next turn (~0.2 ms of a miss)
-            write_at_once(transport)
+            write_at_once(getattr(protocol, "transport", None))
             return protocol
 
         return self._endpoint.connect(factory).addCallback(grow)

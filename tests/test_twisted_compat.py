@@ -422,3 +422,45 @@ class ClientConnectionTests(TestCase):
             self.assertEqual(await response.content(), b"b")
         # the connection that got "j" after its answer was not reused; the next one was
         self.assertEqual([r.connection for r in origin.log], [1, 2, 2])
+
+    async def test_an_answer_head_is_read_in_small_reads_its_body_in_large_ones(self) -> None:
+        """
+        L{compat.set_body_read_size}: the read that brings an answer's head takes at most
+        L{16384} bytes (Twisted's parser copies what follows each head line), the
+        body's reads up to the size asked for; the next request on the pooled connection again.
+        """
+        from h264edge.origin import ORIGIN_READ_SIZE, OriginClient
+        from h264edge.testing import Answer, ScriptedOrigin, listen_scripted
+
+        origin = ScriptedOrigin()
+        port, url = listen_scripted(origin)
+        self.addCleanup(port.stopListening)
+        body = bytes(range(256)) * 4096  # 1 MiB, written at once
+        origin.route("/big", lambda r: Answer(200, [("X-Filler-%d" % i, "x" * 40) for i in range(12)], body))
+        client = OriginClient([url], timeout=10)
+
+        async def close() -> None:
+            await deferLater(reactor, 0.05, lambda: None)
+            await client.pool.closeCachedConnections()
+
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(close()))
+        for _ in range(2):
+            reply = await client.fetch("/big")
+            await deferLater(reactor, 0.05, lambda: None)  # the rest of the body waits in the kernel
+            chunks: list[int] = []
+            done: defer.Deferred[None] = defer.Deferred()
+
+            class Sizes(protocol.Protocol):
+                def dataReceived(self, data: bytes) -> None:
+                    chunks.append(len(data))
+
+                def connectionLost(self, reason: Any = None) -> None:
+                    done.callback(None)
+
+            reply.deliver(Sizes())
+            await done
+            self.assertEqual(sum(chunks), len(body))
+            self.assertLessEqual(chunks[0], compat.HEAD_READ_SIZE)
+            self.assertGreater(max(chunks), 64 * 1024)
+            self.assertLessEqual(max(chunks), ORIGIN_READ_SIZE)
+        self.assertEqual([r.connection for r in origin.log], [1, 1])
