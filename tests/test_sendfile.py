@@ -16,6 +16,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from zope.interface import implementer
 
+from h264edge._twisted_compat import HEAD_READ_SIZE
 from h264edge.plan import Literal, Plan, Span
 from h264edge.web import producer
 from h264edge.web.producer import PlanProducer
@@ -267,7 +268,9 @@ class FillTests(SendfileTestCase):
         runs, parks, before = producer.counters.runs, producer.counters.parks, self.sendfile_bytes()
         response, body = await self.get("/f.bin")
         self.assertEqual((header(response, "X-Cache"), body), ("MISS", BODY))
-        self.assertEqual(self.sendfile_bytes() - before, len(BODY))
+        # all but the body's first bytes, read with the origin's head (at most HEAD_READ_SIZE: under
+        # SENDFILE_MIN, they are copied)
+        self.assertGreaterEqual(self.sendfile_bytes() - before, len(BODY) - HEAD_READ_SIZE)
         # the run waits at the frontier for the next piece instead of ending and starting anew
         self.assertLessEqual(producer.counters.runs - runs, 2)
         self.assertGreater(producer.counters.parks - parks, 0)
