@@ -659,14 +659,16 @@ class Filler:
         last = min(last, obj.meta.size - 1)
         ss = obj.slice_size
         state = self._state(obj, path)
+        inflight, remote = state.inflight, state.remote
         run: list[int] = []
-        for index in range(first // ss, last // ss + 1):
-            if obj.has_slice(index) or index in state.inflight or index in state.remote:
+        for index in obj.missing_slices(first // ss, last // ss):
+            if index in inflight or index in remote or (run and index != run[-1] + 1):
                 if run:
                     self._fetch_run(state, run, path)
                     run = []
-            else:
-                run.append(index)
+                if index in inflight or index in remote:
+                    continue
+            run.append(index)
         if run:
             self._fetch_run(state, run, path)
 
@@ -838,22 +840,25 @@ class Filler:
     def _start(self, state: _ObjectState, reply: OriginReply, path: str) -> None:
         """Write C{reply}'s body into the object: it owns every missing, unowned slice it covers."""
         obj = state.obj
-        ss = obj.slice_size
-        end = reply.first + (reply.length if reply.length is not None else obj.meta.size - reply.first)
-        owned = set(self._claim(state, [
-            index
-            for index in range(reply.first // ss, (min(end, obj.meta.size) - 1) // ss + 1)
-            if index * ss >= reply.first and not obj.has_slice(index) and index not in state.inflight
-            and index not in state.remote
-        ]))
-        fetch = _Fetch(self, state, owned, path)
-        for index in owned:
-            state.inflight[index] = fetch
-            state.progress.setdefault(index, 0)
+        ss, size = obj.slice_size, obj.meta.size
+        end = reply.first + (reply.length if reply.length is not None else size - reply.first)
+        # the slices whose start the body reaches: from the first starting at or after its first byte
+        wanted = obj.missing_slices(-(-reply.first // ss), (min(end, size) - 1) // ss)
+        if state.inflight or state.remote:
+            wanted = [index for index in wanted if index not in state.inflight and index not in state.remote]
+        owned = set(self._claim(state, wanted))
         if not owned:
             reply.discard()
             return
-        obj.reserve(sum(min((index + 1) * ss, obj.meta.size) - index * ss for index in owned))
+        fetch = _Fetch(self, state, owned, path)
+        state.inflight.update(dict.fromkeys(owned, fetch))
+        progress = state.progress
+        for index in owned if progress else ():
+            progress.setdefault(index, 0)
+        if not progress:
+            progress.update(dict.fromkeys(owned, 0))
+        last = obj.slice_count - 1
+        obj.reserve(len(owned) * ss - ((last + 1) * ss - size if last in owned else 0))
         fetch.receive(reply)
 
     def _wake(self, state: _ObjectState) -> None:
