@@ -322,14 +322,21 @@ def fig_miss(b: Bench) -> None:
     rate = b.row("5c", "cold miss throughput", "MB/s", target=("ratio>=", 1.0))
     # nginx's proxy_cache never fsyncs what it caches; h264edge fdatasyncs before it lists a slice
     nosync = b.row("5d", "cold miss throughput, h264edge --no-sync (nginx's durability: no fsync)", "MB/s")
+    # the edge column: a bare twisted.web + treq pass-through (bench/floor_proxy.py), the least any
+    # edge built on the fixed stack pays on this machine
+    floor = b.row("5e", "cold miss TTFB of a bare twisted.web + treq proxy (the fixed stack's floor)", "ms")
     # 9 by default: the cold-miss medians spread most from run to run (5 gave ratios of 0.8-1.1)
     runs = max(b.runs, 1 if b.quick else 9)
     for run in range(runs):
-        for side in ("nginx", "edge", "edge --no-sync"):
-            server = (servers.ProxyNginx(b.dir("proxy"), b.origin) if side == "nginx"
-                      else servers.Edge(b.dir("edge_cold"), b.origin_url(),
-                                        b.edge_extra + (["--no-sync"] if "no-sync" in side else [])))
-            if side != "nginx":
+        for side in ("nginx", "edge", "edge --no-sync", "floor"):
+            if side == "nginx":
+                server: servers.Server = servers.ProxyNginx(b.dir("proxy"), b.origin)
+            elif side == "floor":
+                server = servers.FloorProxy(b.dir("floor"), b.origin_url())
+            else:
+                server = servers.Edge(b.dir("edge_cold"), b.origin_url(),
+                                      b.edge_extra + (["--no-sync"] if "no-sync" in side else []))
+            if isinstance(server, servers.Edge):
                 server.wipe()
             server.start()
             try:
@@ -342,6 +349,10 @@ def fig_miss(b: Bench) -> None:
             b.log(f"  miss {side:5}: ttfb {answer.ttfb * 1000:.2f} ms, {answer.total:.3f} s")
             if side == "edge --no-sync":
                 nosync.edge.append(answer.length / answer.total / MB)
+                continue
+            if side == "floor":
+                floor.edge.append(answer.ttfb * 1000)
+                floor.nginx.append(ttfb.nginx[-1])
                 continue
             ttfb.__dict__[side].append(answer.ttfb * 1000)
             total.__dict__[side].append(answer.total)

@@ -390,6 +390,20 @@ class Edge(Server):
         ]
 
 
+class FloorProxy(Server):
+    """bench/floor_proxy.py: a bare twisted.web + treq pass-through, the floor of a Twisted edge's cold miss."""
+
+    name = "floor-proxy"
+
+    def __init__(self, workdir: str, origin_url: str) -> None:
+        super().__init__(workdir)
+        self.origin_url = origin_url
+        self.ports = {"http": free_port()}
+
+    def command(self) -> list[str]:
+        return [VENV_PYTHON, os.path.join(REPO, "bench", "floor_proxy.py"), str(self.ports["http"]), self.origin_url]
+
+
 def stop_all() -> None:
     for server in list(reversed(_running)):
         try:
