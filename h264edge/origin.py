@@ -259,8 +259,16 @@ class _OriginEndpoints:
         self._timeout = timeout
         self._read_size = read_size
         self._tls = BrowserLikePolicyForHTTPS()
+        # the Agent asks for an endpoint on every request, a pooled connection or not: one per origin
+        self._made: dict[tuple[bytes, bytes, int], Any] = {}
 
     def endpointForURI(self, uri: Any) -> Any:
+        known = self._made.get((uri.scheme, uri.host, uri.port))
+        if known is None:
+            known = self._made[(uri.scheme, uri.host, uri.port)] = self._endpoint(uri)
+        return known
+
+    def _endpoint(self, uri: Any) -> Any:
         host = uri.host.decode("ascii")
         endpoint: Any
         if isIPAddress(host):  # an address needs no resolver thread (~5 ms on a process's first miss)
