@@ -912,6 +912,7 @@ def makeService(options: Options) -> service.MultiService:
             # several processes on one directory: a young unnamed data file may be another's fill
             orphan_grace=ORPHAN_GRACE if options["workers"] > 1 or options["listen-fd"] is not None else 0.0,
             min_free=min_free_bytes(options["min-free"], cache_dir),
+            alone=options["workers"] <= 1 and options["listen-fd"] is None,
         )
     except CacheDirUnusable as e:
         raise StartupRefused(f"h264edge: --cache-dir: {e}") from None  # one line, exit status 1

@@ -203,3 +203,33 @@ class SharedRootTests(StoreTestCase):
         a.create(meta_for("/a", 48))
         rebuild(self.open_store())
         self.assertEqual(self.data_files(), [])
+
+
+class AloneTests(StoreTestCase):
+    """C{alone=True} (one edge process on the directory): no disk look for keys the loaded index lacks."""
+
+    def test_a_loaded_lone_store_does_not_look_on_disk_for_keys_it_lacks(self) -> None:
+        writer = self.open_store()
+        self.fill(writer, "/a", 50)
+        lone = self.open_store(alone=True)
+        self.assertIsNotNone(lone.get("/a"), "while its index loads, a lone store still looks on disk")
+        lone.remove("/a")
+        self.fill(writer, "/b", 50)
+        rebuild(lone)
+        self.fill(writer, "/c", 50)  # another process (here: not supported) writes after the load
+        opened: list[str] = []
+        real_open = os.open
+
+        def counting_open(path: str, *args: object, **kw: object) -> int:
+            opened.append(path)
+            return real_open(path, *args, **kw)  # type: ignore[arg-type]
+
+        self.patch(os, "open", counting_open)
+        self.assertIsNone(lone.get("/c"))
+        self.assertIsNone(lone.get("/missing"))
+        self.assertEqual([p for p in opened if p.endswith(".meta")], [])
+        self.assertIsNotNone(lone.get("/b"), "what the load indexed is served")
+        shared = self.open_store()
+        rebuild(shared)
+        self.fill(writer, "/d", 50)
+        self.assertIsNotNone(shared.get("/d"), "a store shared with other processes finds their objects")
