@@ -348,6 +348,7 @@ def fig_miss(b: Bench) -> None:
                     first = clients.get(port, b.name(b.media.small), timeout=60)
                     if first.status != 200:
                         raise RuntimeError(f"{side}: status {first.status} for the first object")
+                    time.sleep(0.2)  # what that miss left to do (a store's fsync, a log line) is done
                 answer = clients.get(port, path, timeout=300)
             finally:
                 server.stop()
