@@ -15,6 +15,7 @@ Content-Lengths) or a 5xx, and the last origin's 5xx is the answer; other method
 
 from __future__ import annotations
 
+import re
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -332,6 +333,10 @@ class _NoCookies(CookieJar):
         pass
 
 
+#: a URI as sent: only the characters RFC 3986 lets a URI hold
+_URI = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*")
+
+
 class _ReadyURL(EncodedURL):
     """
     An origin URL the edge built already encoded (ASCII: the base URL checked at start, the path
@@ -569,8 +574,13 @@ class OriginClient:
         raise OriginUnavailable("no origin answered: " + "; ".join(failures), timeout=timed_out)
 
     def _send(self, client: Any, method: str, url: str, **options: Any) -> "Deferred[TreqResponse]":
-        """One request through treq: C{url} as built (L{_ReadyURL}), no redirects, no cookies, C{timeout}."""
-        return client.request(method, _ReadyURL(url), allow_redirects=False, timeout=self.timeout,
+        """
+        One request through treq: no redirects, no cookies, C{timeout}; C{url} as built when it is
+        a URI already (L{_ReadyURL}), else (a base URL with a space or a non-ASCII host or path, as
+        C{--origin} allows) encoded by treq.
+        """
+        target = _ReadyURL(url) if _URI.fullmatch(url) else url
+        return client.request(method, target, allow_redirects=False, timeout=self.timeout,
                               reactor=self.reactor, cookies=self._jar, **options)
 
     def _request_headers(

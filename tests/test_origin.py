@@ -64,3 +64,20 @@ class RequestTargetTests(TestCase):
         healthy = yield defer.Deferred.fromCoroutine(self.client.check(self.url))
         self.assertTrue(healthy)
         self.assertEqual([(r.method, r.target) for r in self.origin.log], [("POST", "/p%2Fq?a=%00"), ("HEAD", "/ok")])
+
+
+class BaseURLTests(TestCase):
+    @defer.inlineCallbacks
+    def test_a_base_url_that_is_not_a_uri_yet_is_encoded(self) -> Any:
+        """--origin may name a base path with a space or non-ASCII letters: they leave percent-encoded."""
+        origin = ScriptedOrigin()
+        port, url = listen_scripted(origin)
+        self.addCleanup(port.stopListening)
+        origin.route("/my%20videos/%C3%A9t%C3%A9/a.bin", lambda request: Answer(200, [], b"a"))
+        client = OriginClient([url + "my videos/été/"], timeout=5)
+        reply = yield defer.Deferred.fromCoroutine(client.fetch("/a.bin"))
+        self.assertEqual(reply.code, 200)
+        reply.discard()
+        yield deferLater(reactor, 0.05, lambda: None)
+        yield client.pool.closeCachedConnections()
+        self.assertEqual([r.target for r in origin.log], ["/my%20videos/%C3%A9t%C3%A9/a.bin"])
