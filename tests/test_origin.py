@@ -8,7 +8,7 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from h264edge.origin import OriginClient, OriginPath
 from h264edge.testing import Answer, ScriptedOrigin, listen_scripted
@@ -81,3 +81,22 @@ class BaseURLTests(TestCase):
         yield deferLater(reactor, 0.05, lambda: None)
         yield client.pool.closeCachedConnections()
         self.assertEqual([r.target for r in origin.log], ["/my%20videos/%C3%A9t%C3%A9/a.bin"])
+
+    @defer.inlineCallbacks
+    def test_an_ipv6_literal_origin(self) -> Any:
+        """http://[::1]:PORT/ as --origin: treq's own URL handling sent '::1' to IDNA and failed every request."""
+        origin = ScriptedOrigin()
+        try:
+            port = reactor.listenTCP(0, origin, interface="::1")
+        except Exception as e:  # no IPv6 loopback here
+            raise SkipTest(f"no ::1: {e}")
+        self.addCleanup(port.stopListening)
+        origin.route("/a.bin", lambda request: Answer(200, [], b"abc"))
+        client = OriginClient([f"http://[::1]:{port.getHost().port}/"], timeout=5)
+        reply = yield defer.Deferred.fromCoroutine(client.fetch("/a.bin"))
+        self.assertEqual((reply.code, reply.total), (200, 3))
+        reply.discard()
+        yield deferLater(reactor, 0.05, lambda: None)
+        yield client.pool.closeCachedConnections()
+        self.assertEqual([(r.target, r.header("host")) for r in origin.log],
+                         [("/a.bin", f"[::1]:{port.getHost().port}")])
