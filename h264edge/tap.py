@@ -391,6 +391,9 @@ def check_origin(url: str) -> str:
         raise usage.UsageError(f"--origin={url!r}: port 0 is not a port")
     if parts.query or parts.fragment:
         raise usage.UsageError(f"--origin={url!r}: a base URL has no query string or fragment")
+    if "@" in parts.netloc:  # Twisted's client would take "user:pass@host" for the host name
+        raise usage.UsageError(f"--origin={url!r}: credentials in the URL are not sent (the edge forwards "
+                               f"viewers' Authorization; an S3 origin takes --s3-credentials)")
     return url
 
 

@@ -272,6 +272,7 @@ class StartRefusalTests(SynchronousTestCase):
             ("--max-size=512K",): "--max-size=524288 is smaller than one slice",
             ("--origin=http://",): "--origin='http://' has no host name",
             ("--origin=http://o:99999/",): "--origin='http://o:99999/': Port out of range",
+            ("--origin=http://u:p@o/",): "--origin='http://u:p@o/': credentials in the URL are not sent",
             ("--listen=tcp:http",): "--listen=tcp:http:",
             ("--default-ttl=nan",): "--default-ttl must be a non-negative number, not 'nan'",
         }
