@@ -852,11 +852,11 @@ class Filler:
             return
         fetch = _Fetch(self, state, owned, path)
         state.inflight.update(dict.fromkeys(owned, fetch))
-        progress = state.progress
-        for index in owned if progress else ():
-            progress.setdefault(index, 0)
-        if not progress:
-            progress.update(dict.fromkeys(owned, 0))
+        if state.progress:
+            for index in owned:
+                state.progress.setdefault(index, 0)
+        else:
+            state.progress.update(dict.fromkeys(owned, 0))
         last = obj.slice_count - 1
         obj.reserve(len(owned) * ss - ((last + 1) * ss - size if last in owned else 0))
         fetch.receive(reply)

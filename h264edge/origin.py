@@ -339,15 +339,15 @@ _URI = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*")
 
 class _ReadyURL(EncodedURL):
     """
-    An origin URL the edge built already encoded (ASCII: the base URL checked at start, the path
-    normalised and percent-encoded), which treq sends as it is.  Given a string, treq parses it with
-    hyperlink and encodes its host with IDNA again on every request: ~40% of its cost per request,
-    on the path of every miss.  treq reads nothing of a URL but C{to_uri().to_text()} when no
-    C{params} and a cookie jar are passed (L{OriginClient._send}; tests/test_origin.py checks it on
-    both treq versions setup.cfg allows).
+    An origin URL that is a URI already (the base URL as given, the path normalised and
+    percent-encoded: L{OriginClient._send} checks its characters), which treq sends as it is.
+    Given a string, treq parses it with hyperlink and encodes its host with IDNA again on every
+    request: ~40% of its cost per request, on the path of every miss (and IDNA refuses an IPv6
+    literal).  treq reads nothing of a URL but C{to_uri().to_text()} when no C{params} and a cookie
+    jar are passed (tests/test_origin.py checks it on both treq versions setup.cfg allows).
     """
 
-    def __init__(self, text: str) -> None:  # hyperlink's own checks ran on the base URL at start
+    def __init__(self, text: str) -> None:  # not hyperlink's: nothing of it is parsed
         self._ready = text
 
     def to_uri(self) -> "_ReadyURL":
